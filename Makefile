@@ -1,0 +1,25 @@
+# The README's two commands. Each creates the virtual environment if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.raylm-installed
+
+.PHONY: demo test test-fast install clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raylm run examples/laptop.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -x -q -ra tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -x -q -ra -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) out
