@@ -50,29 +50,32 @@ class TransformerConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raises ValueError naming the field when the architecture is impossible."""
+        """Raises ValueError, its message starting with the field's name, when impossible."""
         positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must divide dim ({self.dim})")
+            raise ValueError(f"n_heads: {self.n_heads} heads do not divide dim {self.dim}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even for RoPE")
+            raise ValueError(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"n_heads: head dim dim/n_heads = {self.head_dim} must be even for RoPE")
         if self.n_experts < 0:
-            raise ValueError(f"n_experts must be >= 0, got {self.n_experts}")
+            raise ValueError(f"n_experts: must be >= 0, got {self.n_experts}")
         if self.n_experts:
             if not 1 <= self.top_k <= self.n_experts:
-                raise ValueError(f"top_k ({self.top_k}) must be between 1 and n_experts ({self.n_experts})")
+                raise ValueError(f"top_k: {self.top_k} is not between 1 and n_experts ({self.n_experts})")
             if self.capacity_factor is not None and self.capacity_factor <= 0:
-                raise ValueError(f"capacity_factor must be positive or null, got {self.capacity_factor}")
-        if self.n_shared_experts and not self.n_experts:
-            raise ValueError("n_shared_experts needs n_experts > 0")
+                raise ValueError(f"capacity_factor: must be positive or null, got {self.capacity_factor}")
+            if not self.router_norm_topk and not self.n_shared_experts:
+                # Mixtral (no shared expert) always renormalises; Qwen2-MoE (shared expert) may not.
+                raise ValueError("router_norm_topk: false needs n_shared_experts > 0 (exported as Qwen2-MoE)")
+        if self.n_shared_experts < 0 or (self.n_shared_experts and not self.n_experts):
+            raise ValueError("n_shared_experts: needs n_experts > 0 and must be >= 0")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be below vocab_size ({self.vocab_size})")
+                raise ValueError(f"{name}: {getattr(self, name)} is not below vocab_size ({self.vocab_size})")
 
     @property
     def head_dim(self) -> int:
@@ -95,14 +98,14 @@ PRESETS: dict[str, dict] = {
     "debug": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384),  # ~1.4M
     "tiny": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=704),  # ~5M
     "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1408),  # ~28M
-    "base": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048),  # ~86M
-    "medium": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=2816),  # ~320M
-    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=32768, max_seq_len=2048),
-    "moe-debug": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2, moe_ffn_dim=128),
-    "moe-tiny": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, n_experts=8, top_k=2, moe_ffn_dim=256),
+    "base": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048),  # ~82M
+    "medium": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, ffn_dim=2816),  # ~292M
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=32768, max_seq_len=2048),  # ~1.04B
+    "moe-debug": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2, moe_ffn_dim=128),  # ~1.5M, 1.3M active
+    "moe-tiny": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, n_experts=8, top_k=2, moe_ffn_dim=256),  # ~9.4M, 4.7M active
     "moe-small": dict(
         dim=512, n_layers=8, n_heads=8, n_kv_heads=4, n_experts=8, top_k=2, n_shared_experts=1, moe_ffn_dim=512
-    ),
+    ),  # ~67M, 29M active
 }
 
 

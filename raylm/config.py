@@ -1,0 +1,189 @@
+"""Typed stage configurations: YAML file + ``--set a.b=c`` overrides -> a validated pydantic model.
+
+Every section refuses unknown keys, so a typo fails before any Ray work starts. Errors are raised as
+``ConfigError`` naming the file and the dotted key; the CLI turns them into exit status 2.
+Defaults run on a laptop.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raylm.models.config import PRESETS, TransformerConfig
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
+    experiment: str = "raylm"
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start (or join, inside a Ray job) a local Ray
+    num_cpus: int | None = Field(default=None, ge=1)
+    object_store_memory: int | None = Field(default=None, ge=78643200)  # Ray's minimum, 75 MiB
+
+
+class StageConfig(Section):
+    """What every stage has: where it writes, its seed, its tracking and its Ray."""
+
+    output_dir: str = "out"
+    seed: int = 0
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+
+def expand_model_preset(data: Any) -> Any:
+    """``model: {preset: small, dim: 640}`` -> the preset's fields with the explicit keys on top."""
+    if isinstance(data, dict) and "preset" in data:
+        data = dict(data)
+        name = data.pop("preset")
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        data = {**PRESETS[name], **data}
+    return data
+
+
+class ModelStageConfig(StageConfig):
+    """A stage that builds a model from an architecture (not from a checkpoint)."""
+
+    model: TransformerConfig = Field(default_factory=lambda: TransformerConfig(**PRESETS["debug"]))
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, value):
+        return expand_model_preset(value)
+
+
+class PipelineConfig(StageConfig):
+    """``raylm run``: the lifecycle stages to run, in order, each with its own section."""
+
+    stages: list[str] = ["export"]
+    model: TransformerConfig = Field(default_factory=lambda: TransformerConfig(**PRESETS["debug"]))
+    sections: dict[str, dict] = {}
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, value):
+        return expand_model_preset(value)
+
+    @model_validator(mode="after")
+    def _known_stages(self):
+        from raylm.stages import LIFECYCLE
+
+        for name in self.stages:
+            if name not in LIFECYCLE:
+                raise ValueError(f"stages: unknown stage {name!r}; the lifecycle is {', '.join(LIFECYCLE)}")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c parsed as a YAML scalar, so 3 is an int and true a bool)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set model.dim=256")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        # TransformerConfig.validate() messages start with the field they are about.
+        head, sep, rest = msg.partition(": ")
+        if sep and head.isidentifier():
+            loc, msg = loc + [head], rest
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[StageConfig], path: str | Path | None, overrides: list[str] = ()) -> StageConfig:
+    """Read, override, validate. Raises ConfigError naming the file and the key."""
+    source = str(path) if path is not None else "(defaults)"
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    if overrides:
+        source += " (with --set overrides)"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
+
+
+def resolved_dict(config: BaseModel) -> dict:
+    """The config as plain data, every default filled in (what is logged and saved)."""
+    return config.model_dump(mode="json")
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
