@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         return int(module.submit(config, args) or 0)
     if args.command == "run":
-        summary = module.run(config, tracking_uri=args.tracking_uri)
+        try:
+            summary = module.run(config, tracking_uri=args.tracking_uri)
+        except StageNotBuilt as e:
+            print(f"raylm: {e}", file=sys.stderr)
+            return 3
     else:
         with stage_run(args.command, config, uri=args.tracking_uri) as run:
             print(f"raylm {args.command}: MLflow run {run.run_id} at {run.uri}", flush=True)

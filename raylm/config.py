@@ -71,28 +71,6 @@ class ModelStageConfig(StageConfig):
         return expand_model_preset(value)
 
 
-class PipelineConfig(StageConfig):
-    """``raylm run``: the lifecycle stages to run, in order, each with its own section."""
-
-    stages: list[str] = ["export"]
-    model: TransformerConfig = Field(default_factory=lambda: TransformerConfig(**PRESETS["debug"]))
-    sections: dict[str, dict] = {}
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _preset(cls, value):
-        return expand_model_preset(value)
-
-    @model_validator(mode="after")
-    def _known_stages(self):
-        from raylm.stages import LIFECYCLE
-
-        for name in self.stages:
-            if name not in LIFECYCLE:
-                raise ValueError(f"stages: unknown stage {name!r}; the lifecycle is {', '.join(LIFECYCLE)}")
-        return self
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (["a", "b"], c parsed as a YAML scalar, so 3 is an int and true a bool)."""
     if "=" not in text:

@@ -1,0 +1,184 @@
+"""Generation engines as Ray actors: a vLLM engine, or raylm's own KV-cache generator where vLLM
+cannot be installed, behind one method surface:
+
+- ``generate(prompts, max_new_tokens, temperature, top_p, top_k, seed, logprobs)`` -> one dict per
+  prompt: ``tokens`` (new tokens), ``logprobs`` (of those tokens, or None), ``policy_version``;
+- ``prompt_logprobs(sequences)`` -> log p(token | prefix) for every token after the first;
+- ``load_weights(hf_state, version)`` -> seconds: new policy weights (Hugging Face names), handed
+  over as one object-store reference, so every engine reads the same single copy;
+- ``version()``: the policy version the engine currently serves.
+
+The vLLM engine runs in-process in the actor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights
+reach the model runner as tensors, and are loaded with vLLM's layerwise reload (a plain
+``model.load_weights`` on a running engine is not enough on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import torch
+
+log = logging.getLogger("raylm.generation")
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class WeightReloadExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``); called through ``collective_rpc``."""
+
+    def raylm_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        model = self.model_runner.model
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(model)
+            model.load_weights(weights)
+            finalize_layerwise_reload(model, self.model_config)
+
+
+def _eos_token_id(checkpoint_dir: str) -> int:
+    import json
+    from pathlib import Path
+
+    eos = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("eos_token_id", 2)
+    return eos[0] if isinstance(eos, list) else eos
+
+
+@ray.remote
+class VLLMEngine:
+    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
+                 gpu_memory_utilization: float = 0.2, enforce_eager: bool = True):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.eos_token_id = _eos_token_id(checkpoint_dir)
+        self.llm = LLM(
+            model=checkpoint_dir,
+            skip_tokenizer_init=True,  # raylm hands token ids in and reads token ids out
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,  # on CPU: the fraction of host RAM reserved
+            enforce_eager=enforce_eager,
+            worker_extension_cls=f"{__name__}.WeightReloadExtension",
+        )
+        self.policy_version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def backend(self) -> str:
+        return "vllm"
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False) -> list[dict]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0,
+            seed=seed, logprobs=0 if logprobs else None, stop_token_ids=[self.eos_token_id], detokenize=False,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            tokens = list(completion.token_ids)
+            token_logprobs = None
+            if logprobs:
+                token_logprobs = [step[t].logprob for step, t in zip(completion.logprobs, tokens)]
+            results.append({"tokens": tokens, "logprobs": token_logprobs, "policy_version": self.policy_version})
+        return results
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        return [[step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:])] for out, seq in zip(outputs, sequences)]
+
+    def load_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> float:
+        start = time.perf_counter()
+        self.llm.collective_rpc("raylm_load_weights", args=(list(hf_state.items()),))
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return time.perf_counter() - start
+
+
+@ray.remote
+class TorchEngine:
+    """raylm's own KV-cache generator behind the same interface (used where vLLM is missing)."""
+
+    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0, **_):
+        from raylm.models.hf_checkpoint import load_checkpoint
+
+        self.model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
+        self.seed = seed
+        self.policy_version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def backend(self) -> str:
+        return "torch"
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False) -> list[dict]:
+        from raylm.models.generate import SamplingParams, generate
+
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        completions = generate(self.model, prompts, params, generator)
+        token_logprobs = self.prompt_logprobs([p + c for p, c in zip(prompts, completions)]) if logprobs else None
+        return [
+            {"tokens": c, "logprobs": token_logprobs[i][len(prompts[i]) - 1 :] if logprobs else None,
+             "policy_version": self.policy_version}
+            for i, c in enumerate(completions)
+        ]
+
+    @torch.no_grad()
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        out = []
+        for seq in sequences:
+            tokens = torch.tensor([seq])
+            logp = self.model(tokens).float().log_softmax(-1)[0, :-1]
+            out.append(logp.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist())
+        return out
+
+    def load_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> float:
+        from raylm.models.hf_checkpoint import from_hf_state_dict
+
+        start = time.perf_counter()
+        state = from_hf_state_dict(self.model.config, hf_state)
+        self.model.load_state_dict(state, strict=True)
+        self.policy_version = version
+        return time.perf_counter() - start
+
+
+def make_generation_engine(checkpoint_dir: str, backend: str = "auto", num_cpus: float = 1, num_gpus: float = 0, **kwargs):
+    """Start one engine actor. ``backend``: "vllm", "torch", or "auto" (vLLM when it imports)."""
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "torch"
+        if backend == "torch":
+            log.warning("vLLM is not installed here: generation falls back to raylm's own KV-cache generator")
+    cls = {"vllm": VLLMEngine, "torch": TorchEngine}[backend]
+    return cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(str(checkpoint_dir), **kwargs)
