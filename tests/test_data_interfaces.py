@@ -131,7 +131,7 @@ def test_packed_dataset_labels_ranks_determinism_and_resume(tmp_path):
     assert all(torch.equal(a, b["tokens"]) for a, b in zip(reference[n:], resumed))
     assert not torch.equal(reference[0], reference[len(ds)])  # a new epoch is a new order
     with pytest.raises(ValueError, match="seq_len"):
-        PackedTokenDataset(tmp_path, seq_len=8).load_state_dict(state)
+        PackedTokenDataset(tmp_path, seq_len=8, seed=3, rank=1, world_size=2).load_state_dict(state)
 
 
 def test_packed_dataset_errors(tmp_path):
