@@ -1,0 +1,84 @@
+"""Log-likelihood scoring and reward scoring as Ray Data ``map_batches`` actors.
+
+``LoglikelihoodScorer`` loads any Hugging Face causal LM (raylm's own checkpoints are Llama/Mixtral/
+Qwen2-MoE folders) once per actor and scores rows ``{id, tokens, n_scored}``: the summed log-prob of
+the last ``n_scored`` tokens of ``tokens`` given everything before them, and whether each of them was
+the greedy choice. Multiple-choice answers and perplexity windows are both such rows.
+``RewardScorer`` scores rows ``{id, tokens}`` with a reward model's last-token score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _micro_batches(lengths: list[int], max_batch: int, max_tokens: int) -> list[list[int]]:
+    """Row indices grouped longest first, so each micro-batch pads little and fits ``max_tokens``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) >= max_batch or lengths[current[0]] * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class LoglikelihoodScorer:
+    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_batch: int = 32, max_tokens: int = 8192):
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint_dir, dtype=getattr(torch, dtype), local_files_only=True
+        ).eval()
+        self.max_batch, self.max_tokens = max_batch, max_tokens
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sequences = [list(t) for t in batch["tokens"]]
+        n_scored = [int(n) for n in batch["n_scored"]]
+        logprob = np.zeros(len(sequences), dtype=np.float64)
+        greedy = np.zeros(len(sequences), dtype=bool)
+        inputs = [s[:-1] for s in sequences]  # the last token is only ever a target
+        for rows in _micro_batches([len(x) for x in inputs], self.max_batch, self.max_tokens):
+            width = len(inputs[rows[0]])
+            tokens = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for r, i in enumerate(rows):  # right padding: real tokens keep positions 0..n-1
+                tokens[r, : len(inputs[i])] = torch.tensor(inputs[i])
+                mask[r, : len(inputs[i])] = 1
+            logits = self.model(input_ids=tokens, attention_mask=mask).logits.float()
+            logp = logits.log_softmax(-1)
+            for r, i in enumerate(rows):
+                n, k = len(inputs[i]), n_scored[i]
+                targets = torch.tensor(sequences[i][-k:])
+                scored = logp[r, n - k : n]
+                logprob[i] = scored.gather(-1, targets[:, None]).sum().item()
+                greedy[i] = bool((scored.argmax(-1) == targets).all())
+        return {"id": batch["id"], "logprob": logprob, "is_greedy": greedy}
+
+
+class RewardScorer:
+    def __init__(self, checkpoint_dir: str, max_batch: int = 16):
+        from raylm.models.hf_checkpoint import load_checkpoint
+
+        self.model = load_checkpoint(checkpoint_dir, scalar_head=True).eval()
+        self.max_batch = max_batch
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sequences = [list(t) for t in batch["tokens"]]
+        scores = np.zeros(len(sequences), dtype=np.float64)
+        for rows in _micro_batches([len(s) for s in sequences], self.max_batch, 1 << 30):
+            width = len(sequences[rows[0]])
+            tokens = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for r, i in enumerate(rows):
+                tokens[r, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[r, : len(sequences[i])] = 1
+            for r, value in zip(rows, self.model.sequence_scores(tokens, mask).tolist()):
+                scores[r] = value
+        return {"id": batch["id"], "score": scores}

@@ -1,0 +1,393 @@
+"""`raylm eval`: score Hugging Face checkpoints side by side on lm-evaluation-harness-style tasks.
+
+For each checkpoint, every log-likelihood request of every task (multiple-choice answers, perplexity
+windows) goes through one Ray Data job whose ``map_batches`` actors hold the model; generative
+tasks go through a pool of generation engine actors (vLLM, or raylm's own generator). Prompts are
+tokenised the way lm-evaluation-harness's Hugging Face backend does, so accuracies agree with
+``lm_eval``. Results: MLflow metrics ``<checkpoint>/<task>/<metric>``, ``results.json`` and a
+Markdown table with one column per checkpoint; optionally a reward-model win rate of one
+checkpoint against another, and an n-gram decontamination report against the training shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from raylm.config import ConfigError, Section, StageConfig
+from raylm.eval_metrics import (
+    contaminated,
+    generation_metrics,
+    multiple_choice_metrics,
+    perplexity_metrics,
+    rolling_windows,
+    win_rate,
+    word_count,
+)
+from raylm.eval_tasks import Task, load_task
+from raylm.tracking import StageRun
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+class TaskRef(Section):
+    path: str  # an lm-evaluation-harness-style task YAML
+    num_fewshot: int | None = Field(default=None, ge=0)  # None: the YAML's num_fewshot
+    limit: int | None = Field(default=None, ge=1)  # evaluate only the first N documents
+
+
+class ScorerConfig(Section):
+    num_actors: int = Field(default=2, ge=1)
+    cpus_per_actor: float = Field(default=1, gt=0)
+    rows_per_batch: int = Field(default=64, ge=1)  # Ray Data batch handed to one actor call
+    max_batch: int = Field(default=32, ge=1)  # sequences per forward pass inside an actor
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_length: int | None = Field(default=None, ge=2)  # None: the checkpoint's max_position_embeddings
+    stride: int | None = Field(default=None, ge=1)  # perplexity windows; None: max_length (disjoint)
+
+
+class GenerationConfig(Section):
+    backend: Literal["auto", "vllm", "torch"] = "auto"
+    num_engines: int = Field(default=1, ge=1)
+    cpus_per_engine: float = Field(default=1, gt=0)
+    max_model_len: int = Field(default=512, ge=16)
+    prompts_per_call: int = Field(default=32, ge=1)
+
+
+class PreferenceConfig(Section):
+    model_a: str  # a checkpoint name from `checkpoints`, or a folder
+    model_b: str
+    reward_model: str  # a scalar-head (reward) checkpoint folder with its tokenizer
+    prompts: str  # JSONL, one prompt per line in `prompt_field`
+    prompt_field: str = "prompt"
+    limit: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+
+
+class DecontaminationConfig(Section):
+    train_files: list[str]  # globs of training shards: .jsonl (text_field), .parquet (text_field) or .txt
+    text_field: str = "text"
+    ngram: int = Field(default=13, ge=1)
+
+
+class Config(StageConfig):
+    checkpoints: dict[str, str] = {}  # display name -> Hugging Face folder, compared side by side
+    tasks: list[TaskRef] = []
+    scorer: ScorerConfig = ScorerConfig()
+    generation: GenerationConfig = GenerationConfig()
+    preference: PreferenceConfig | None = None
+    decontamination: DecontaminationConfig | None = None
+
+
+# ---- checks before any Ray work ---------------------------------------------------------------
+def check_checkpoint(folder: str, key: str, config_path) -> None:
+    path = Path(folder)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{config_path}: {key}: {folder} is not a Hugging Face checkpoint folder (no config.json)")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{config_path}: {key}: checkpoint {folder} has no tokenizer ({', '.join(TOKENIZER_FILES)} missing); "
+            "raylm eval scores text, so export the checkpoint with its tokenizer (raylm export --set tokenizer=...)"
+        )
+
+
+def check(config: Config, config_path) -> None:
+    if not config.checkpoints and config.preference is None:
+        raise ConfigError(f"{config_path}: checkpoints: nothing to evaluate (no checkpoints and no preference section)")
+    for name, folder in config.checkpoints.items():
+        check_checkpoint(folder, f"checkpoints.{name}", config_path)
+    if config.tasks and not config.checkpoints:
+        raise ConfigError(f"{config_path}: tasks: tasks need at least one entry in checkpoints")
+    for i, ref in enumerate(config.tasks):
+        task = load_task(ref.path, ref.limit)  # raises TaskError (a ConfigError) naming file, line and field
+        if task.output_type == "loglikelihood_rolling" and ref.num_fewshot:
+            raise ConfigError(f"{config_path}: tasks.{i}.num_fewshot: perplexity tasks take no few-shot examples")
+    if config.preference is not None:
+        pref = config.preference
+        for key in ("model_a", "model_b"):
+            check_checkpoint(config.checkpoints.get(getattr(pref, key), getattr(pref, key)), f"preference.{key}", config_path)
+        check_checkpoint(pref.reward_model, "preference.reward_model", config_path)
+        if not Path(pref.prompts).exists():
+            raise ConfigError(f"{config_path}: preference.prompts: {pref.prompts} does not exist")
+    if config.decontamination is not None and not train_files(config.decontamination):
+        raise ConfigError(f"{config_path}: decontamination.train_files: no file matches {config.decontamination.train_files}")
+
+
+# ---- tokenisation, as lm-evaluation-harness's Hugging Face backend does it ----------------------
+class Encoder:
+    def __init__(self, folder: str):
+        import transformers
+
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = self.tokenizer
+        self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        hf = json.loads((Path(folder) / "config.json").read_text())
+        self.max_length = next((hf[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if k in hf), 2048)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if not context:
+            return [self.prefix_token_id], self.encode(continuation)
+        spaces = len(context) - len(context.rstrip())  # trailing spaces belong to the continuation
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.encode(context + continuation)
+        context_ids = self.encode(context)
+        return context_ids, whole[len(context_ids) :]
+
+
+# ---- requests ---------------------------------------------------------------------------------
+def loglikelihood_rows(task: Task, num_fewshot: int | None, enc: Encoder, max_length: int, stride: int | None) -> list[dict]:
+    """One row per scored sequence; ``doc``/``choice`` say what it belongs to."""
+    rows = []
+    if task.output_type == "multiple_choice":
+        for d, (doc, context) in enumerate(zip(task.eval_docs, task.contexts(num_fewshot))):
+            for c, choice in enumerate(task.choices(doc)):
+                ctx, cont = enc.encode_pair(context, task.target_delimiter + choice)
+                seq = (ctx + cont)[-(max_length + 1) :]
+                rows.append({"doc": d, "choice": c, "tokens": seq, "n_scored": min(len(cont), len(seq) - 1)})
+    else:
+        for d, doc in enumerate(task.eval_docs):
+            full = [enc.prefix_token_id] + enc.encode(task.text(doc))
+            for w, (start, end, n) in enumerate(rolling_windows(len(full) - 1, max_length, stride)):
+                rows.append({"doc": d, "choice": w, "tokens": full[start:end], "n_scored": n})
+    return rows
+
+
+def score_rows(folder: str, rows: list[dict], cfg: ScorerConfig) -> list[dict]:
+    """Log-likelihood of every row through a Ray Data job over an actor pool holding the model."""
+    import ray
+
+    from raylm.actors.loglikelihood_scorer import LoglikelihoodScorer
+
+    # Longest first: neighbouring rows land in the same batch, so padding stays small.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["tokens"]))
+    items = [{"id": i, "tokens": rows[i]["tokens"], "n_scored": rows[i]["n_scored"]} for i in order]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.rows_per_batch, 64)))
+    scored = ds.map_batches(
+        LoglikelihoodScorer,
+        fn_constructor_kwargs={"checkpoint_dir": str(folder), "dtype": cfg.dtype, "max_batch": cfg.max_batch},
+        batch_size=cfg.rows_per_batch,
+        concurrency=cfg.num_actors,
+        num_cpus=cfg.cpus_per_actor,
+    ).take_all()
+    out = [None] * len(rows)
+    for r in scored:
+        out[int(r["id"])] = {"logprob": float(r["logprob"]), "is_greedy": bool(r["is_greedy"])}
+    return out
+
+
+def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: list[str], cfg: GenerationConfig,
+                   seed: int, temperature: float = 0.0) -> list[str]:
+    """Continuations from a pool of generation engines, cut at the first ``until`` string."""
+    import ray
+    from ray.util import ActorPool
+
+    from raylm.actors.generation_engine import make_generation_engine
+
+    enc = Encoder(folder)
+    budget = cfg.max_model_len - max_new_tokens
+    ids = [enc.encode(p)[-budget:] or [enc.prefix_token_id] for p in prompts]  # keep the prompt's end
+    engines = [
+        make_generation_engine(folder, backend=cfg.backend, num_cpus=cfg.cpus_per_engine, dtype="float32",
+                               max_model_len=cfg.max_model_len, seed=seed)
+        for _ in range(cfg.num_engines)
+    ]
+    try:
+        ray.get([e.ready.remote() for e in engines], timeout=900)
+        chunks = [ids[i : i + cfg.prompts_per_call] for i in range(0, len(ids), cfg.prompts_per_call)]
+        pool = ActorPool(engines)
+        results = [r for chunk in pool.map(
+            lambda e, chunk: e.generate.remote(chunk, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+            chunks) for r in chunk]
+    finally:
+        for e in engines:
+            ray.kill(e)
+    texts = []
+    for r in results:
+        text = enc.tokenizer.decode(r["tokens"], skip_special_tokens=True)
+        for stop in until:
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        texts.append(text)
+    return texts
+
+
+# ---- one checkpoint ---------------------------------------------------------------------------
+def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]], config: Config) -> dict:
+    enc = Encoder(folder)
+    max_length = min(config.scorer.max_length or enc.max_length, enc.max_length)
+    rows, owner = [], []
+    for t, (ref, task) in enumerate(tasks):
+        if task.output_type != "generate_until":
+            task_rows = loglikelihood_rows(task, ref.num_fewshot, enc, max_length, config.scorer.stride)
+            rows += task_rows
+            owner += [t] * len(task_rows)
+    start = time.perf_counter()
+    scores = score_rows(folder, rows, config.scorer) if rows else []
+    score_seconds = time.perf_counter() - start
+    print(f"raylm eval: {name}: scored {len(rows)} sequences in {score_seconds:.1f}s", flush=True)
+    results = {}
+    for t, (ref, task) in enumerate(tasks):
+        k = task.num_fewshot if ref.num_fewshot is None else ref.num_fewshot
+        mine = [(row, s) for row, s, o in zip(rows, scores, owner) if o == t]
+        if task.output_type == "multiple_choice":
+            items = [{"logprobs": [], "choices": task.choices(doc), "gold": task.target(doc)} for doc in task.eval_docs]
+            for row, s in mine:
+                items[row["doc"]]["logprobs"].append(s["logprob"])
+            metrics = multiple_choice_metrics(items)
+        elif task.output_type == "loglikelihood_rolling":
+            texts = [task.text(doc) for doc in task.eval_docs]
+            metrics = perplexity_metrics(
+                sum(s["logprob"] for _, s in mine), sum(row["n_scored"] for row, _ in mine),
+                sum(word_count(t_) for t_ in texts), sum(len(t_.encode("utf-8")) for t_ in texts),
+            )
+        else:
+            started = time.perf_counter()
+            predictions = generate_texts(folder, task.contexts(ref.num_fewshot), task.max_gen_toks, task.until,
+                                         config.generation, config.seed)
+            references = [task.target_text(doc) for doc in task.eval_docs]
+            metrics = generation_metrics(predictions, references)
+            metrics["items_per_s"] = len(predictions) / (time.perf_counter() - started)
+        metrics.update(n_items=len(task.eval_docs), num_fewshot=k)
+        results[task.name] = metrics
+    return results
+
+
+# ---- preference and decontamination -----------------------------------------------------------
+def preference_win_rate(config: Config) -> dict:
+    import ray
+
+    from raylm.actors.loglikelihood_scorer import RewardScorer
+
+    pref = config.preference
+    prompts = []
+    with open(pref.prompts, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                record = json.loads(line)
+                if pref.prompt_field not in record:
+                    raise ConfigError(f"{pref.prompts}:{number}: field {pref.prompt_field!r} missing")
+                prompts.append(record[pref.prompt_field])
+    prompts = prompts[: pref.limit] if pref.limit else prompts
+    folders = {key: config.checkpoints.get(getattr(pref, key), getattr(pref, key)) for key in ("model_a", "model_b")}
+    completions = {
+        key: generate_texts(folder, prompts, pref.max_new_tokens, [], config.generation, config.seed, pref.temperature)
+        for key, folder in folders.items()
+    }
+    judge = Encoder(pref.reward_model)
+    items = [{"id": i, "tokens": judge.encode(prompts[i % len(prompts)] + completions[key][i % len(prompts)])[-judge.max_length :]}
+             for key in ("model_a", "model_b") for i in range(len(prompts))]
+    for i, item in enumerate(items):
+        item["id"] = i
+    scored = ray.data.from_items(items).map_batches(
+        RewardScorer, fn_constructor_kwargs={"checkpoint_dir": pref.reward_model}, batch_size=config.scorer.rows_per_batch,
+        concurrency=1, num_cpus=config.scorer.cpus_per_actor,
+    ).take_all()
+    score = {int(r["id"]): float(r["score"]) for r in scored}
+    n = len(prompts)
+    result = win_rate([score[i] for i in range(n)], [score[n + i] for i in range(n)], pref.confidence)
+    result.update(model_a=pref.model_a, model_b=pref.model_b, confidence=pref.confidence)
+    return result
+
+
+def train_files(cfg: DecontaminationConfig) -> list[str]:
+    return sorted({f for pattern in cfg.train_files for f in glob.glob(pattern, recursive=True)})
+
+
+def iter_train_texts(cfg: DecontaminationConfig):
+    for file in train_files(cfg):
+        if file.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(file).iter_batches(columns=[cfg.text_field]):
+                yield from batch.column(0).to_pylist()
+        elif file.endswith(".jsonl"):
+            with open(file, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line).get(cfg.text_field, "")
+        else:
+            yield Path(file).read_text(encoding="utf-8", errors="replace")
+
+
+def decontamination_report(tasks: list[tuple[TaskRef, Task]], cfg: DecontaminationConfig) -> dict:
+    items, where = [], []
+    for _, task in tasks:
+        for doc in task.eval_docs:
+            text = task.text(doc)
+            if task.output_type != "loglikelihood_rolling":
+                text += " " + task.target_text(doc)
+            items.append(text)
+            where.append((task.name, doc.where()))
+    hits = contaminated(items, iter_train_texts(cfg), cfg.ngram)
+    report = {}
+    for _, task in tasks:
+        flagged = [w for (name, w), hit in zip(where, hits) if name == task.name and hit]
+        n = len(task.eval_docs)
+        report[task.name] = {"ngram": cfg.ngram, "n_items": n, "contaminated": len(flagged),
+                             "fraction": len(flagged) / n, "examples": flagged[:10]}
+    return report
+
+
+# ---- the stage --------------------------------------------------------------------------------
+def markdown_table(results: dict) -> str:
+    names = list(results)
+    keys = sorted({(task, metric) for r in results.values() for task, m in r.items() for metric in m})
+    lines = ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for task, metric in keys:
+        cells = [results[n].get(task, {}).get(metric) for n in names]
+        lines.append(f"| {task} | {metric} | " + " | ".join("" if v is None else f"{v:.4g}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(config: Config, stage_run: StageRun) -> dict:
+    import ray
+
+    from raylm.ray_init import init_ray
+
+    init_ray(config.ray)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tasks = [(ref, load_task(ref.path, ref.limit)) for ref in config.tasks]
+    out = config.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"results": {}}
+    for name, folder in config.checkpoints.items():
+        started = time.perf_counter()
+        results = evaluate_checkpoint(name, folder, tasks, config) if tasks else {}
+        seconds = time.perf_counter() - started
+        summary["results"][name] = results
+        n_items = sum(m["n_items"] for m in results.values())
+        stage_run.log_metrics({f"{name}/{task}/{metric}": value for task, m in results.items() for metric, value in m.items()
+                               if isinstance(value, (int, float))})
+        stage_run.log_metrics({f"{name}/items_per_s": n_items / seconds if seconds else 0.0})
+        for task, m in results.items():
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float) and not k.endswith("stderr"))
+            print(f"raylm eval: {name} {task}: {shown}", flush=True)
+    if config.preference is not None:
+        summary["preference"] = preference_win_rate(config)
+        p = summary["preference"]
+        stage_run.log_metrics({f"preference/{k}": v for k, v in p.items() if isinstance(v, (int, float))})
+        print(f"raylm eval: win rate {p['model_a']} vs {p['model_b']}: {p['win_rate']:.3f} "
+              f"[{p['win_rate_low']:.3f}, {p['win_rate_high']:.3f}] over {p['n']} prompts", flush=True)
+    if config.decontamination is not None:
+        summary["decontamination"] = decontamination_report(tasks, config.decontamination)
+        for task, rep in summary["decontamination"].items():
+            stage_run.log_metrics({f"decontamination/{task}/fraction": rep["fraction"]})
+            print(f"raylm eval: decontamination {task}: {rep['contaminated']}/{rep['n_items']} items share a "
+                  f"{rep['ngram']}-gram with the training shards", flush=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(markdown_table(summary["results"]))
+    stage_run.log_artifact(out / "results.json")
+    stage_run.log_artifact(out / "results.md")
+    print((out / "results.md").read_text(), flush=True)
+    return summary
