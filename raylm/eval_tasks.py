@@ -319,7 +319,8 @@ def _read_task_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise TaskError(f"{path}: include cycle")
     try:
-        data = yaml.load(path.read_text(), Loader=_TaskLoader)
+        with open(path, encoding="utf-8") as f:  # a file stream: YAML marks then carry its name
+            data = yaml.load(f, Loader=_TaskLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
