@@ -1,4 +1,3 @@
-# Issue 6 has two engineers working at once: see /tmp/eval_coordination.md (this line goes once settled).
 """Evaluation tasks written as lm-evaluation-harness task YAML over local JSONL data.
 
 A task file is read the way lm-evaluation-harness reads it, so the same file runs in both:
