@@ -1,0 +1,353 @@
+"""The Ray Train worker loop that pretraining and SFT share: one process per rank, FSDP2 over gloo
+(CPU) or NCCL (GPU), AdamW with warmup + cosine, gradient accumulation and clipping, bf16
+autocast over fp32 master weights, sharded checkpoints reported to Ray Train, and a final
+Hugging Face export from rank 0.
+
+The driver (``pipelines/pretrain.py``, ``pipelines/sft.py``) passes one plain dict, ``spec``:
+model config, where the weights start from, which data, the ``train``/``optim``/``parallel``
+sections, the MLflow ``stage_run`` and the export folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raylm.distributed import checkpoint as ckpt
+from raylm.distributed.parallel_dims import ParallelDims
+from raylm.distributed.parallelize import clean_state_dict_key, parallelize
+from raylm.models.config import TransformerConfig
+from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
+from raylm.models.transformer import Transformer, document_causal_mask, document_positions, flops_per_token
+from raylm.optim import build_optimizer, build_scheduler
+from raylm.tracking import Progress
+
+IGNORE_INDEX = -100
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s); other devices are measured.
+DATASHEET_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+def build_model(spec: dict) -> Transformer:
+    """The same full weights on every rank (seeded init, or the starting checkpoint); sharding comes after."""
+    if spec.get("init_checkpoint"):
+        model = load_checkpoint(spec["init_checkpoint"])
+    else:
+        model = Transformer(TransformerConfig(**spec["model"]))
+        model.init_weights(seed=spec["seed"])
+    freeze_by_depth(model, spec.get("train_layers"))
+    return model
+
+
+def freeze_by_depth(model: Transformer, train_layers: int | None) -> None:
+    """Train only the last ``train_layers`` blocks plus the final norm and output head (0: the head
+    on frozen features). With tied embeddings the head is the embedding matrix, so it trains too."""
+    if train_layers is None:
+        return
+    n_layers = len(model.layers)
+    if not 0 <= train_layers <= n_layers:
+        raise ValueError(f"train_layers: {train_layers} is not between 0 and the model's {n_layers} layers")
+    model.requires_grad_(False)
+    for name in list(model.layers)[n_layers - train_layers:]:
+        model.layers[name].requires_grad_(True)
+    model.norm.requires_grad_(True)
+    if model.output is not None:
+        model.output.requires_grad_(True)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def build_dataset(spec: dict, split: str, rank: int, world_size: int, training: bool):
+    data, train = spec["data"], spec["train"]
+    if data["kind"] == "tokens":
+        from raylm.token_shards import PackedTokenDataset
+
+        return PackedTokenDataset(data["dir"], split=split, seq_len=train["seq_len"], seed=spec["seed"], rank=rank,
+                                  world_size=world_size, shuffle=training, loop=training)
+    if data["kind"] == "sft":
+        from raylm.sft_data import PackedSFTDataset
+
+        return PackedSFTDataset(data[split], data["tokenizer"], seq_len=train["seq_len"], seed=spec["seed"],
+                                rank=rank, world_size=world_size, shuffle=training, loop=training,
+                                system_prompt=data.get("system_prompt"))
+    raise ValueError(f"unknown data kind {data['kind']!r}")
+
+
+def model_inputs(batch: dict, device) -> tuple:
+    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+    positions = attn_mask = None
+    if "document_ids" in batch:  # packed examples: no attention across examples, positions restart
+        doc = batch["document_ids"].to(device)
+        positions, attn_mask = document_positions(doc), document_causal_mask(doc)
+    return tokens, labels, positions, attn_mask
+
+
+def summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device_type):
+    """Sum (not mean) of the token losses, so that micro-batches and ranks with different numbers of
+    unmasked tokens combine into the exact mean over the whole step."""
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(tokens, positions, attn_mask)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# ---- throughput ------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{torch.get_num_threads()} threads"
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of one device for MFU: the data sheet's for known GPUs, else measured once per
+    device type with a large matmul and cached in ~/.cache/raylm/peak_flops.json."""
+    name = device_name(device)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        for key, value in DATASHEET_PEAK_BF16.items():
+            if key in name:
+                return value
+    cache = Path(os.environ.get("RAYLM_CACHE", Path.home() / ".cache" / "raylm")) / "peak_flops.json"
+    key = f"{name} {dtype}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_matmul_flops(device, dtype)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+    return known[key]
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+def inject_fault(spec: dict, step: int, rank: int) -> None:
+    """Fault injection for tests and drills: rank ``fail_rank`` SIGKILLs its own process when it is
+    about to run step ``fail_at_step``, once per run (a marker file beside the checkpoints says it
+    already happened, so the replacement worker goes on)."""
+    train = spec["train"]
+    if train.get("fail_at_step") != step or rank != train.get("fail_rank", 1):
+        return
+    marker = Path(spec["run_dir"]) / f"fault_injected_at_step_{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} killed itself at step {step}\n")
+    print(f"[fault injection] rank {rank}: SIGKILL at step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_determinism(spec: dict, rank: int) -> None:
+    torch.manual_seed(spec["seed"] + rank)
+    if spec["train"]["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+
+
+def evaluate(model, spec, dims, rank, device, autocast_dtype) -> float:
+    """Mean token loss over the first ``eval_batches`` batches of every rank's validation slice."""
+    dataset = build_dataset(spec, "validation", rank, dims.dp_size, training=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=spec["train"]["batch_size"])
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    model.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if i == spec["train"]["eval_batches"]:
+                break
+            tokens, labels, positions, attn_mask = model_inputs(batch, device)
+            loss = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
+            totals += torch.stack([loss.double(), (labels != IGNORE_INDEX).sum().double()])
+    model.train()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def moe_metrics(model, expert_counts: list[torch.Tensor]) -> dict:
+    out = {}
+    layers = model.moe_layers()
+    if not layers:
+        return out
+    out["moe/load_balance_loss"] = sum(float(m.load_balance_loss) for m in layers) / len(layers)
+    out["moe/z_loss"] = sum(float(m.z_loss) for m in layers) / len(layers)
+    for i, counts in enumerate(expert_counts):
+        fractions = counts / counts.sum().clamp(min=1)
+        for e, fraction in enumerate(fractions.tolist()):
+            out[f"moe/layer{i}/expert{e}_fraction"] = fraction
+    return out
+
+
+def train_loop(spec: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    train, optim_cfg, parallel = spec["train"], spec["optim"], spec["parallel"]
+    torch.set_num_threads(max(1, parallel["cpus_per_worker"]))
+    set_determinism(spec, rank)
+    dims = ParallelDims(world_size, dp_shard=parallel["dp_shard"], dp_replicate=parallel["dp_replicate"])
+    dims.build_mesh(device.type)
+
+    model = build_model(spec).to(device)
+    cfg = model.config
+    parallelize(model, dims, train["activation_checkpointing"], train["compile"])
+    optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),
+                                optim_cfg["eps"])
+    scheduler = build_scheduler(optimizer, optim_cfg["warmup_steps"], train["steps"], optim_cfg["min_lr_ratio"])
+    dataset = build_dataset(spec, "train", dims.dp_rank(rank), dims.dp_size, training=True)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer_state, rank_state = ckpt.load(folder, rank, model, optimizer)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        dataset.load_state_dict(rank_state["data"])
+        step = trainer_state["step"]
+        if rank == 0:
+            print(f"[{spec['stage']}] resumed from the checkpoint at step {step}", flush=True)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=train["batch_size"]))
+
+    autocast_dtype = torch.bfloat16 if train["mixed_precision"] == "bf16" else None
+    flops_token = flops_per_token(cfg, train["seq_len"])
+    peak = peak_flops(device, autocast_dtype or torch.float32)
+    stage_run = spec.get("stage_run") if rank == 0 else None
+    progress = Progress(train["steps"], spec["stage"], every=train["log_every"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    accum = train["grad_accum"]
+    model.train()
+    metrics: dict = {}
+    while step < train["steps"]:
+        inject_fault(spec, step + 1, rank)
+        start = time.perf_counter()
+        batches = [next(loader) for _ in range(accum)]
+        # The step's loss is the mean over every unmasked token of every rank's micro-batches.
+        n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)), device=device)
+        dist.all_reduce(n_tokens)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        aux_sum = 0.0
+        expert_counts = [torch.zeros(cfg.n_experts, device=device) for _ in model.moe_layers()]
+        for i, batch in enumerate(batches):
+            tokens, labels, positions, attn_mask = model_inputs(batch, device)
+            model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last micro-batch
+            ce = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
+            # FSDP2 averages gradients over the dp ranks; scaling by dp_size turns that into the global mean.
+            loss = ce * dims.dp_size / n_tokens.clamp(min=1)
+            if cfg.is_moe:
+                aux = model.moe_aux_loss() / accum
+                loss = loss + aux
+                aux_sum += float(aux)
+                for counts, layer in zip(expert_counts, model.moe_layers()):
+                    counts += layer.tokens_per_expert.to(device).float()
+            loss.backward()
+            loss_sum += ce.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"] or math.inf, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dist.all_reduce(loss_sum)
+        for counts in expert_counts:
+            dist.all_reduce(counts)
+        step_time = time.perf_counter() - start
+        step_tokens = sum(b["tokens"].numel() for b in batches) * dims.dp_size
+        tokens_per_s = step_tokens / step_time
+        metrics = {
+            "loss": (loss_sum / n_tokens.clamp(min=1)).item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "mfu": flops_token * tokens_per_s / world_size / peak,
+            "memory_gb": memory_gb(device),
+            "step_time_s": step_time,
+        }
+        if cfg.is_moe:
+            metrics["moe/aux_loss"] = aux_sum
+            metrics.update(moe_metrics(model, expert_counts))
+        if train["eval_every"] and (step % train["eval_every"] == 0 or step == train["steps"]):
+            metrics["val_loss"] = evaluate(model, spec, dims, dims.dp_rank(rank), device, autocast_dtype)
+        if rank == 0:
+            progress.update(step, tokens=step_tokens, loss=metrics["loss"], gnorm=metrics["grad_norm"], lr=lr,
+                            mfu=metrics["mfu"], **({"val": metrics["val_loss"]} if "val_loss" in metrics else {}))
+            if stage_run is not None and (step % train["log_every"] == 0 or "val_loss" in metrics
+                                          or step == train["steps"]):
+                stage_run.log_metrics(metrics, step=step)
+        if step % train["checkpoint_every"] == 0 or step == train["steps"]:
+            report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics)
+
+    export_final_model(spec, model, rank)
+    ray.train.report({**metrics, "step": step, "done": 1})
+
+
+def report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as folder:
+        ckpt.save(folder, rank, model, optimizer, {"step": step, "scheduler": scheduler.state_dict()},
+                  {"data": dataset.state_dict()})
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def export_final_model(spec: dict, model, rank: int) -> None:
+    """Gather the full weights (collective) and write them from rank 0 as a Hugging Face checkpoint."""
+    state = ckpt.full_model_state_dict(model)
+    if rank != 0:
+        return
+    state = {clean_state_dict_key(k): v for k, v in state.items()}
+    plain = Transformer(model.config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "output.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"final export: missing {missing}, unexpected {unexpected}")
+    save_checkpoint(plain, spec["export_dir"], tokenizer_file=spec.get("tokenizer_file"))
+    print(f"[{spec['stage']}] wrote the final model to {spec['export_dir']}", flush=True)

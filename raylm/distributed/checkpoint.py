@@ -1,0 +1,99 @@
+"""The whole training state as one sharded distributed checkpoint (torch.distributed.checkpoint).
+
+Sharded tensors (model and optimizer, FSDP2 DTensors) go through DCP: each rank writes its own
+shard file and rank 0 the metadata, so a directory that merges every rank's files is one
+checkpoint (that is how Ray Train stores the directories its workers report). What differs per
+rank and is not a tensor (the data position, RNG states) goes to a small JSON file per rank; what
+is the same on every rank (step, scheduler) to ``trainer_state.json``. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def rank_state_file(rank: int) -> str:
+    return f"rank_state_{rank:05d}.json"
+
+
+def rng_state() -> dict:
+    """Every generator a training step may draw from, as JSON-safe data."""
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": _jsonable(random.getstate()),
+        "numpy": _jsonable(np.random.get_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def save(folder: str | Path, rank: int, model, optimizer, trainer_state: dict, rank_state: dict) -> None:
+    """Collective: every rank calls it with the same folder (or, under Ray Train, its own local
+    folder that Ray merges into one)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # no_dist=False, the default: a collective save; each rank writes __<rank>_0.distcp.
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+    (folder / rank_state_file(rank)).write_text(json.dumps({**rank_state, "rng": rng_state()}))
+    if rank == 0:
+        (folder / TRAINER_STATE).write_text(json.dumps(trainer_state))
+
+
+def load(folder: str | Path, rank: int, model, optimizer) -> tuple[dict, dict]:
+    """Load the model and optimizer shards in place and restore this rank's RNG states; returns
+    (trainer_state, rank_state)."""
+    folder = Path(folder)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_path = folder / rank_state_file(rank)
+    if not rank_path.exists():
+        raise FileNotFoundError(f"{rank_path}: the checkpoint has no state for rank {rank} "
+                                "(was it written with a different number of workers?)")
+    rank_state = json.loads(rank_path.read_text())
+    set_rng_state(rank_state.pop("rng"))
+    return json.loads((folder / TRAINER_STATE).read_text()), rank_state
+
+
+def full_model_state_dict(model) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded fp32 weights on CPU, on rank 0 only (empty elsewhere)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)

@@ -1,0 +1,73 @@
+"""Parallelism applied to a raylm ``Transformer`` from outside, in torchtitan's order:
+(tensor parallel -> context parallel ->) activation checkpointing -> torch.compile -> FSDP2.
+
+The model's own code knows nothing of this: blocks are wrapped or sharded in place, and the state
+dict keeps the names the Hugging Face adapter expects.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    checkpoint_wrapper,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from raylm.distributed.parallel_dims import ParallelDims
+
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+
+ActivationCheckpointing = Literal["off", "selective", "full"]
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: ActivationCheckpointing) -> None:
+    """``full``: recompute every block's activations in backward; ``selective``: every other block
+    (half the memory saving for about half the recompute). The wrapper's state-dict hook strips its
+    prefix, so checkpoints keep the plain names."""
+    if mode == "off":
+        return
+    every = 1 if mode == "full" else 2
+    for i, (name, block) in enumerate(list(model.layers.items())):
+        if i % every == 0:
+            model.layers[name] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                                    preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block on its own: repeated blocks share one compiled graph, and FSDP2's hooks
+    stay outside the compiled regions."""
+    for name, block in list(model.layers.items()):
+        model.layers[name] = torch.compile(block, fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool = True) -> None:
+    """FSDP2 ``fully_shard`` per block, then the root (embeddings, final norm and the tied head).
+
+    Parameters stay fp32 (the master weights); bf16 compute comes from autocast in the loop, so the
+    policy keeps FSDP2's all-gathers and reduce-scatters in fp32 as well."""
+    mesh = dims.fsdp_mesh
+    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: ActivationCheckpointing = "off",
+                compile: bool = False) -> nn.Module:
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+    apply_fsdp(model, dims)
+    return model
+
+
+def clean_state_dict_key(key: str) -> str:
+    """The parameter's name in the unwrapped model (no checkpoint/compile wrapper prefixes)."""
+    return key.replace(CHECKPOINT_PREFIX, "").replace("_orig_mod.", "")

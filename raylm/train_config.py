@@ -1,0 +1,59 @@
+"""Config sections shared by the training stages (``raylm pretrain``, ``raylm sft``).
+
+The defaults fit a 2-core laptop with the ``debug`` model; SFT overrides the ones that differ
+for fine-tuning (lower LR, fewer steps)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raylm.config import Section
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=200, ge=1)  # optimizer steps
+    batch_size: int = Field(default=8, ge=1)  # sequences per data-parallel rank per micro-batch
+    grad_accum: int = Field(default=1, ge=1)  # micro-batches per optimizer step
+    seq_len: int = Field(default=256, ge=2)
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute over fp32 master weights
+    activation_checkpointing: Literal["off", "selective", "full"] = "off"
+    compile: bool = False  # torch.compile each block
+    deterministic: bool = False  # deterministic kernels: a rerun (or a resumed run) reproduces exactly
+    log_every: int = Field(default=10, ge=1)
+    eval_every: int = Field(default=50, ge=0)  # 0: no validation
+    eval_batches: int = Field(default=8, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=3, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
+    resume: bool = True  # False: a fresh run even if this output_dir holds checkpoints of an earlier one
+    # Fault injection (tests, failure drills): rank `fail_rank` SIGKILLs itself before step `fail_at_step`.
+    fail_at_step: int | None = Field(default=None, ge=1)
+    fail_rank: int = Field(default=1, ge=0)
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)  # max global grad norm; 0: no clipping
+
+
+class ParallelConfig(Section):
+    num_workers: int = Field(default=2, ge=1)  # Ray Train workers (ranks)
+    cpus_per_worker: int = Field(default=1, ge=1)  # also each worker's torch thread count
+    use_gpu: bool = False  # one GPU per worker, NCCL; else CPU and gloo
+    dp_shard: int = -1  # FSDP2 shard degree; -1: num_workers / dp_replicate
+    dp_replicate: int = Field(default=1, ge=1)  # HSDP replica groups
+
+    @model_validator(mode="after")
+    def _degrees(self):
+        shard = self.dp_shard if self.dp_shard != -1 else self.num_workers // self.dp_replicate
+        if shard < 1 or shard * self.dp_replicate != self.num_workers:
+            raise ValueError(f"dp_shard: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} "
+                             f"does not equal num_workers={self.num_workers}")
+        return self
