@@ -1,0 +1,70 @@
+"""The tokenization stage: an actor pool, each actor loading the tokenizer once, encoding batches
+with ``Tokenizer.encode_batch`` (Rust, parallel) and writing each batch's documents as token shards.
+
+Every batch becomes at most one shard per split, named after the batch's smallest document key, so
+the driver can order the index by key: the token stream is the same whatever the actors' timing.
+A document goes to the validation split when a hash of its key falls below ``validation_fraction``;
+training documents are repeated per their source's mixing weight (2.5 -> twice, and a third time
+for half of them, chosen by a hash of the key), validation documents never.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from raylm.token_shards import TokenShardWriter
+
+
+def unit_hash(key: int, salt: str) -> float:
+    """A uniform number in [0, 1) from a document key: deterministic "randomness" per document."""
+    digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def copies(key: int, weight: float, seed: int) -> int:
+    whole = int(weight)
+    return whole + (unit_hash(key, f"mix{seed}") < weight - whole)
+
+
+class ShardTokenizer:
+    def __init__(self, tokenizer_file: str, shard_dir: str, vocab_size: int, eos_token_id: int,
+                 validation_fraction: float, source_weights: dict[str, float], seed: int):
+        from raylm.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_file)
+        self.shard_dir, self.vocab_size, self.eos = shard_dir, vocab_size, eos_token_id
+        self.validation_fraction, self.weights, self.seed = validation_fraction, source_weights, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = batch.column("key").to_numpy()
+        sources = batch.column("source").to_pylist()
+        encodings = self.tokenizer.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
+        order = np.argsort(keys, kind="stable")
+        prefix = f"{int(keys[order[0]]):016x}-" if len(keys) else "empty-"
+        writers = {split: TokenShardWriter(self.shard_dir, split, self.vocab_size, self.eos, prefix=prefix,
+                                           shard_tokens=1 << 62) for split in ("train", "validation")}
+        rows = {"split": [], "file": [], "tokens": [], "documents": [], "first_key": [], "source_tokens": []}
+        source_tokens: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
+        for i in order:
+            key, ids = int(keys[i]), encodings[i].ids
+            if unit_hash(key, f"split{self.seed}") < self.validation_fraction:
+                split, n = "validation", 1
+            else:
+                split, n = "train", copies(key, self.weights.get(sources[i], 1.0), self.seed)
+            for _ in range(n):
+                writers[split].add(ids)
+            per_source = source_tokens[split]
+            per_source[sources[i]] = per_source.get(sources[i], 0) + n * (len(ids) + 1)
+        for split, writer in writers.items():
+            for entry in writer.close():
+                rows["split"].append(split)
+                rows["file"].append(entry["file"])
+                rows["tokens"].append(entry["tokens"])
+                rows["documents"].append(entry["documents"])
+                rows["first_key"].append(int(keys[order[0]]))
+                rows["source_tokens"].append(json.dumps(source_tokens[split]))
+        return pa.table(rows)
