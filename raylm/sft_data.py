@@ -1,0 +1,244 @@
+"""Instruction data for SFT: JSONL conversations -> chat-formatted token ids with the prompt masked
+out of the loss -> several examples packed into each training sequence.
+
+Each JSONL line is either ``{"prompt": ..., "response": ...}`` (optionally ``"system"``) or
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``. The chat template
+uses the tokenizer's role tokens (fixed ids, see ``raylm.tokenizer``)::
+
+    <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> ... <|eos|>
+
+Only the assistant turns' text and their closing ``<|end|>`` are trained on (the model learns to
+answer and to stop); every other position has label -100. Packed sequences carry ``document_ids``
+so the trainer builds a mask with no attention across examples and positions that restart per
+example (``models.transformer.document_causal_mask`` / ``document_positions``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from raylm.tokenizer import ASSISTANT, BOS_ID, END, EOS_ID, PAD_ID, SYSTEM, USER, load_tokenizer
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+class SFTDataError(ValueError):
+    pass
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """Every line as a list of ``{"role", "content"}`` messages. A bad line raises ``SFTDataError``
+    naming the file, the line and the key; blank lines are skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise SFTDataError(f"{path}: no such file")
+    conversations = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SFTDataError(f"{where}: not valid JSON ({e.msg})") from None
+            conversations.append(conversation_of(record, where))
+    if not conversations:
+        raise SFTDataError(f"{path}: no examples")
+    return conversations
+
+
+def conversation_of(record, where: str) -> list[dict]:
+    if not isinstance(record, dict):
+        raise SFTDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise SFTDataError(f"{where}: key 'messages' must be a non-empty list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise SFTDataError(f"{where}: messages[{i}].role must be one of {ROLES}")
+            if not isinstance(message.get("content"), str):
+                raise SFTDataError(f"{where}: messages[{i}].content must be a string")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SFTDataError(f"{where}: key 'messages' has no assistant turn to train on")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    for key in ("prompt", "response"):
+        if not isinstance(record.get(key), str):
+            raise SFTDataError(f"{where}: key {key!r} must be a string (or give 'messages')")
+    messages = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
+    return messages + [{"role": "user", "content": record["prompt"]},
+                       {"role": "assistant", "content": record["response"]}]
+
+
+class ChatTemplate:
+    """Renders conversations as token ids with a per-token "is a target" flag."""
+
+    def __init__(self, tokenizer_file: str | Path):
+        self.tokenizer = load_tokenizer(tokenizer_file)
+        self.role_ids = {}
+        for role, token in (("system", SYSTEM), ("user", USER), ("assistant", ASSISTANT)):
+            self.role_ids[role] = self._special(token)
+        self.end_id = self._special(END)
+
+    def _special(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise SFTDataError(f"the tokenizer has no {token} token (train it with raylm.tokenizer.train_tokenizer)")
+        return token_id
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, messages: list[dict], system_prompt: str | None = None) -> tuple[list[int], list[bool]]:
+        """(token ids, target flags) of a whole conversation, BOS first and EOS last."""
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        ids, target = [BOS_ID], [False]
+        for message in messages:
+            is_answer = message["role"] == "assistant"
+            ids.append(self.role_ids[message["role"]])
+            target.append(False)
+            content = self.encode_text(message["content"]) + [self.end_id]
+            ids += content
+            target += [is_answer] * len(content)
+        ids.append(EOS_ID)
+        target.append(False)
+        return ids, target
+
+    def prompt(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
+        """Ids to generate the next assistant turn from: the conversation, then ``<|assistant|>``."""
+        ids, _ = self.encode(messages, system_prompt)
+        return ids[:-1] + [self.role_ids["assistant"]]
+
+
+def labels_of(ids: list[int], target: list[bool]) -> list[int]:
+    """Next-token labels: position i predicts ids[i+1] where that token is a target, else -100."""
+    return [ids[i + 1] if target[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def pack(examples: list[tuple[list[int], list[int]]], order: np.ndarray, seq_len: int) -> list[dict]:
+    """Greedy in-order packing of (ids, labels) examples into ``seq_len`` sequences; an example that
+    does not fit in what is left starts a new sequence, one longer than ``seq_len`` is truncated.
+    Padding has label -100 and its own document id."""
+    sequences, tokens, labels, docs = [], [], [], []
+
+    def close():
+        fill = seq_len - len(tokens)
+        doc = (docs[-1] + 1) if docs else 0
+        sequences.append({"tokens": torch.tensor(tokens + [PAD_ID] * fill),
+                          "labels": torch.tensor(labels + [IGNORE_INDEX] * fill),
+                          "document_ids": torch.tensor(docs + [doc] * fill)})
+
+    for index in order:
+        ids, example_labels = examples[int(index)]
+        ids, example_labels = ids[:seq_len], example_labels[:seq_len]
+        if tokens and len(tokens) + len(ids) > seq_len:
+            close()
+            tokens, labels, docs = [], [], []
+        doc = (docs[-1] + 1) if docs else 0
+        tokens += ids
+        labels += example_labels
+        docs += [doc] * len(ids)
+    if tokens:
+        close()
+    return sequences
+
+
+class PackedSFTDataset(IterableDataset):
+    """Packed chat-formatted examples from a JSONL file, as a torch ``IterableDataset`` yielding
+    ``{"tokens", "labels", "document_ids"}`` (LongTensor[seq_len] each).
+
+    Every epoch shuffles the examples with ``(seed, epoch)`` and packs them; rank ``r`` takes every
+    ``world_size``-th packed sequence, and all ranks take the same number. ``state_dict()`` is the
+    (epoch, position) reached; ``load_state_dict`` resumes at the next sequence."""
+
+    def __init__(self, path: str | Path, tokenizer_file: str | Path, seq_len: int = 512, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, loop: bool = True,
+                 system_prompt: str | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
+        template = ChatTemplate(tokenizer_file)
+        self.examples = []
+        for messages in read_conversations(path):
+            ids, target = template.encode(messages, system_prompt)
+            self.examples.append((ids, labels_of(ids, target)))
+        self.path, self.seq_len, self.seed = str(path), seq_len, seed
+        self.rank, self.world_size, self.shuffle, self.loop = rank, world_size, shuffle, loop
+        self.epoch, self.position = 0, 0
+        if self.per_rank(0) == 0:
+            raise SFTDataError(f"{path}: {len(self.examples)} examples pack into fewer than one sequence of "
+                               f"{seq_len} tokens per rank on {world_size} rank(s)")
+
+    def sequences(self, epoch: int) -> list[dict]:
+        order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)) if self.shuffle
+                 else np.arange(len(self.examples)))
+        return pack(self.examples, order, self.seq_len)
+
+    def per_rank(self, epoch: int) -> int:
+        return len(self.sequences(epoch)) // self.world_size
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "rank", "world_size"):
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(f"state {key}={state[key]} does not match this dataset's {key}={getattr(self, key)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            sequences = self.sequences(self.epoch)
+            mine = sequences[self.rank:len(sequences) // self.world_size * self.world_size:self.world_size]
+            while self.position < len(mine):
+                self.position += 1
+                yield mine[self.position - 1]
+            if not self.loop:
+                return
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def sequences_per_epoch(self) -> int:
+        """Sequences each rank reads in the first epoch (later epochs pack to about as many)."""
+        return self.per_rank(0)
+
+
+def stdlib_instructions(limit: int | None = None) -> list[dict]:
+    """Real instruction data from the running Python: "What does `module.function` do?" answered
+    with the first line of its docstring, for every public documented stdlib function."""
+    from raylm.corpus import iter_stdlib_functions
+
+    examples, seen = [], set()
+    for function in iter_stdlib_functions():
+        first_line = function.docstring.strip().split("\n", 1)[0].strip()
+        if len(first_line.split()) < 3 or function.qualified_name in seen:
+            continue
+        seen.add(function.qualified_name)
+        examples.append({"prompt": f"What does `{function.qualified_name}` do?", "response": first_line})
+        if limit is not None and len(examples) == limit:
+            break
+    return examples
+
+
+def write_jsonl_splits(examples: list[dict], out_dir: str | Path, validation_fraction: float, seed: int) -> dict:
+    """Shuffle once with ``seed`` and write ``train.jsonl`` / ``validation.jsonl``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = max(1, int(len(examples) * validation_fraction))
+    paths = {}
+    for split, indices in (("validation", order[:n_val]), ("train", order[n_val:])):
+        path = out_dir / f"{split}.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(examples[i]) + "\n" for i in indices), encoding="utf-8")
+        tmp.replace(path)
+        paths[split] = str(path)
+    return paths
