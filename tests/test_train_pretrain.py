@@ -1,0 +1,176 @@
+"""`raylm pretrain` on a real local Ray with 1 and 2 gloo workers, on token shards built from the
+standard library's docstrings (tokenizer trained here): FSDP2 against a single process, a worker
+SIGKILLed mid-run against an uninterrupted run (bit-identical weights in deterministic mode), resume
+on rerun, MoE metrics with bf16 + activation checkpointing + accumulation, and the config checks.
+Metrics are read back from a real MLflow store that the Ray Train workers log into."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raylm.config import ConfigError, load_config
+from raylm.corpus import iter_corpus_documents
+from raylm.models.hf_checkpoint import load_checkpoint
+from raylm.pipelines import pretrain
+from raylm.token_shards import TokenShardWriter, write_index
+from raylm.tokenizer import train_tokenizer
+from raylm.tracking import stage_run
+
+VOCAB = 512
+
+
+def build_shards(out: Path, n_documents: int = 800) -> Path:
+    docs = [d["text"] for d in itertools.islice(iter_corpus_documents(), n_documents)]
+    tokenizer = train_tokenizer(docs, VOCAB, out / "tokenizer.json")
+    splits = {}
+    for split, part in (("train", [d for i, d in enumerate(docs) if i % 20]), ("validation", docs[::20])):
+        writer = TokenShardWriter(out, split, VOCAB, eos_token_id=2, shard_tokens=1 << 15)
+        for text in part:
+            writer.add(tokenizer.encode(text).ids)
+        splits[split] = writer.close()
+    write_index(out, VOCAB, 2, splits)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """A real MLflow store (SQLite) that the Ray Train workers log into and the tests read back."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def pretrain_config(data_dir, out, **overrides) -> pretrain.Config:
+    base = [
+        f"output_dir={out}", f"data_dir={data_dir}", "model.preset=debug", f"model.vocab_size={VOCAB}",
+        "train.steps=8", "train.batch_size=2", "train.seq_len=64", "train.log_every=1", "train.eval_every=4",
+        "train.eval_batches=2", "train.checkpoint_every=3", "train.deterministic=true", "optim.warmup_steps=2",
+        "parallel.num_workers=2",
+    ]
+    return load_config(pretrain.Config, None, base + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def run_stage(config, uri) -> tuple[dict, object]:
+    with stage_run("pretrain", config, uri=uri) as run:
+        summary = pretrain.run(config, run)
+    return summary, run
+
+
+def history(run, key) -> dict[int, float]:
+    """The last value logged for each step (a restarted group logs its replayed steps again)."""
+    metrics = sorted(run.client.get_metric_history(run.run_id, key), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in metrics}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, ray_local, tracking_uri, tmp_path_factory):
+    """An uninterrupted deterministic 2-worker run: the baseline the other runs are held to."""
+    out = tmp_path_factory.mktemp("reference")
+    summary, run = run_stage(pretrain_config(data_dir, out), tracking_uri)
+    return out, summary, run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_worker_fsdp_matches_one_process_and_logs_everything(reference, data_dir, tracking_uri, tmp_path):
+    out, summary, run = reference
+    config = pretrain_config(data_dir, tmp_path, **{"parallel.num_workers": 1, "train.batch_size": 4})
+    _, single_run = run_stage(config, tracking_uri)
+    two, one = history(run, "loss"), history(single_run, "loss")
+    assert sorted(two) == list(range(1, 9))
+    # The same global batch each step (rank r reads every 2nd window): FSDP2 over 2 ranks may
+    # differ from one process only in the order of floating-point reductions.
+    for step in two:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4), step
+    assert two[8] < two[1]
+    for key in ("grad_norm", "lr", "tokens_per_s", "mfu", "memory_gb"):
+        values = history(run, key)
+        assert len(values) == 8 and all(v > 0 for v in values.values()), key
+    assert history(run, "lr")[1] == pytest.approx(config.optim.lr / 2)  # first of 2 warmup steps
+    assert sorted(history(run, "val_loss")) == [4, 8]
+    assert summary["val_loss"] == pytest.approx(history(run, "val_loss")[8])
+    assert 0 < summary["unigram_val_loss"] < 7
+    # The final model: a Hugging Face checkpoint with the data's tokenizer, also logged to MLflow.
+    assert (out / "hf" / "tokenizer.json").exists()
+    assert load_checkpoint(out / "hf").config.vocab_size == VOCAB
+    artifacts = {a.path for a in run.client.list_artifacts(run.run_id, "model")}
+    assert "model/model.safetensors" in artifacts
+    # Sharded checkpoints: a DCP shard per rank plus each rank's data position and RNG; the last two kept.
+    ckpts = sorted((out / "ray_train" / "pretrain").glob("checkpoint_*"))
+    assert [c.name for c in ckpts] == ["checkpoint_00000006", "checkpoint_00000008"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "rank_state_00000.json", "rank_state_00001.json",
+            "trainer_state.json"} <= {p.name for p in ckpts[-1].iterdir()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_worker_is_replaced_and_the_run_ends_with_identical_weights(reference, data_dir, tracking_uri, tmp_path):
+    ref_out, _, ref_run = reference
+    # Rank 1 SIGKILLs itself before step 5; Ray Train replaces the group, which resumes at step 3.
+    summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.fail_at_step": 5}), tracking_uri)
+    assert (tmp_path / "ray_train" / "pretrain" / "fault_injected_at_step_5").exists()
+    assert summary["steps"] == 8
+    steps_logged = [m.step for m in run.client.get_metric_history(run.run_id, "loss")]
+    assert steps_logged.count(4) == 2  # step 4 ran, was lost with the worker, and ran again
+    assert history(run, "loss") == history(ref_run, "loss")
+    resumed = load_file(tmp_path / "hf" / "model.safetensors")
+    uninterrupted = load_file(ref_out / "hf" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rerun_resumes_from_the_latest_checkpoint(data_dir, ray_local, tracking_uri, tmp_path):
+    run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 3, "train.eval_every": 0}), tracking_uri)
+    summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 5, "train.eval_every": 0}),
+                             tracking_uri)
+    assert summary["steps"] == 5
+    assert sorted(history(run, "loss")) == [4, 5]  # steps 1-3 came from the checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_moe_bf16_activation_checkpointing_accumulation_logs_expert_load(data_dir, ray_local, tracking_uri, tmp_path):
+    config = pretrain_config(data_dir, tmp_path, **{
+        "model.preset": "moe-debug", "train.steps": 3, "train.grad_accum": 2, "train.mixed_precision": "bf16",
+        "train.activation_checkpointing": "full", "train.eval_every": 3, "train.deterministic": False})
+    summary, run = run_stage(config, tracking_uri)
+    assert summary["steps"] == 3 and summary["val_loss"] > 0
+    fractions = [history(run, f"moe/layer{layer}/expert{e}_fraction")[3] for layer in (0, 1) for e in range(4)]
+    assert sum(fractions[:4]) == pytest.approx(1.0) and sum(fractions[4:]) == pytest.approx(1.0)
+    assert history(run, "moe/aux_loss")[3] > 0 and history(run, "moe/load_balance_loss")[3] > 0
+    assert load_checkpoint(tmp_path / "hf").config.n_experts == 4
+
+
+def test_config_errors_name_the_key(data_dir, tmp_path):
+    config = pretrain_config(data_dir, tmp_path, **{"model.vocab_size": 256})
+    with pytest.raises(ConfigError, match="model.vocab_size: 256 is smaller than the data's vocabulary"):
+        pretrain.check(config, "x.yaml")
+    with pytest.raises(ConfigError, match="data_dir"):
+        pretrain.check(pretrain_config(tmp_path / "nothing", tmp_path), "x.yaml")
+    with pytest.raises(ConfigError, match="parallel.dp_shard"):
+        pretrain_config(data_dir, tmp_path, **{"parallel.dp_shard": 3})
+    result = subprocess.run([str(Path(sys.executable).with_name("raylm")), "pretrain", "/dev/null",
+                             "--set", f"data_dir={tmp_path}/missing"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "data_dir" in result.stderr
