@@ -56,9 +56,11 @@ def exact_hash(text: str) -> int:
 def _permutations(cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
     n = cfg.bands * cfg.rows_per_band
-    # a < 2**31 and shingle hashes < 2**32 keep a * h + b below 2**64: no overflow in uint64
-    a = rng.integers(1, 1 << 31, n, dtype=np.uint64)
-    b = rng.integers(0, 1 << 32, n, dtype=np.uint64)
+    # a and b span the whole field: with a small a, a * h would wrap mod p only a few times and
+    # h -> (a * h + b) mod p would be nearly monotone, so every "permutation" would pick the same
+    # minimum. a * h wraps mod 2**64 in uint64 (as datatrove's does); mod p then mixes further.
+    a = rng.integers(1, int(MERSENNE_61), n, dtype=np.uint64)
+    b = rng.integers(0, int(MERSENNE_61), n, dtype=np.uint64)
     return a, b
 
 
