@@ -1,0 +1,92 @@
+"""Prefix-tree scoring gives the log-likelihoods of one forward pass per request."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from raylm.eval_scoring import build_trees, pack_rows, score_requests
+from raylm.models.config import preset
+from raylm.models.transformer import Transformer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny forwards: a second thread only adds contention on a shared CPU
+    m = Transformer(preset("debug", vocab_size=512, max_seq_len=256))
+    m.init_weights(seed=0)
+    yield m.eval()
+    torch.set_num_threads(threads)
+
+
+def reference(model, sequences, n_scored):
+    out = []
+    with torch.no_grad():
+        for seq, n in zip(sequences, n_scored):
+            tokens = torch.tensor([seq])
+            logits = model(tokens[:, :-1]).float()[0, -n:]
+            targets = tokens[0, -n:]
+            out.append((logits.log_softmax(-1).gather(-1, targets[:, None]).sum().item(),
+                        bool((logits.argmax(-1) == targets).all())))
+    return out
+
+
+def multiple_choice_requests(rng, n_docs, vocab=512):
+    sequences, n_scored = [], []
+    for _ in range(n_docs):
+        context = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 60))]
+        for _ in range(4):
+            answer = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 6))]
+            sequences.append(context + answer)
+            n_scored.append(len(answer))
+    return sequences, n_scored
+
+
+@pytest.mark.parametrize("row_tokens", [16, 128, 256])
+def test_tree_scores_equal_one_pass_per_request(model, row_tokens):
+    rng = random.Random(row_tokens)
+    sequences, n_scored = multiple_choice_requests(rng, 25)
+    for _ in range(6):  # perplexity windows: no shared prefix, many scored tokens, up to max_seq_len
+        seq = [rng.randrange(3, 512) for _ in range(rng.randint(2, 257))]
+        sequences.append(seq)
+        n_scored.append(rng.randint(1, len(seq) - 1))
+    sequences.append(sequences[0][:])  # an exact duplicate request
+    n_scored.append(n_scored[0])
+    logprobs, greedy = score_requests(model, sequences, n_scored, row_tokens=row_tokens, batch_tokens=512)
+    for (want_lp, want_greedy), lp, g in zip(reference(model, sequences, n_scored), logprobs, greedy):
+        assert lp == pytest.approx(want_lp, abs=2e-4)
+        assert g == want_greedy
+    assert logprobs[-1] == logprobs[0]
+
+
+def test_greedy_flag_on_a_sequence_the_model_generates(model):
+    from raylm.models.generate import SamplingParams, generate
+
+    prompt = [5, 17, 99, 3]
+    completion = generate(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0.0))[0]
+    completion = [t for t in completion if t != model.config.eos_token_id] or completion[:1]
+    wrong = [(completion[0] + 1) % 512 or 3] + completion[1:]
+    _, greedy = score_requests(model, [prompt + completion, prompt + wrong], [len(completion), len(wrong)])
+    assert greedy == [True, False]
+
+
+def test_answers_share_their_prompt_once():
+    sequences, n_scored = multiple_choice_requests(random.Random(0), 10)
+    trees = build_trees(sequences, n_scored)
+    assert len(trees) == 10 and all(len(t.branches) == 4 for t in trees)
+    assert sum(t.n_tokens for t in trees) < sum(len(s) - 1 for s in sequences)
+    rows = pack_rows(trees, 64)
+    assert sorted(id(t) for row in rows for t in row) == sorted(id(t) for t in trees)
+    assert all(sum(t.n_tokens for t in row) <= max(64, max(t.n_tokens for t in row)) for row in rows)
+
+
+def test_bad_requests_are_refused(model):
+    with pytest.raises(ValueError, match="need 1 <= n_scored < len"):
+        score_requests(model, [[1, 2, 3]], [3])
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
+        score_requests(model, [list(range(3, 300))], [1])
