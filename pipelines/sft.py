@@ -38,8 +38,18 @@ class FreezeConfig(Section):
     train_layers: int | None = Field(default=None, ge=0)  # None: full fine-tuning
 
 
-def sft_train_defaults() -> TrainConfig:
-    return TrainConfig(steps=100, seq_len=256, eval_every=20, checkpoint_every=50)
+class SFTTrainConfig(TrainConfig):
+    """Pretraining's loop settings with defaults for a short fine-tuning run (a subclass, so a partial
+    ``train:`` section in YAML keeps these defaults for the keys it leaves out)."""
+
+    steps: int = Field(default=100, ge=1)  # used when epochs is None
+    eval_every: int = Field(default=20, ge=0)
+
+
+class SFTOptimConfig(OptimConfig):
+    lr: float = Field(default=3e-4, gt=0)  # a tenth of pretraining's: adapt the weights, do not overwrite them
+    warmup_steps: int = Field(default=5, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
 
 
 class Config(StageConfig):
@@ -47,8 +57,8 @@ class Config(StageConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     epochs: float | None = Field(default=3.0, gt=0)  # sets train.steps from the packed data; None: use train.steps
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
-    train: TrainConfig = Field(default_factory=sft_train_defaults)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=5, weight_decay=0.0))
+    train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
+    optim: SFTOptimConfig = Field(default_factory=SFTOptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
 

@@ -180,3 +180,35 @@ def test_raylm_sft_trains_the_last_layer_and_lowers_held_out_response_loss(tmp_p
     initial = response_loss(load_checkpoint(start), splits["validation"], tokenizer_file)
     final = response_loss(load_checkpoint(tmp_path / "out" / "hf"), splits["validation"], tokenizer_file)
     assert final < initial - 0.5, (initial, final)
+
+
+def test_cli_rejects_bad_config_before_any_ray_work(tmp_path, tokenizer_file, capsys):
+    from raylm import cli
+
+    start = tmp_path / "start"
+    model = Transformer(preset("debug", vocab_size=VOCAB, max_seq_len=128))
+    save_checkpoint(model, start, tokenizer_file=str(tokenizer_file))
+    good = tmp_path / "train.jsonl"
+    good.write_text('{"prompt": "a", "response": "b"}\n')
+    bad = tmp_path / "validation.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"messages": []}\n')
+    config = tmp_path / "sft.json"
+
+    def write(**overrides):
+        base = {"output_dir": str(tmp_path / "out"), "checkpoint": str(start),
+                "data": {"train": str(good), "validation": str(good)}, "train": {"seq_len": 128}}
+        config.write_text(json.dumps({**base, **overrides}))
+
+    write(data={"train": str(good), "validation": str(bad)})
+    assert cli.main(["sft", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data.validation" in err and "validation.jsonl:2: key 'messages'" in err
+    write(checkpoint=str(tmp_path / "missing"))
+    assert cli.main(["sft", str(config)]) == 2
+    assert "checkpoint:" in capsys.readouterr().err
+    write(freeze={"train_layers": 3})
+    assert cli.main(["sft", str(config)]) == 2
+    assert "freeze.train_layers: 3 exceeds the checkpoint's 2 layers" in capsys.readouterr().err
+    write(train={"seq_len": 4096})
+    assert cli.main(["sft", str(config)]) == 2
+    assert "train.seq_len" in capsys.readouterr().err
