@@ -177,7 +177,7 @@ def score_rows(folder: str, rows: list[dict], cfg: ScorerConfig) -> list[dict]:
         LoglikelihoodScorer,
         fn_constructor_kwargs={"checkpoint_dir": str(folder), "dtype": cfg.dtype, "max_batch": cfg.max_batch},
         batch_size=cfg.rows_per_batch,
-        concurrency=cfg.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor,
     ).take_all()
     out = [None] * len(rows)
@@ -259,8 +259,13 @@ def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]
             metrics = generation_metrics(predictions, references)
             metrics["items_per_s"] = len(predictions) / (time.perf_counter() - started)
         metrics.update(n_items=len(task.eval_docs), num_fewshot=k)
-        results[task.name] = metrics
+        results[result_key(ref, task)] = metrics
     return results
+
+
+def result_key(ref: TaskRef, task: Task) -> str:
+    """The task's name, with its shot count when the config overrides the YAML's."""
+    return task.name if ref.num_fewshot is None else f"{task.name}_{ref.num_fewshot}shot"
 
 
 # ---- preference and decontamination -----------------------------------------------------------
@@ -291,7 +296,7 @@ def preference_win_rate(config: Config) -> dict:
         item["id"] = i
     scored = ray.data.from_items(items).map_batches(
         RewardScorer, fn_constructor_kwargs={"checkpoint_dir": pref.reward_model}, batch_size=config.scorer.rows_per_batch,
-        concurrency=1, num_cpus=config.scorer.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=config.scorer.cpus_per_actor,
     ).take_all()
     score = {int(r["id"]): float(r["score"]) for r in scored}
     n = len(prompts)
@@ -322,19 +327,20 @@ def iter_train_texts(cfg: DecontaminationConfig):
 
 def decontamination_report(tasks: list[tuple[TaskRef, Task]], cfg: DecontaminationConfig) -> dict:
     items, where = [], []
-    for _, task in tasks:
+    for ref, task in tasks:
         for doc in task.eval_docs:
             text = task.text(doc)
             if task.output_type != "loglikelihood_rolling":
                 text += " " + task.target_text(doc)
             items.append(text)
-            where.append((task.name, doc.where()))
+            where.append((result_key(ref, task), doc.where()))
     hits = contaminated(items, iter_train_texts(cfg), cfg.ngram)
     report = {}
-    for _, task in tasks:
-        flagged = [w for (name, w), hit in zip(where, hits) if name == task.name and hit]
+    for ref, task in tasks:
+        key = result_key(ref, task)
+        flagged = [w for (name, w), hit in zip(where, hits) if name == key and hit]
         n = len(task.eval_docs)
-        report[task.name] = {"ngram": cfg.ngram, "n_items": n, "contaminated": len(flagged),
+        report[key] = {"ngram": cfg.ngram, "n_items": n, "contaminated": len(flagged),
                              "fraction": len(flagged) / n, "examples": flagged[:10]}
     return report
 
