@@ -1,0 +1,143 @@
+"""`raylm data` end to end through the CLI, on real Ray: part of the embedded corpus plus a file of
+bad input and a gzip copy, checked for what comes out (quarantine, stats, shards, tokenizer, MLflow),
+and a run killed mid-way then restarted must end with the same bytes as an uninterrupted run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raylm.corpus import build_embedded_corpus
+from raylm.token_shards import PackedTokenDataset, read_index
+
+pytestmark = pytest.mark.timeout(600)
+
+RAYLM = [str(Path(sys.executable).parent / "raylm")]
+BAD_LINES = [
+    b'{"text": "an unterminated record',  # malformed JSON
+    b'{"text": "caf\xe9 au lait"}',  # invalid UTF-8
+    b'{"id": "no-text"}',  # missing text
+    b'{"text": 42}',  # non-string text
+    b'{"text": "   "}',  # empty text
+    json.dumps({"text": "word " * 5000}).encode(),  # over max_chars
+]
+
+
+def write_config(tmp_path: Path, inputs: list[str], out: Path) -> Path:
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples/laptop/data.yaml").read_text())
+    config.update(output_dir=str(out), inputs=[{"path": p} for p in inputs])
+    config["tokenizer"]["vocab_size"] = 512
+    config["compute"].update(max_chars=20_000, batch_size=128)
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def raylm_data(config: Path, tracking: str, **popen):
+    return subprocess.Popen(RAYLM + ["data", str(config), "--tracking-uri", tracking], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    corpus = build_embedded_corpus(root / "corpus", max_documents=700)
+    lines = corpus.read_bytes().splitlines()
+    (root / "corpus.jsonl").write_bytes(b"\n".join(lines[:600]) + b"\n")
+    with gzip.open(root / "more.jsonl.gz", "wb") as f:  # 100 more documents, 20 of them repeated
+        f.write(b"\n".join(lines[600:] + lines[:20]) + b"\n")
+    (root / "bad.jsonl").write_bytes(b"\n".join(lines[:3] + BAD_LINES) + b"\n")
+    return root, len(lines) + 20 + 3
+
+
+@pytest.fixture(scope="module")
+def reference_run(inputs, tmp_path_factory):
+    root, n_valid = inputs
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "reference"
+    config = write_config(tmp, [str(root / "corpus.jsonl"), str(root / "more.jsonl.gz"), str(root / "bad.jsonl")], out)
+    tracking = f"sqlite:///{tmp}/mlflow.db"
+    proc = raylm_data(config, tracking)
+    output, _ = proc.communicate(timeout=500)
+    assert proc.returncode == 0, output[-5000:]
+    return out, config, tracking, n_valid
+
+
+def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run):
+    out, _, tracking, n_valid = reference_run
+    stats = json.loads((out / "stats.json").read_text())
+    docs = stats["documents"]
+    # nothing valid lost: every valid record is either kept or dropped by a named filter
+    assert docs["documents_in"] == n_valid + len(BAD_LINES)
+    assert docs["bad_input"] == {"malformed_json": 1, "invalid_utf8": 1, "missing_text": 1, "non_string_text": 1,
+                                 "empty_text": 1, "too_long": 1}
+    dropped = sum(f["total"] for f in docs["dropped_by_filter"].values())
+    assert docs["documents_out"] + dropped + docs["quarantined"] == docs["documents_in"]
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(q["reason"] for q in quarantine) == sorted(docs["bad_input"])
+    assert all(q["file"].endswith("bad.jsonl") and q["line"] >= 4 for q in quarantine)
+    # the repeated documents are exact duplicates across files
+    assert stats["dedup"]["exact_duplicates_removed"] >= 20
+    tokens = stats["tokens"]
+    kept = docs["documents_out"] - stats["dedup"]["exact_duplicates_removed"] - stats["dedup"]["near_duplicates_removed"]
+    assert tokens["validation"]["documents"] > 0 and tokens["train"]["documents"] >= kept - tokens["validation"]["documents"] - 50
+    index = read_index(out / "tokens")
+    assert index["dtype"] == "uint16" and index["vocab_size"] == 512 and index["eos_token_id"] == 2
+    assert sum(s["tokens"] for s in index["splits"]["train"]) == tokens["train"]["tokens"]
+    # the shards decode, with the trained tokenizer in transformers, to the filtered text
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    sample = next(iter(PackedTokenDataset(out / "tokens", seq_len=64, seed=0)))
+    text = tokenizer.decode(sample["tokens"].tolist())
+    assert len(text) > 100 and "\ufffd" not in text
+    # MLflow got the metrics and the stats artifact
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    run = next(r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("data"))
+    assert run.data.metrics["quarantined"] == 6
+    assert run.data.metrics["train_tokens"] == tokens["train"]["tokens"]
+    assert "stats.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_killed_run_restarts_to_identical_output(reference_run, tmp_path):
+    reference, reference_config, _, _ = reference_run
+    config = yaml.safe_load(reference_config.read_text())
+    out = tmp_path / "resumed"
+    config["output_dir"] = str(out)
+    path = tmp_path / "resumed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = raylm_data(path, tracking)
+    deadline = time.time() + 400
+    while not (out / "dedup.done.json").exists():  # killed between phases' work, mid-run
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "tokens" / "index.json").exists()
+    proc = raylm_data(path, tracking)
+    output, _ = proc.communicate(timeout=500)
+    assert proc.returncode == 0, output[-5000:]
+    for folder in ("tokens",):
+        assert files_of(out / folder) == files_of(reference / folder)
+    for name in ("quarantine.jsonl", "tokenizer.json", "removed_keys.npy"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    stats, ref_stats = (json.loads((d / "stats.json").read_text()) for d in (out, reference))
+    assert {k: v for k, v in stats.items() if k != "seconds"} == {k: v for k, v in ref_stats.items() if k != "seconds"}
