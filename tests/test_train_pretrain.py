@@ -115,7 +115,7 @@ def test_two_worker_fsdp_matches_one_process_and_logs_everything(reference, data
     artifacts = {a.path for a in run.client.list_artifacts(run.run_id, "model")}
     assert "model/model.safetensors" in artifacts
     # Sharded checkpoints: a DCP shard per rank plus each rank's data position and RNG; the last two kept.
-    ckpts = sorted((out / "ray_train" / "pretrain").glob("checkpoint_*"))
+    ckpts = sorted((out / "ray_train" / "pretrain").glob("checkpoint_0*"))
     assert [c.name for c in ckpts] == ["checkpoint_00000006", "checkpoint_00000008"]
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "rank_state_00000.json", "rank_state_00001.json",
             "trainer_state.json"} <= {p.name for p in ckpts[-1].iterdir()}
