@@ -60,6 +60,7 @@ class Config(StageConfig):
     train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
     optim: SFTOptimConfig = Field(default_factory=SFTOptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    samples: int = Field(default=4, ge=0)  # held-out prompts answered (greedy) by the final model, logged to MLflow
 
 
 def check(config: Config, config_path) -> None:
@@ -137,5 +138,37 @@ def run(config: Config, stage_run: StageRun) -> dict:
     final = launch(config, spec)
     summary = finish(config, stage_run, final, started)
     summary["train_examples_file"] = files["train"]
+    if config.samples:
+        text = answer_samples(config.output_path / "hf", tokenizer, files["validation"], config.samples,
+                              config.data.system_prompt)
+        stage_run.log_text(text, "samples.txt")
+        print(text, flush=True)
     print(f"raylm sft: held-out response loss {summary['val_loss']}", flush=True)
     return summary
+
+
+def answer_samples(checkpoint: Path, tokenizer: str, path: str, n: int, system_prompt: str | None,
+                   max_new_tokens: int = 48) -> str:
+    """The fine-tuned model's greedy answers to the first ``n`` held-out prompts, beside the references."""
+    from raylm.models.generate import SamplingParams, generate
+    from raylm.models.hf_checkpoint import load_checkpoint
+    from raylm.sft_data import ChatTemplate, read_conversations
+
+    model = load_checkpoint(checkpoint).eval()
+    template = ChatTemplate(tokenizer)
+    conversations = read_conversations(path)[:n]
+    prompts, references = [], []
+    for messages in conversations:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(template.prompt(messages[:last], system_prompt))
+        references.append(messages[last]["content"])
+    budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts)))
+    outputs = generate(model, prompts, SamplingParams(max_new_tokens=max(budget, 1), temperature=0.0))
+    lines = []
+    for messages, reference, output in zip(conversations, references, outputs):
+        messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+        answer = output[:output.index(template.end_id)] if template.end_id in output else output
+        question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        lines += [f"prompt:    {question}",
+                  f"model:     {template.tokenizer.decode(answer)}", f"reference: {reference}", ""]
+    return "\n".join(lines)

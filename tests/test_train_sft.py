@@ -177,6 +177,12 @@ def test_raylm_sft_trains_the_last_layer_and_lowers_held_out_response_loss(tmp_p
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert all(not torch.equal(before[k], after[k]) for k in trained)
     assert (tmp_path / "out" / "hf" / "tokenizer.json").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    assert {"samples.txt", "model", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.metrics["val_loss"] > 0 and int(run.data.params["train.steps_resolved"]) > 10
     initial = response_loss(load_checkpoint(start), splits["validation"], tokenizer_file)
     final = response_loss(load_checkpoint(tmp_path / "out" / "hf"), splits["validation"], tokenizer_file)
     assert final < initial - 0.5, (initial, final)
