@@ -1,5 +1,6 @@
 """The lm-evaluation-harness-style task reader: prompts and few-shot draws identical to lm_eval's,
-and bad task files / data lines / checkpoints refused with the file, line and field named."""
+and bad task files and data lines refused with the file, line and field named (the same errors
+through `raylm eval`, exit status 2, are tested in test_eval_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -211,46 +212,3 @@ def test_too_few_fewshot_documents(tmp_path):
     path = write_task(tmp_path, train_rows=mc_rows(2, start=50))
     with pytest.raises(TaskError, match=r"3-shot needs 3 documents in split 'train'; it has 2"):
         load_task(path).contexts(3)
-
-
-# ---- through the CLI: exit status 2 before any Ray work ---------------------------------------
-@pytest.fixture(scope="module")
-def checkpoint_without_tokenizer(tmp_path_factory):
-    from raylm.models.config import preset
-    from raylm.models.hf_checkpoint import save_checkpoint
-    from raylm.models.transformer import Transformer
-
-    model = Transformer(preset("debug", vocab_size=512, max_seq_len=128))
-    model.init_weights(seed=0)
-    return save_checkpoint(model, tmp_path_factory.mktemp("no_tokenizer") / "ckpt")
-
-
-def run_cli(tmp_path, capsys, config: dict) -> tuple[int, str]:
-    import yaml
-
-    from raylm.cli import main
-
-    path = tmp_path / "eval.yaml"
-    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), **config}))
-    code = main(["eval", str(path)])
-    return code, capsys.readouterr().err
-
-
-def test_cli_refuses_a_checkpoint_without_tokenizer(tmp_path, capsys, checkpoint_without_tokenizer):
-    code, err = run_cli(tmp_path, capsys, {"checkpoints": {"base": str(checkpoint_without_tokenizer)},
-                                           "tasks": [{"path": str(MC_TASK)}]})
-    assert code == 2
-    assert "checkpoints.base" in err and "has no tokenizer" in err and str(checkpoint_without_tokenizer) in err
-    assert not (tmp_path / "out").exists()  # nothing was started
-
-
-def test_cli_names_the_bad_task_line(tmp_path, capsys, checkpoint_without_tokenizer):
-    import shutil
-
-    folder = tmp_path / "ckpt"
-    shutil.copytree(checkpoint_without_tokenizer, folder)
-    (folder / "tokenizer.json").write_text("{}")  # present: the task is what is wrong
-    task = bad_task(tmp_path / "task", mc_rows(3) + [{"question": "q", "choices": ["a", "b"], "answer": 9}])
-    code, err = run_cli(tmp_path, capsys, {"checkpoints": {"base": str(folder)}, "tasks": [{"path": str(task)}]})
-    assert code == 2
-    assert "test.jsonl:4: field 'answer': answer index 9 is out of range for 2 choices" in err
