@@ -16,6 +16,7 @@ tokenizer) and real near duplicates (``_pyio`` vs ``io`` docs, ``_pydecimal`` co
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import json
 import sysconfig
@@ -161,14 +162,16 @@ def build_embedded_corpus(out_dir: str | Path, max_documents: int | None = None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "stdlib.jsonl"
-    lines = []
-    for i, record in enumerate(iter_corpus_documents()):
-        if max_documents is not None and i >= max_documents:
-            break
-        lines.append(json.dumps(record, ensure_ascii=False))
+    lines = _corpus_lines()[:max_documents]
     data = ("\n".join(lines) + "\n").encode()
     if not path.exists() or path.read_bytes() != data:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_bytes(data)
         tmp.replace(path)
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus_lines() -> tuple[str, ...]:
+    """The corpus as JSONL lines, computed once per process (parsing the stdlib takes ~10 s)."""
+    return tuple(json.dumps(record, ensure_ascii=False) for record in iter_corpus_documents())
