@@ -1,21 +1,31 @@
 """`raylm run`: the lifecycle stages of one config, in order, as one MLflow parent run with a nested
 run per stage. Each stage's section is validated by that stage's own config class before anything
 starts; a stage that is not built yet stops the run before it starts, and says so.
+
+Lineage: a stage reads what the stage before it wrote unless its section says otherwise:
+pretrain trains on <output_dir>/data, SFT starts from <output_dir>/pretrain/hf, eval compares the
+pretrained and fine-tuned checkpoints, export takes the last trained one. A stage that finished
+(its DONE.json is there) is skipped, so a rerun resumes where the last one stopped.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from pydantic import Field, field_validator
 
-from raylm.config import ConfigError, StageConfig, format_validation_error
+from raylm.config import ConfigError, StageConfig, format_validation_error, read_yaml
 from raylm.stages import LIFECYCLE, StageNotBuilt, built_stages, stage_module
 from raylm.tracking import StageRun, start_run, resolve_tracking_uri, stage_run
 
 
 class Config(StageConfig):
     stages: list[str] = ["export"]
+    # A stage's own YAML (e.g. examples/laptop/pretrain.yaml) as the base of its section; the
+    # lifecycle's output_dir, seed, tracking, ray and lineage replace that file's, and `sections`
+    # override on top.
+    stage_files: dict[str, str] = Field(default_factory=dict)
     # One section per stage, validated by that stage's Config (output_dir, seed, tracking and ray
     # are inherited from the top level; the stage writes under <output_dir>/<stage>).
     sections: dict[str, dict] = Field(default_factory=dict)
@@ -29,28 +39,47 @@ class Config(StageConfig):
         return stages
 
 
+def lineage(config: Config, stage: str) -> dict:
+    """Default inputs of ``stage``: the outputs of the stages before it in this run."""
+    out = config.output_path
+    trained = [s for s in ("sft", "pretrain") if s in config.stages and config.stages.index(s) < config.stages.index(stage)]
+    if stage == "pretrain" and "data" in config.stages:
+        return {"data_dir": str(out / "data")}
+    if stage == "sft" and "pretrain" in config.stages:
+        return {"checkpoint": str(out / "pretrain" / "hf")}
+    if stage == "eval" and trained:
+        return {"checkpoints": {s: str(out / s / "hf") for s in reversed(trained)}}
+    if stage == "export" and trained:
+        return {"checkpoint": str(out / trained[0] / "hf")}
+    return {}
+
+
 def stage_config(config: Config, stage: str, config_path=None):
     from pydantic import ValidationError
 
     module = stage_module(stage)
     inherited = {"output_dir": str(config.output_path / stage), "seed": config.seed,
-                 "tracking": config.tracking.model_dump(), "ray": config.ray.model_dump()}
+                 "tracking": config.tracking.model_dump(), "ray": config.ray.model_dump(), **lineage(config, stage)}
+    base = read_yaml(config.stage_files[stage]) if stage in config.stage_files else {}
     try:
-        return module, module.Config.model_validate({**inherited, **config.sections.get(stage, {})})
+        return module, module.Config.model_validate({**base, **inherited, **config.sections.get(stage, {})})
     except ValidationError as e:
         raise ConfigError(format_validation_error(f"{config_path} sections.{stage}", e)) from None
 
 
 def check(config: Config, config_path) -> None:
-    for name in config.sections:
-        if name not in LIFECYCLE:
-            raise ConfigError(f"{config_path}: sections.{name}: unknown stage")
-    for stage in config.stages:
+    for key in ("sections", "stage_files"):
+        for name in getattr(config, key):
+            if name not in LIFECYCLE:
+                raise ConfigError(f"{config_path}: {key}.{name}: unknown stage")
+    for i, stage in enumerate(config.stages):
         try:
             module, stage_cfg = stage_config(config, stage, config_path)
         except StageNotBuilt:
             continue  # reported by run(), which exits 3
-        if hasattr(module, "check"):
+        # Later stages' inputs are written by the stages before them: those are checked just
+        # before the stage starts.
+        if i == 0 and hasattr(module, "check"):
             module.check(stage_cfg, f"{config_path} sections.{stage}")
 
 
@@ -65,11 +94,20 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
     try:
         for stage in config.stages:
             module, stage_cfg = stage_config(config, stage)
+            done = stage_cfg.output_path / "DONE.json"
+            if done.exists():
+                print(f"=== raylm run: stage {stage}: done in an earlier run ({done}), skipped ===", flush=True)
+                summary["stages"][stage] = {"skipped": True, **json.loads(done.read_text())}
+                continue
+            if hasattr(module, "check"):
+                module.check(stage_cfg, f"sections.{stage}")
             start = time.perf_counter()
             print(f"=== raylm run: stage {stage} ===", flush=True)
             with stage_run(stage, stage_cfg, parent=parent) as run_handle:
                 result = module.run(stage_cfg, run_handle)
-            summary["stages"][stage] = {"seconds": round(time.perf_counter() - start, 1), **(result or {})}
+            result = {"seconds": round(time.perf_counter() - start, 1), **(result or {})}
+            done.write_text(json.dumps(result, indent=2, default=str))
+            summary["stages"][stage] = result
         status = "FINISHED"
     finally:
         parent.client.set_terminated(parent.run_id, status)
@@ -80,7 +118,8 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
 def print_report(summary: dict, config: Config) -> None:
     print("\n=== raylm run: report ===")
     for stage, result in summary["stages"].items():
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                          if not isinstance(v, (dict, list)))
         print(f"  {stage}: {shown}")
     not_built = [s for s in LIFECYCLE if s not in built_stages()]
     if not_built:
