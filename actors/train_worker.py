@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from raylm.distributed import checkpoint as ckpt
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.distributed.parallelize import clean_state_dict_key, parallelize
+from raylm.distributed.tensor_parallel import clip_grad_norm_ as clip_mixed_grad_norm_
+from raylm.distributed.tensor_parallel import unpermute_state_dict
 from raylm.models.config import TransformerConfig
 from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
 from raylm.models.transformer import Transformer, document_causal_mask, document_positions, flops_per_token
@@ -231,14 +233,15 @@ def train_loop(spec: dict) -> None:
     train, optim_cfg, parallel = spec["train"], spec["optim"], spec["parallel"]
     torch.set_num_threads(max(1, parallel["cpus_per_worker"]))
     set_determinism(spec, rank)
-    dims = ParallelDims(world_size, dp_shard=parallel["dp_shard"], dp_replicate=parallel["dp_replicate"])
+    dims = ParallelDims(world_size, dp_shard=parallel["dp_shard"], dp_replicate=parallel["dp_replicate"],
+                        tp=parallel["tp"])
     dims.build_mesh(device.type)
 
     model = build_model(spec).to(device)
     cfg = model.config
     parallelize(model, dims, train["activation_checkpointing"], train["compile"])
     optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),
-                                optim_cfg["eps"])
+                                optim_cfg["eps"], foreach=dims.tp == 1)  # foreach cannot mix DTensors and tensors
     scheduler = build_scheduler(optimizer, optim_cfg["warmup_steps"], train["steps"], optim_cfg["min_lr_ratio"])
     dataset = build_dataset(spec, "train", dims.dp_rank(rank), dims.dp_size, training=True)
 
@@ -263,6 +266,7 @@ def train_loop(spec: dict) -> None:
     accum = train["grad_accum"]
     model.train()
     metrics: dict = {}
+    timed_tokens, timed_seconds, first_step = 0, 0.0, step  # throughput after 2 warm-up steps
     while step < train["steps"]:
         inject_fault(spec, step + 1, rank)
         start = time.perf_counter()
@@ -270,12 +274,14 @@ def train_loop(spec: dict) -> None:
         # The step's loss is the mean over every unmasked token of every rank's micro-batches.
         n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)), device=device)
         dist.all_reduce(n_tokens)
+        n_tokens /= dims.tp  # tensor-parallel peers hold the same batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         aux_sum = 0.0
         expert_counts = [torch.zeros(cfg.n_experts, device=device) for _ in model.moe_layers()]
         for i, batch in enumerate(batches):
             tokens, labels, positions, attn_mask = model_inputs(batch, device)
-            model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last micro-batch
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only
+                model.set_requires_gradient_sync(i == accum - 1)
             ce = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
             # FSDP2 averages gradients over the dp ranks; scaling by dp_size turns that into the global mean.
             loss = ce * dims.dp_size / n_tokens.clamp(min=1)
@@ -287,7 +293,11 @@ def train_loop(spec: dict) -> None:
                     counts += layer.tokens_per_expert.to(device).float()
             loss.backward()
             loss_sum += ce.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim_cfg["grad_clip"] or math.inf, foreach=True)
+        max_norm = optim_cfg["grad_clip"] or math.inf
+        if dims.tp > 1:
+            grad_norm = clip_mixed_grad_norm_(trainable, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
@@ -296,11 +306,14 @@ def train_loop(spec: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dist.all_reduce(loss_sum)
+        loss_sum /= dims.tp
         for counts in expert_counts:
             dist.all_reduce(counts)
         step_time = time.perf_counter() - start
         step_tokens = sum(b["tokens"].numel() for b in batches) * dims.dp_size
         tokens_per_s = step_tokens / step_time
+        if step > first_step + 2:
+            timed_tokens, timed_seconds = timed_tokens + step_tokens, timed_seconds + step_time
         metrics = {
             "loss": (loss_sum / n_tokens.clamp(min=1)).item(),
             "grad_norm": grad_norm.item(),
@@ -324,7 +337,11 @@ def train_loop(spec: dict) -> None:
         if step % train["checkpoint_every"] == 0 or step == train["steps"]:
             report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics)
 
-    export_final_model(spec, model, rank)
+    if timed_seconds:
+        metrics["mean_tokens_per_s"] = timed_tokens / timed_seconds
+        metrics["mean_mfu"] = flops_token * metrics["mean_tokens_per_s"] / world_size / peak
+        metrics["peak_flops_per_device"] = peak
+    export_final_model(spec, model, rank, dims.tp)
     ray.train.report({**metrics, "step": step, "done": 1})
 
 
@@ -338,12 +355,14 @@ def report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics)
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
-def export_final_model(spec: dict, model, rank: int) -> None:
+def export_final_model(spec: dict, model, rank: int, tp: int = 1) -> None:
     """Gather the full weights (collective) and write them from rank 0 as a Hugging Face checkpoint."""
     state = ckpt.full_model_state_dict(model)
     if rank != 0:
         return
     state = {clean_state_dict_key(k): v for k, v in state.items()}
+    if tp > 1:
+        state = unpermute_state_dict(state, model.config, tp)
     plain = Transformer(model.config)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "output.weight" and model.config.tie_embeddings)]

@@ -129,8 +129,8 @@ def finish(config, stage_run: StageRun, final: dict, started: float) -> dict:
         "steps": final.get("step"),
         "loss": final.get("loss"),
         "val_loss": final.get("val_loss"),
-        "tokens_per_s": final.get("tokens_per_s"),
-        "mfu": final.get("mfu"),
+        "tokens_per_s": final.get("mean_tokens_per_s", final.get("tokens_per_s")),
+        "mfu": final.get("mean_mfu", final.get("mfu")),
         "wall_s": time.perf_counter() - started,
         "ray_checkpoint": final.get("checkpoint_dir"),
     }

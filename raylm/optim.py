@@ -9,7 +9,7 @@ from torch import nn
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                    fused: bool | None = None) -> torch.optim.AdamW:
+                    fused: bool | None = None, foreach: bool = True) -> torch.optim.AdamW:
     """Weight decay on the 2-D (and expert 3-D) weights; none on norms and other vectors, as in GPT-2/Llama.
     Frozen parameters are left out, so freezing by depth costs no optimizer state."""
     decay, no_decay = [], []
@@ -20,8 +20,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("no trainable parameters: every parameter is frozen")
-    # foreach=True: one kernel per group on GPU; the fused path is not available on every backend.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
+    # foreach: one kernel per group on GPU; the fused path is not available on every backend.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else foreach)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):

@@ -49,11 +49,12 @@ class ParallelConfig(Section):
     use_gpu: bool = False  # one GPU per worker, NCCL; else CPU and gloo
     dp_shard: int = -1  # FSDP2 shard degree; -1: num_workers / dp_replicate
     dp_replicate: int = Field(default=1, ge=1)  # HSDP replica groups
+    tp: int = Field(default=1, ge=1)  # tensor-parallel degree (attention heads, MLP hidden units)
 
     @model_validator(mode="after")
     def _degrees(self):
-        shard = self.dp_shard if self.dp_shard != -1 else self.num_workers // self.dp_replicate
-        if shard < 1 or shard * self.dp_replicate != self.num_workers:
-            raise ValueError(f"dp_shard: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} "
-                             f"does not equal num_workers={self.num_workers}")
+        shard = self.dp_shard if self.dp_shard != -1 else self.num_workers // (self.dp_replicate * self.tp)
+        if shard < 1 or shard * self.dp_replicate * self.tp != self.num_workers:
+            raise ValueError(f"dp_shard: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x "
+                             f"tp={self.tp} does not equal num_workers={self.num_workers}")
         return self

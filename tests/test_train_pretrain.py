@@ -141,6 +141,24 @@ def test_killed_worker_is_replaced_and_the_run_ends_with_identical_weights(refer
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_tensor_parallel_matches_data_parallel(reference, data_dir, tracking_uri, tmp_path):
+    """tp=2 on 2 workers (both read the same batch of 4) against the FSDP2 reference (2 x 2): the
+    same losses, and after the rows of the fused projections are put back, the same weights."""
+    ref_out, _, ref_run = reference
+    config = pretrain_config(data_dir, tmp_path, **{"parallel.tp": 2, "train.batch_size": 4})
+    _, run = run_stage(config, tracking_uri)
+    tp, dp = history(run, "loss"), history(ref_run, "loss")
+    assert sorted(tp) == sorted(dp)
+    for step in tp:
+        assert tp[step] == pytest.approx(dp[step], rel=1e-4, abs=1e-4), step
+    assert history(run, "grad_norm")[1] == pytest.approx(history(ref_run, "grad_norm")[1], rel=1e-4)
+    ours, theirs = load_file(tmp_path / "hf" / "model.safetensors"), load_file(ref_out / "hf" / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_rerun_resumes_from_the_latest_checkpoint(data_dir, ray_local, tracking_uri, tmp_path):
     run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 3, "train.eval_every": 0}), tracking_uri)
     summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 5, "train.eval_every": 0}),

@@ -14,49 +14,57 @@ class ParallelDims:
     """Degrees of each kind of parallelism; their product is the world size.
 
     ``dp_shard`` is FSDP2 (ZeRO-3: parameters, gradients and optimizer state sharded);
-    ``dp_replicate`` keeps whole replicas across groups of shards (HSDP; with ``dp_shard == 1`` it is
-    plain DDP-style data parallelism through FSDP2's replicate mode). -1 for ``dp_shard`` means
-    "every rank the other degrees leave over".
+    ``dp_replicate`` keeps whole replicas across groups of shards (HSDP); ``tp`` splits attention
+    heads and the MLP's hidden units (ranks of one tensor-parallel group read the same batch).
+    -1 for ``dp_shard`` means "every rank the other degrees leave over". The mesh is laid out
+    (dp_replicate, dp_shard, tp), tp innermost: tensor-parallel peers are neighbouring ranks,
+    i.e. on the same node, where their per-layer all-reduces belong.
     """
 
     world_size: int
     dp_shard: int = -1
     dp_replicate: int = 1
+    tp: int = 1
     _mesh: DeviceMesh | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.dp_replicate < 1:
-            raise ValueError(f"dp_replicate must be >= 1, got {self.dp_replicate}")
+        if self.dp_replicate < 1 or self.tp < 1:
+            raise ValueError(f"dp_replicate ({self.dp_replicate}) and tp ({self.tp}) must be >= 1")
         if self.dp_shard == -1:
-            if self.world_size % self.dp_replicate:
-                raise ValueError(f"dp_replicate={self.dp_replicate} does not divide the world size {self.world_size}")
-            self.dp_shard = self.world_size // self.dp_replicate
-        if self.dp_shard < 1 or self.dp_shard * self.dp_replicate != self.world_size:
-            raise ValueError(f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} != world size "
-                             f"{self.world_size}")
+            if self.world_size % (self.dp_replicate * self.tp):
+                raise ValueError(f"dp_replicate={self.dp_replicate} x tp={self.tp} does not divide the world "
+                                 f"size {self.world_size}")
+            self.dp_shard = self.world_size // (self.dp_replicate * self.tp)
+        if self.dp_shard < 1 or self.dp_shard * self.dp_replicate * self.tp != self.world_size:
+            raise ValueError(f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} "
+                             f"!= world size {self.world_size}")
 
     @property
     def dp_size(self) -> int:
         """How many different batches are consumed per step (the data-parallel degree)."""
         return self.dp_shard * self.dp_replicate
 
+    def dp_rank(self, rank: int) -> int:
+        """Which slice of the data this rank reads (tensor-parallel peers read the same one)."""
+        return rank // self.tp
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
         if self._mesh is None:
             if not dist.is_initialized():
                 raise RuntimeError("torch.distributed is not initialized (run inside a Ray Train worker)")
-            self._mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard),
-                                          mesh_dim_names=("dp_replicate", "dp_shard"))
+            self._mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp),
+                                          mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
         return self._mesh
 
     @property
     def fsdp_mesh(self) -> DeviceMesh:
         """The mesh FSDP2 shards over: 1-D (dp_shard) or 2-D HSDP (dp_replicate, dp_shard)."""
         mesh = self._require_mesh()
-        return mesh if self.dp_replicate > 1 else mesh["dp_shard"]
+        return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
 
-    def dp_rank(self, rank: int) -> int:
-        """This rank's data-parallel index: which slice of the data it reads."""
-        return rank  # every rank is a data-parallel rank while no model-parallel dim exists
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self._require_mesh()["tp"]
 
     def _require_mesh(self) -> DeviceMesh:
         if self._mesh is None:

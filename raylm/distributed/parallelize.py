@@ -1,5 +1,5 @@
 """Parallelism applied to a raylm ``Transformer`` from outside, in torchtitan's order:
-(tensor parallel -> context parallel ->) activation checkpointing -> torch.compile -> FSDP2.
+tensor parallel -> activation checkpointing -> torch.compile -> FSDP2.
 
 The model's own code knows nothing of this: blocks are wrapped or sharded in place, and the state
 dict keeps the names the Hugging Face adapter expects.
@@ -18,6 +18,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from raylm.distributed.parallel_dims import ParallelDims
+from raylm.distributed.tensor_parallel import apply_tp
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
@@ -61,10 +62,13 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool
 
 def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: ActivationCheckpointing = "off",
                 compile: bool = False) -> nn.Module:
+    if dims.tp > 1:
+        apply_tp(model, dims.tp_mesh)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
-    apply_fsdp(model, dims)
+    if dims.dp_size > 1 or dims.tp == 1:  # pure tensor parallelism has nothing for FSDP to shard over
+        apply_fsdp(model, dims)
     return model
 
 
