@@ -1,0 +1,176 @@
+"""Documents/s of `raylm data` against datatrove running the same steps on the same corpus and cores.
+
+Steps on both sides: read JSONL -> Gopher quality filter (same thresholds) -> MinHash near-dedup
+(5-grams, 14 bands x 8 rows: signatures, buckets, clusters, filter) -> tokenization with the same
+tokenizer.json (EOS appended) into token files. raylm additionally does what it always does (exact
+dedup, quarantine accounting, train/validation split, stats); datatrove runs 2 workers for 2 cores.
+
+Also: raylm's tokenization stage alone against raw ``Tokenizer.encode_batch`` on the same texts.
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python benchmarks/data_pipeline.py --copies 4 --cpus 2
+
+The corpus is the embedded stdlib corpus repeated ``--copies`` times, every copy after the first with
+~2% of its words changed (so the near-dedup stage has real work), written once as JSONL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GOPHER = dict(min_doc_words=50, max_doc_words=100_000, min_avg_word_length=3, max_avg_word_length=10,
+              max_symbol_word_ratio=0.1, max_bullet_lines_ratio=0.9, max_ellipsis_lines_ratio=0.3,
+              max_non_alpha_words_ratio=0.8, min_stop_words=2)
+
+
+def build_corpus(work: Path, copies: int) -> tuple[Path, int]:
+    from raylm.corpus import build_embedded_corpus
+
+    base = [json.loads(line) for line in build_embedded_corpus(work / "stdlib").read_text().splitlines()]
+    rng = random.Random(0)
+    out = work / "input" / "corpus.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with out.open("w") as f:
+        for copy in range(copies):
+            for doc in base:
+                text = doc["text"]
+                if copy:
+                    words = text.split(" ")
+                    for i in rng.sample(range(len(words)), max(1, len(words) // 50)):
+                        words[i] = rng.choice(words)
+                    text = " ".join(words)
+                f.write(json.dumps({"id": f"{doc['id']}#{copy}", "text": text, "source": doc["source"]}) + "\n")
+                n += 1
+    return out, n
+
+
+def train_bench_tokenizer(corpus: Path, work: Path) -> Path:
+    from raylm.tokenizer import train_tokenizer
+
+    texts = (json.loads(line)["text"] for line in corpus.open())
+    path = work / "tokenizer.json"
+    train_tokenizer(texts, 4096, path)
+    return path
+
+
+def run_datatrove(corpus: Path, tokenizer: Path, work: Path, cpus: int) -> float:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.filters import GopherQualityFilter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    root = work / "datatrove"
+    shutil.rmtree(root, ignore_errors=True)
+    from datatrove.utils.hashing import HashConfig
+
+    # sha1: datatrove 0.10's xxhash path passes str to xxhash 4, which refuses it (TypeError)
+    config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(hash_fc="sha1", precision=64))
+    reader = lambda: JsonlReader(str(corpus.parent), glob_pattern="*.jsonl")  # noqa: E731
+    common = dict(logging_dir=None, skip_completed=False)
+    start = time.perf_counter()
+    LocalPipelineExecutor([reader(), GopherQualityFilter(**GOPHER), MinhashDedupSignature(str(root / "sigs"), config=config)],
+                          tasks=1, workers=1, **common).run()  # one input file: datatrove reads a file in one task
+    LocalPipelineExecutor([MinhashDedupBuckets(str(root / "sigs"), str(root / "buckets"), config=config)],
+                          tasks=config.num_buckets, workers=cpus, **common).run()
+    LocalPipelineExecutor([MinhashDedupCluster(str(root / "buckets"), str(root / "remove"), config=config)],
+                          tasks=1, workers=1, **common).run()
+    LocalPipelineExecutor([reader(), GopherQualityFilter(**GOPHER), MinhashDedupFilter(str(root / "remove")),
+                           DocumentTokenizer(str(root / "tokens"), tokenizer_name_or_path=str(tokenizer), eos_token="<|eos|>")],
+                          tasks=1, workers=1, **common).run()
+    return time.perf_counter() - start
+
+
+def raylm_config(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> Path:
+    """The `raylm data` config doing the same steps: only the Gopher quality filter, same MinHash."""
+    config = {
+        "output_dir": str(out),
+        "ray": {"num_cpus": cpus},
+        "inputs": [{"path": str(corpus)}],
+        "filters": {
+            "gopher_quality": {"enabled": True, "min_words": GOPHER["min_doc_words"], "max_words": GOPHER["max_doc_words"]},
+            "gopher_repetition": {"enabled": False}, "c4": {"enabled": False}, "fineweb": {"enabled": False},
+            "pii": {"enabled": False},
+        },
+        "tokenizer": {"file": str(tokenizer)},
+        "compute": {"workers": cpus},
+    }
+    path = out.parent / "raylm_bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_raylm(config: Path, out: Path) -> tuple[float, dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "raylm.cli", "data", str(config)], check=True, cwd=REPO)
+    seconds = time.perf_counter() - start
+    return seconds, json.loads((out / "stats.json").read_text())
+
+
+def raw_encode_rate(corpus: Path, tokenizer: Path) -> float:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    texts = [json.loads(line)["text"] for line in corpus.open()]
+    start = time.perf_counter()
+    n = sum(len(e.ids) + 1 for e in tok.encode_batch_fast(texts, add_special_tokens=False))
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--work", default="out/bench_data")
+    args = parser.parse_args()
+    work = (REPO / args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, n_docs = build_corpus(work, args.copies)
+    tokenizer = train_bench_tokenizer(corpus, work)
+    print(f"corpus: {n_docs} documents, {corpus.stat().st_size / 1e6:.1f} MB; {args.cpus} CPUs", flush=True)
+
+    out = work / "raylm"
+    seconds, stats = run_raylm(raylm_config(corpus, tokenizer, out, args.cpus), out)
+    raylm_rate = n_docs / seconds
+    print(f"raylm data:  {seconds:7.1f} s  {raylm_rate:9.1f} docs/s (wall clock of the whole command, Ray start included)")
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        print("datatrove is not installed (pip install -e '.[bench]'): raylm's figures only")
+        return
+    dt_seconds = run_datatrove(corpus, tokenizer, work, args.cpus)
+    dt_rate = n_docs / dt_seconds
+    print(f"datatrove:   {dt_seconds:7.1f} s  {dt_rate:9.1f} docs/s")
+    print(f"ratio raylm / datatrove: {raylm_rate / dt_rate:.2f}x (target >= 1.5x)")
+    raw = raw_encode_rate(corpus, tokenizer)
+    stage = stage_tokens_per_s(stats)
+    if stage is not None:
+        print(f"tokenization stage: {stage:,.0f} tokens/s vs raw encode_batch {raw:,.0f} tokens/s: "
+              f"{stage / raw:.0%} (target >= 70%)")
+    else:
+        print(f"raw encode_batch: {raw:,.0f} tokens/s (the data stage reported no tokens/s)")
+
+
+def stage_tokens_per_s(stats: dict) -> float | None:
+    """Tokens written per second of the tokens phase (actor start, encoding and shard writing)."""
+    seconds = stats.get("seconds", {}).get("tokens")
+    if not seconds:
+        return None
+    return sum(stats["tokens"][split]["tokens"] for split in ("train", "validation")) / seconds
+
+
+if __name__ == "__main__":
+    main()
