@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raylm.distributed import checkpoint as ckpt
+from raylm.distributed.expert_parallel import scale_expert_grads
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.distributed.parallelize import clean_state_dict_key, parallelize
 from raylm.distributed.tensor_parallel import clip_grad_norm_ as clip_mixed_grad_norm_
@@ -234,14 +235,14 @@ def train_loop(spec: dict) -> None:
     torch.set_num_threads(max(1, parallel["cpus_per_worker"]))
     set_determinism(spec, rank)
     dims = ParallelDims(world_size, dp_shard=parallel["dp_shard"], dp_replicate=parallel["dp_replicate"],
-                        tp=parallel["tp"])
+                        tp=parallel["tp"], ep=parallel["ep"])
     dims.build_mesh(device.type)
 
     model = build_model(spec).to(device)
     cfg = model.config
     parallelize(model, dims, train["activation_checkpointing"], train["compile"])
     optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),
-                                optim_cfg["eps"], foreach=dims.tp == 1)  # foreach cannot mix DTensors and tensors
+                                optim_cfg["eps"], foreach=dims.tp == dims.ep == 1)  # foreach cannot mix DTensors and tensors
     scheduler = build_scheduler(optimizer, optim_cfg["warmup_steps"], train["steps"], optim_cfg["min_lr_ratio"])
     dataset = build_dataset(spec, "train", dims.dp_rank(rank), dims.dp_size, training=True)
 
@@ -293,8 +294,10 @@ def train_loop(spec: dict) -> None:
                     counts += layer.tokens_per_expert.to(device).float()
             loss.backward()
             loss_sum += ce.detach().double()
+        if dims.ep > 1:
+            scale_expert_grads([p for m in model.moe_layers() for p in (m.experts.w13, m.experts.w2)], dims.dp_size)
         max_norm = optim_cfg["grad_clip"] or math.inf
-        if dims.tp > 1:
+        if dims.tp > 1 or dims.ep > 1:
             grad_norm = clip_mixed_grad_norm_(trainable, max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)

@@ -50,6 +50,7 @@ class ParallelConfig(Section):
     dp_shard: int = -1  # FSDP2 shard degree; -1: num_workers / dp_replicate
     dp_replicate: int = Field(default=1, ge=1)  # HSDP replica groups
     tp: int = Field(default=1, ge=1)  # tensor-parallel degree (attention heads, MLP hidden units)
+    ep: int = Field(default=1, ge=1)  # expert-parallel degree for MoE: 1 or dp_shard (experts over the dp ranks)
 
     @model_validator(mode="after")
     def _degrees(self):

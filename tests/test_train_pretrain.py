@@ -159,6 +159,26 @@ def test_tensor_parallel_matches_data_parallel(reference, data_dir, tracking_uri
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_expert_parallel_matches_one_process(data_dir, ray_local, tracking_uri, tmp_path):
+    """moe-debug with its 4 experts split 2 + 2 over 2 workers (tokens exchanged all-to-all) against
+    one process on the same global batch. The load-balancing loss is off: it is a product of
+    per-batch statistics, so a 2-rank average of it is not the 1-process value (the z-loss, a mean, is)."""
+    common = {"model.preset": "moe-debug", "model.load_balance_coef": 0.0, "train.steps": 4, "train.eval_every": 0,
+              "train.checkpoint_every": 4}
+    _, ep_run = run_stage(pretrain_config(data_dir, tmp_path / "ep", **common, **{"parallel.ep": 2}), tracking_uri)
+    _, one_run = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{
+        "parallel.num_workers": 1, "train.batch_size": 4}), tracking_uri)
+    ep, one = history(ep_run, "loss"), history(one_run, "loss")
+    assert sorted(ep) == [1, 2, 3, 4]
+    for step in ep:
+        assert ep[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4), step
+    ours, theirs = load_file(tmp_path / "ep" / "hf" / "model.safetensors"), load_file(tmp_path / "one" / "hf" / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_rerun_resumes_from_the_latest_checkpoint(data_dir, ray_local, tracking_uri, tmp_path):
     run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 3, "train.eval_every": 0}), tracking_uri)
     summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 5, "train.eval_every": 0}),

@@ -15,7 +15,8 @@ class ParallelDims:
 
     ``dp_shard`` is FSDP2 (ZeRO-3: parameters, gradients and optimizer state sharded);
     ``dp_replicate`` keeps whole replicas across groups of shards (HSDP); ``tp`` splits attention
-    heads and the MLP's hidden units (ranks of one tensor-parallel group read the same batch).
+    heads and the MLP's hidden units (ranks of one tensor-parallel group read the same batch);
+    ``ep`` shards MoE experts over the dp_shard ranks.
     -1 for ``dp_shard`` means "every rank the other degrees leave over". The mesh is laid out
     (dp_replicate, dp_shard, tp), tp innermost: tensor-parallel peers are neighbouring ranks,
     i.e. on the same node, where their per-layer all-reduces belong.
@@ -25,6 +26,7 @@ class ParallelDims:
     dp_shard: int = -1
     dp_replicate: int = 1
     tp: int = 1
+    ep: int = 1
     _mesh: DeviceMesh | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -38,6 +40,9 @@ class ParallelDims:
         if self.dp_shard < 1 or self.dp_shard * self.dp_replicate * self.tp != self.world_size:
             raise ValueError(f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} "
                              f"!= world size {self.world_size}")
+        if self.ep not in (1, self.dp_shard) or (self.ep > 1 and self.dp_replicate > 1):
+            raise ValueError(f"ep: expert parallelism borrows the dp_shard ranks: ep must be 1 or "
+                             f"dp_shard ({self.dp_shard}), with dp_replicate 1")
 
     @property
     def dp_size(self) -> int:
@@ -61,6 +66,10 @@ class ParallelDims:
         """The mesh FSDP2 shards over: 1-D (dp_shard) or 2-D HSDP (dp_replicate, dp_shard)."""
         mesh = self._require_mesh()
         return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+
+    @property
+    def ep_mesh(self) -> DeviceMesh:
+        return self._require_mesh()["dp_shard"]
 
     @property
     def tp_mesh(self) -> DeviceMesh:

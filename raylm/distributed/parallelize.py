@@ -1,5 +1,5 @@
 """Parallelism applied to a raylm ``Transformer`` from outside, in torchtitan's order:
-tensor parallel -> activation checkpointing -> torch.compile -> FSDP2.
+tensor parallel -> expert parallel -> activation checkpointing -> torch.compile -> FSDP2.
 
 The model's own code knows nothing of this: blocks are wrapped or sharded in place, and the state
 dict keeps the names the Hugging Face adapter expects.
@@ -18,6 +18,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from raylm.distributed.parallel_dims import ParallelDims
+from raylm.distributed.expert_parallel import apply_ep
 from raylm.distributed.tensor_parallel import apply_tp
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -45,7 +46,8 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, fullgraph=False)
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool = True) -> None:
+def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool = True,
+               ignored_params: set | None = None) -> None:
     """FSDP2 ``fully_shard`` per block, then the root (embeddings, final norm and the tied head).
 
     Parameters stay fp32 (the master weights); bf16 compute comes from autocast in the loop, so the
@@ -55,20 +57,22 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy,
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored_params,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored_params)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: ActivationCheckpointing = "off",
                 compile: bool = False) -> nn.Module:
     if dims.tp > 1:
         apply_tp(model, dims.tp_mesh)
+    expert_params = apply_ep(model, dims.ep_mesh) if dims.ep > 1 else []
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
     if dims.dp_size > 1 or dims.tp == 1:  # pure tensor parallelism has nothing for FSDP to shard over
-        apply_fsdp(model, dims)
+        apply_fsdp(model, dims, ignored_params=set(expert_params) or None)
     return model
 
 
