@@ -27,19 +27,44 @@ def _micro_batches(lengths: list[int], max_batch: int, max_tokens: int) -> list[
     return batches
 
 
-class LoglikelihoodScorer:
-    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_batch: int = 32, max_tokens: int = 8192):
-        import transformers
+RAYLM_MODEL_TYPES = ("llama", "mixtral", "qwen2_moe")  # what raylm.models.hf_checkpoint loads
 
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            checkpoint_dir, dtype=getattr(torch, dtype), local_files_only=True
-        ).eval()
+
+class LoglikelihoodScorer:
+    """raylm checkpoints are scored by raylm's own model with shared-prefix packing (the answers of
+    one question share one pass over the question: ``raylm.eval_scoring``); any other causal LM
+    through transformers, in padded batches of similar length."""
+
+    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_batch: int = 32, max_tokens: int = 8192):
+        import json
+        from pathlib import Path
+
+        model_type = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("model_type")
+        self.raylm_model = None
+        if model_type in RAYLM_MODEL_TYPES:
+            from raylm.models.hf_checkpoint import load_checkpoint
+
+            self.raylm_model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
+        else:
+            import transformers
+
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                checkpoint_dir, dtype=getattr(torch, dtype), local_files_only=True
+            ).eval()
         self.max_batch, self.max_tokens = max_batch, max_tokens
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sequences = [list(t) for t in batch["tokens"]]
+        sequences = [[int(t) for t in seq] for seq in batch["tokens"]]
         n_scored = [int(n) for n in batch["n_scored"]]
+        if self.raylm_model is not None:
+            from raylm.eval_scoring import score_requests
+
+            logprob, greedy = score_requests(self.raylm_model, sequences, n_scored, batch_tokens=self.max_tokens)
+            return {"id": batch["id"], "logprob": np.asarray(logprob, dtype=np.float64), "is_greedy": np.asarray(greedy)}
+        return self._score_padded(batch["id"], sequences, n_scored)
+
+    def _score_padded(self, ids, sequences: list[list[int]], n_scored: list[int]) -> dict[str, np.ndarray]:
         logprob = np.zeros(len(sequences), dtype=np.float64)
         greedy = np.zeros(len(sequences), dtype=bool)
         inputs = [s[:-1] for s in sequences]  # the last token is only ever a target
@@ -58,7 +83,7 @@ class LoglikelihoodScorer:
                 scored = logp[r, n - k : n]
                 logprob[i] = scored.gather(-1, targets[:, None]).sum().item()
                 greedy[i] = bool((scored.argmax(-1) == targets).all())
-        return {"id": batch["id"], "logprob": logprob, "is_greedy": greedy}
+        return {"id": ids, "logprob": logprob, "is_greedy": greedy}
 
 
 class RewardScorer:

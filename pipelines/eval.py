@@ -154,12 +154,13 @@ def loglikelihood_rows(task: Task, num_fewshot: int | None, enc: Encoder, max_le
             for c, choice in enumerate(task.choices(doc)):
                 ctx, cont = enc.encode_pair(context, task.target_delimiter + choice)
                 seq = (ctx + cont)[-(max_length + 1) :]
-                rows.append({"doc": d, "choice": c, "tokens": seq, "n_scored": min(len(cont), len(seq) - 1)})
+                rows.append({"doc": d, "choice": c, "tokens": seq, "n_scored": min(len(cont), len(seq) - 1),
+                             "group": (task.name, d)})
     else:
         for d, doc in enumerate(task.eval_docs):
             full = [enc.prefix_token_id] + enc.encode(task.text(doc))
             for w, (start, end, n) in enumerate(rolling_windows(len(full) - 1, max_length, stride)):
-                rows.append({"doc": d, "choice": w, "tokens": full[start:end], "n_scored": n})
+                rows.append({"doc": d, "choice": w, "tokens": full[start:end], "n_scored": n, "group": (task.name, d)})
     return rows
 
 
@@ -169,8 +170,9 @@ def score_rows(folder: str, rows: list[dict], cfg: ScorerConfig) -> list[dict]:
 
     from raylm.actors.loglikelihood_scorer import LoglikelihoodScorer
 
-    # Longest first: neighbouring rows land in the same batch, so padding stays small.
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["tokens"]))
+    # Longest context first, one question's answers side by side: a batch pads little, and the
+    # answers of one question share one pass over it (raylm.eval_scoring's prefix trees).
+    order = sorted(range(len(rows)), key=lambda i: (-(len(rows[i]["tokens"]) - rows[i]["n_scored"]), rows[i]["group"]))
     items = [{"id": i, "tokens": rows[i]["tokens"], "n_scored": rows[i]["n_scored"]} for i in order]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.rows_per_batch, 64)))
     scored = ds.map_batches(
@@ -256,7 +258,7 @@ def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]
             predictions = generate_texts(folder, task.contexts(ref.num_fewshot), task.max_gen_toks, task.until,
                                          config.generation, config.seed)
             references = [task.target_text(doc) for doc in task.eval_docs]
-            metrics = generation_metrics(predictions, references)
+            metrics = generation_metrics(predictions, references, **task.metric_kwargs.get("exact_match", {}))
             metrics["items_per_s"] = len(predictions) / (time.perf_counter() - started)
         metrics.update(n_items=len(task.eval_docs), num_fewshot=k)
         results[result_key(ref, task)] = metrics

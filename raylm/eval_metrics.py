@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections import Counter
 from collections.abc import Iterable
 from statistics import NormalDist
@@ -81,8 +82,17 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def exact_match(prediction: str, reference: str) -> float:
-    return float(prediction.strip() == reference.strip())
+def exact_match(prediction: str, reference: str, ignore_case: bool = False, ignore_punctuation: bool = False,
+                regexes_to_ignore: Iterable[str] = ()) -> float:
+    """lm-evaluation-harness's exact_match and its metric_list options (no stripping by default)."""
+    for pattern in regexes_to_ignore:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    if ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    if ignore_punctuation:
+        table = str.maketrans("", "", string.punctuation)
+        prediction, reference = prediction.translate(table), reference.translate(table)
+    return float(prediction == reference)
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -96,17 +106,34 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# sacreBLEU's default "13a" tokenisation (what lm-evaluation-harness's bleu reports), as regexes.
+_13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),
+        (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),
+        (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),
+        (re.compile(r"([0-9])(-)"), r"\1 \2 ")]
+
+
+def tokenize_13a(line: str) -> list[str]:
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    line = f" {line} "
+    for pattern, repl in _13A:
+        line = pattern.sub(repl, line)
+    return line.split()
+
+
 def _ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def corpus_bleu(predictions: list[str], references: list[str], max_n: int = 4) -> float:
-    """Corpus BLEU-4 on whitespace tokens, 0-100, with sacreBLEU's default "exp" smoothing of zero
-    n-gram counts (so short outputs score above zero, as in sacreBLEU)."""
+    """Corpus BLEU-4, 0-100, as sacreBLEU computes it by default: 13a tokens, "exp" smoothing of
+    zero n-gram counts."""
     matches, totals = [0] * max_n, [0] * max_n
     pred_len = ref_len = 0
     for pred, ref in zip(predictions, references):
-        p, r = pred.split(), ref.split()
+        p, r = tokenize_13a(pred), tokenize_13a(ref)
         pred_len, ref_len = pred_len + len(p), ref_len + len(r)
         for n in range(1, max_n + 1):
             pn, rn = _ngrams(p, n), _ngrams(r, n)
@@ -151,8 +178,8 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def generation_metrics(predictions: list[str], references: list[str]) -> dict:
-    em = [exact_match(p, r) for p, r in zip(predictions, references)]
+def generation_metrics(predictions: list[str], references: list[str], **exact_match_options) -> dict:
+    em = [exact_match(p, r, **exact_match_options) for p, r in zip(predictions, references)]
     f1 = [token_f1(p, r) for p, r in zip(predictions, references)]
     rl = [rouge_l(p, r) for p, r in zip(predictions, references)]
     return {
