@@ -10,6 +10,8 @@ import pytest
 
 from raylm.eval_metrics import (
     contaminated,
+    corpus_bleu,
+    exact_match,
     multiple_choice_metrics,
     perplexity_metrics,
     rolling_windows,
@@ -105,6 +107,31 @@ PAIRS = [
     ("completely different", "nothing in common here"),
     ("os.path.join(a, b)", "join"),
 ]
+
+
+def test_corpus_bleu_matches_sacrebleu():
+    import sacrebleu
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "mat", ".", ",", "Return", "value", "3-4", "1,000.5", "(a)", "x=1", "!"]
+    predictions = [p for p, _ in PAIRS] + [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(40)]
+    references = [r for _, r in PAIRS] + [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(40)]
+    assert corpus_bleu(predictions, references) == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score)
+    for p, r in PAIRS:  # single sentences: exp smoothing of zero counts, brevity penalty
+        assert corpus_bleu([p], [r]) == pytest.approx(sacrebleu.corpus_bleu([p], [[r]]).score)
+
+
+@pytest.mark.parametrize("options", [{}, {"ignore_case": True}, {"ignore_punctuation": True},
+                                     {"regexes_to_ignore": [r"\s+$", "^ +"]},
+                                     {"ignore_case": True, "ignore_punctuation": True}])
+def test_exact_match_matches_lm_eval(options):
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    predictions = [" join", "Join", "join!", "os.path.join", "join\n", "JOIN"]
+    references = ["join"] * len(predictions)
+    expected = exact_match_hf_evaluate(predictions, references, **options)["exact_match"]
+    ours = sum(exact_match(p, r, **options) for p, r in zip(predictions, references)) / len(predictions)
+    assert ours == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("prediction, reference", PAIRS)
