@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raylm.config import Section
 
@@ -25,6 +25,13 @@ class ClassifierConfig(Section):
     enabled: bool = False
     model: str | None = None  # a trained .npz (train_classifier); required when enabled
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)  # P(good) below this is dropped
+
+    @model_validator(mode="after")
+    def _model_exists(self):
+        if self.enabled and (self.model is None or not Path(self.model).is_file()):
+            raise ValueError(f"model: the classifier is enabled but its model file {self.model!r} does not exist "
+                             "(train one with raylm.actors.quality_classifier.train_classifier(...).save(path))")
+        return self
 
 
 def features(text: str, ngram: int, hash_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +95,6 @@ class ClassifierFilter:
     """The filter's view: None to keep, "classifier:low_score" to drop."""
 
     def __init__(self, cfg: ClassifierConfig):
-        if cfg.model is None:
-            raise ValueError("classifier.model: a trained .npz is required when the classifier is enabled")
         self.cfg = cfg
         self.model = QualityClassifier.load(cfg.model)
 

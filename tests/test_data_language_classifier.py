@@ -65,7 +65,9 @@ def test_classifier_learns_good_from_bad_and_its_threshold_edges(prose, tmp_path
     score = loaded.score(text)
     assert ClassifierFilter(ClassifierConfig(enabled=True, model=str(path), threshold=score)).reason(text) is None
     assert ClassifierFilter(ClassifierConfig(enabled=True, model=str(path), threshold=min(1.0, score + 1e-6))).reason(text) == "classifier:low_score"
-    with pytest.raises(ValueError, match="classifier.model"):
-        ClassifierFilter(ClassifierConfig(enabled=True))
+    with pytest.raises(ValueError, match="model: the classifier is enabled"):
+        ClassifierConfig(enabled=True)
+    with pytest.raises(ValueError, match="does not exist"):
+        ClassifierConfig(enabled=True, model=str(tmp_path / "missing.npz"))
     with pytest.raises(ValueError, match="both good and bad"):
         train_classifier(good[:3], [])
