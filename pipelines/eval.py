@@ -72,8 +72,12 @@ class PreferenceConfig(Section):
 
 
 class DecontaminationConfig(Section):
-    train_files: list[str]  # globs of training shards: .jsonl (text_field), .parquet (text_field) or .txt
+    train_files: list[str] = []  # globs of training text: .jsonl (text_field), .parquet (text_field) or .txt
     text_field: str = "text"
+    # Token shard folders written by `raylm data` (index.json + .bin): items are tokenised with the
+    # tokenizer.json beside them and matched on token n-grams, exactly what the model was trained on.
+    shard_dirs: list[str] = []
+    shard_split: str = "train"
     ngram: int = Field(default=13, ge=1)
 
 
@@ -116,8 +120,8 @@ def check(config: Config, config_path) -> None:
         check_checkpoint(pref.reward_model, "preference.reward_model", config_path)
         if not Path(pref.prompts).exists():
             raise ConfigError(f"{config_path}: preference.prompts: {pref.prompts} does not exist")
-    if config.decontamination is not None and not train_files(config.decontamination):
-        raise ConfigError(f"{config_path}: decontamination.train_files: no file matches {config.decontamination.train_files}")
+    if config.decontamination is not None:
+        check_decontamination(config.decontamination, config_path)
 
 
 # ---- tokenisation, as lm-evaluation-harness's Hugging Face backend does it ----------------------
@@ -307,6 +311,40 @@ def preference_win_rate(config: Config) -> dict:
     return result
 
 
+def check_decontamination(cfg: DecontaminationConfig, config_path) -> None:
+    from raylm.decontamination import shard_tokenizer
+    from raylm.token_shards import read_index
+
+    if not cfg.train_files and not cfg.shard_dirs:
+        raise ConfigError(f"{config_path}: decontamination: name train_files (text) or shard_dirs (token shards)")
+    if cfg.train_files and not train_files(cfg):
+        raise ConfigError(f"{config_path}: decontamination.train_files: no file matches {cfg.train_files}")
+    for i, folder in enumerate(cfg.shard_dirs):
+        try:
+            index = read_index(folder)
+            shard_tokenizer(folder)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{config_path}: decontamination.shard_dirs.{i}: {e}") from None
+        if cfg.shard_split not in index["splits"]:
+            raise ConfigError(f"{config_path}: decontamination.shard_split: {folder} has no split {cfg.shard_split!r}")
+
+
+def shard_hits(items: list[str], cfg: DecontaminationConfig) -> list[bool | None]:
+    """Token n-gram overlap with every shard folder; None where an item is shorter than n tokens."""
+    from tokenizers import Tokenizer
+
+    from raylm.decontamination import contaminated_items, shard_tokenizer
+
+    hits: list[bool | None] = [None] * len(items)
+    for folder in cfg.shard_dirs:
+        tokenizer = Tokenizer.from_file(str(shard_tokenizer(folder)))
+        tokens = [e.ids for e in tokenizer.encode_batch(items, add_special_tokens=False)]
+        for i, hit in enumerate(contaminated_items(tokens, folder, cfg.ngram, cfg.shard_split)):
+            if hit is not None:
+                hits[i] = bool(hits[i]) or hit
+    return hits
+
+
 def train_files(cfg: DecontaminationConfig) -> list[str]:
     return sorted({f for pattern in cfg.train_files for f in glob.glob(pattern, recursive=True)})
 
@@ -336,14 +374,18 @@ def decontamination_report(tasks: list[tuple[TaskRef, Task]], cfg: Decontaminati
                 text += " " + task.target_text(doc)
             items.append(text)
             where.append((result_key(ref, task), doc.where()))
-    hits = contaminated(items, iter_train_texts(cfg), cfg.ngram)
+    hits = contaminated(items, iter_train_texts(cfg), cfg.ngram) if cfg.train_files else [False] * len(items)
+    token_hits = shard_hits(items, cfg) if cfg.shard_dirs else [False] * len(items)
     report = {}
     for ref, task in tasks:
         key = result_key(ref, task)
-        flagged = [w for (name, w), hit in zip(where, hits) if name == key and hit]
+        mine = [(w, hit, token_hit) for (name, w), hit, token_hit in zip(where, hits, token_hits) if name == key]
+        flagged = [w for w, hit, token_hit in mine if hit or token_hit]
         n = len(task.eval_docs)
         report[key] = {"ngram": cfg.ngram, "n_items": n, "contaminated": len(flagged),
-                             "fraction": len(flagged) / n, "examples": flagged[:10]}
+                       "fraction": len(flagged) / n, "examples": flagged[:10]}
+        if cfg.shard_dirs:  # items shorter than n tokens cannot be tested against the shards
+            report[key]["too_short_for_shards"] = sum(token_hit is None for _, _, token_hit in mine)
     return report
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -49,3 +51,39 @@ def test_ngram_hashes_are_positional():
     assert len(a) == 3 and len(set(a.tolist())) == 3
     assert ngram_hashes(np.array([6, 5]), 2)[0] != a[0]  # order matters
     assert len(ngram_hashes(np.array([1, 2]), 3)) == 0
+
+
+# ---- the report `raylm eval` writes, against shards made from text ------------------------------
+def test_eval_report_flags_items_planted_in_token_shards(tmp_path):
+    from tokenizers import Tokenizer
+
+    from raylm.config import ConfigError
+    from raylm.eval_tasks import load_task
+    from raylm.pipelines.eval import DecontaminationConfig, TaskRef, check_decontamination, decontamination_report
+    from test_eval_fixtures import build_tokenizer
+
+    tasks_dir = Path(__file__).resolve().parents[1] / "examples" / "tasks"
+    ref = TaskRef(path=str(tasks_dir / "stdlib_docstring_mc.yaml"), limit=30)
+    task = load_task(ref.path, ref.limit)
+    out = tmp_path / "data"
+    tokenizer_file = build_tokenizer(tmp_path / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    writer = TokenShardWriter(out / "tokens", "train", vocab_size=tokenizer.get_vocab_size(), eos_token_id=2)
+    training = ["An unrelated training document about widgets and geometry managers."] * 3
+    planted = [3, 17]  # two eval items' docstrings (with the answer) appear in the training text
+    for d in planted:
+        doc = task.eval_docs[d]
+        training.insert(1, f"Some preamble. {task.text(doc)} {task.target_text(doc)} And more after it.")
+    for text in training:
+        writer.add(tokenizer.encode(text, add_special_tokens=False).ids)
+    write_index(out / "tokens", tokenizer.get_vocab_size(), 2, {"train": writer.close()})
+    # 20 tokens: with this 512-token vocabulary 13 tokens are ~25 characters, which the prompt
+    # template and a shared module path span ("data.\nFunction: xml.sax."): real, but not planted.
+    cfg = DecontaminationConfig(shard_dirs=[str(out / "tokens")], ngram=20)
+    with pytest.raises(ConfigError, match=r"decontamination.shard_dirs.0: .*no tokenizer.json"):
+        check_decontamination(cfg, "eval.yaml")
+    (out / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())  # where `raylm data` puts it
+    check_decontamination(cfg, "eval.yaml")
+    report = decontamination_report([(ref, task)], cfg)["stdlib_docstring_mc"]
+    assert report["contaminated"] == 2 and report["n_items"] == 30
+    assert sorted(report["examples"]) == sorted(task.eval_docs[d].where() for d in planted)
