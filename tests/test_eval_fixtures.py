@@ -49,6 +49,8 @@ def build_model(seed: int, train_steps: int = 0, tokenizer: Path | None = None, 
         ids = [t for text in stdlib_texts(400) for t in [1] + tok.encode(text).ids]
         data = torch.tensor(ids[: (len(ids) // 129) * 129]).view(-1, 129)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # on a shared 2-core machine, more threads only spin against each other
         g = torch.Generator().manual_seed(seed)
         for _ in range(train_steps):
             batch = data[torch.randint(0, len(data), (16,), generator=g)]
@@ -56,6 +58,7 @@ def build_model(seed: int, train_steps: int = 0, tokenizer: Path | None = None, 
             opt.zero_grad()
             out.loss.backward()
             opt.step()
+        torch.set_num_threads(threads)
     return model.eval()
 
 
