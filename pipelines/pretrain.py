@@ -21,7 +21,8 @@ from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
 
 class Config(ModelStageConfig):
-    data_dir: str = "out/data"  # `raylm data` output: index.json (+ tokenizer.json)
+    data_dir: str = "out/data/tokens"  # token shards of `raylm data` (index.json)
+    tokenizer: str | None = None  # shipped with the exported model; None: the data stage's tokenizer.json
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -40,6 +41,8 @@ def check(config: Config, config_path) -> None:
     if config.train.seq_len > config.model.max_seq_len:
         raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds model.max_seq_len "
                           f"({config.model.max_seq_len})")
+    if config.tokenizer and not Path(config.tokenizer).exists():
+        raise ConfigError(f"{config_path}: tokenizer: {config.tokenizer} does not exist")
     check_parallel(config, config_path)
 
 
@@ -138,12 +141,22 @@ def finish(config, stage_run: StageRun, final: dict, started: float) -> dict:
     return summary
 
 
+def find_tokenizer(config: Config) -> Path | None:
+    """``tokenizer`` if set, else the data stage's: beside the shards or one folder up."""
+    if config.tokenizer:
+        return Path(config.tokenizer)
+    for folder in (Path(config.data_dir), Path(config.data_dir).parent):
+        if (folder / "tokenizer.json").exists():
+            return folder / "tokenizer.json"
+    return None
+
+
 def run(config: Config, stage_run: StageRun) -> dict:
     started = time.perf_counter()
-    tokenizer = Path(config.data_dir) / "tokenizer.json"
+    tokenizer = find_tokenizer(config)
     spec = training_spec(config, "pretrain", stage_run)
     spec.update(model=config.model.to_dict(), data={"kind": "tokens", "dir": str(Path(config.data_dir).resolve())},
-                tokenizer_file=str(tokenizer.resolve()) if tokenizer.exists() else None)
+                tokenizer_file=str(tokenizer.resolve()) if tokenizer else None)
     final = launch(config, spec)
     summary = finish(config, stage_run, final, started)
     summary["unigram_val_loss"] = unigram_loss(config.data_dir)
