@@ -21,7 +21,7 @@ from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
 
 class Config(ModelStageConfig):
-    data_dir: str = "out/data/tokens"  # token shards of `raylm data` (index.json)
+    data_dir: str = "out/data"  # `raylm data`'s output_dir (shards in tokens/), or a folder holding index.json
     tokenizer: str | None = None  # shipped with the exported model; None: the data stage's tokenizer.json
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -32,7 +32,7 @@ def check(config: Config, config_path) -> None:
     from raylm.token_shards import read_index
 
     try:
-        index = read_index(config.data_dir)
+        index = read_index(shard_dir(config.data_dir))
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{config_path}: data_dir: {e}") from None
     if config.model.vocab_size < index["vocab_size"]:
@@ -141,11 +141,20 @@ def finish(config, stage_run: StageRun, final: dict, started: float) -> dict:
     return summary
 
 
+def shard_dir(data_dir: str | Path) -> Path:
+    """The folder holding index.json: ``data_dir`` itself, or the ``tokens/`` that `raylm data` writes."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "index.json").exists() and (data_dir / "tokens" / "index.json").exists():
+        return data_dir / "tokens"
+    return data_dir
+
+
 def find_tokenizer(config: Config) -> Path | None:
     """``tokenizer`` if set, else the data stage's: beside the shards or one folder up."""
     if config.tokenizer:
         return Path(config.tokenizer)
-    for folder in (Path(config.data_dir), Path(config.data_dir).parent):
+    shards = shard_dir(config.data_dir)
+    for folder in (shards, shards.parent):
         if (folder / "tokenizer.json").exists():
             return folder / "tokenizer.json"
     return None
@@ -155,11 +164,11 @@ def run(config: Config, stage_run: StageRun) -> dict:
     started = time.perf_counter()
     tokenizer = find_tokenizer(config)
     spec = training_spec(config, "pretrain", stage_run)
-    spec.update(model=config.model.to_dict(), data={"kind": "tokens", "dir": str(Path(config.data_dir).resolve())},
+    spec.update(model=config.model.to_dict(), data={"kind": "tokens", "dir": str(shard_dir(config.data_dir).resolve())},
                 tokenizer_file=str(tokenizer.resolve()) if tokenizer else None)
     final = launch(config, spec)
     summary = finish(config, stage_run, final, started)
-    summary["unigram_val_loss"] = unigram_loss(config.data_dir)
+    summary["unigram_val_loss"] = unigram_loss(shard_dir(config.data_dir))
     stage_run.log_metrics({"unigram_val_loss": summary["unigram_val_loss"]})
     print(f"raylm pretrain: validation loss {summary['val_loss']} vs unigram baseline "
           f"{summary['unigram_val_loss']:.4f}", flush=True)
