@@ -10,6 +10,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -63,8 +64,6 @@ def test_rolling_windows_score_every_token_once_with_full_context(models):
         windows = rolling_windows(len(full) - 1, max_length, stride)
         assert sum(n for _, _, n in windows) == len(full) - 1
         assert all(end - start <= max_length + 1 for start, end, _ in windows)
-        import numpy as np
-
         out = scorer({"id": np.arange(len(windows)), "tokens": np.array([full[s:e] for s, e, _ in windows], dtype=object),
                       "n_scored": np.array([n for _, _, n in windows])})
         total = float(out["logprob"].sum())
@@ -162,9 +161,6 @@ def test_eval_end_to_end(tmp_path, models, ray_local, mlflow_server):
     assert {e.rsplit(":", 1)[1] for e in decon["examples"]} == {"4", "8"}  # the leaked items' lines
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| task | metric | base | trained |" in table and "| stdlib_docstring_mc | acc |" in table
-    run = MlflowClient(mlflow_server).search_runs(
-        [e.experiment_id for e in MlflowClient(mlflow_server).search_experiments()], "tags.`raylm.stage` = 'eval'",
-    ) if False else None
     client = MlflowClient(mlflow_server)
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
             if "base/stdlib_docstring_mc/acc" in r.data.metrics]
