@@ -286,6 +286,8 @@ def phase_tokens(config: Config, out: Path, ds, vocab_size: int) -> dict:
     for e in entries:
         splits[e["split"]].append({"file": e["file"], "tokens": e["tokens"], "documents": e["documents"]})
         source_tokens[e["split"]].update(json.loads(e["source_tokens"]))
+    # the shard folder carries its tokenizer, so pretraining can be pointed at tokens/ alone
+    shutil.copyfile(out / "tokenizer.json", shard_dir / "tokenizer.json")
     write_index(shard_dir, vocab_size, EOS_ID, splits)
     return {split: {"tokens": sum(e["tokens"] for e in items), "documents": sum(e["documents"] for e in items),
                     "shards": len(items), "tokens_by_source": dict(sorted(source_tokens[split].items()))}

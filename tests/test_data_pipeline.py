@@ -28,7 +28,7 @@ BAD_LINES = [
     b'{"id": "no-text"}',  # missing text
     b'{"text": 42}',  # non-string text
     b'{"text": "   "}',  # empty text
-    json.dumps({"text": "word " * 5000}).encode(),  # over max_chars
+    json.dumps({"text": "word " * 50_000}).encode(),  # over max_chars
 ]
 
 
@@ -36,7 +36,7 @@ def write_config(tmp_path: Path, inputs: list[str], out: Path) -> Path:
     config = yaml.safe_load((Path(__file__).parents[1] / "examples/laptop/data.yaml").read_text())
     config.update(output_dir=str(out), inputs=[{"path": p} for p in inputs])
     config["tokenizer"]["vocab_size"] = 512
-    config["compute"].update(max_chars=20_000, batch_size=128)
+    config["compute"].update(max_chars=200_000, batch_size=128)
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -50,11 +50,11 @@ def raylm_data(config: Path, tracking: str, **popen):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
-    corpus = build_embedded_corpus(root / "corpus", max_documents=700)
+    corpus = build_embedded_corpus(root / "corpus", max_documents=400)
     lines = corpus.read_bytes().splitlines()
-    (root / "corpus.jsonl").write_bytes(b"\n".join(lines[:600]) + b"\n")
+    (root / "corpus.jsonl").write_bytes(b"\n".join(lines[:300]) + b"\n")
     with gzip.open(root / "more.jsonl.gz", "wb") as f:  # 100 more documents, 20 of them repeated
-        f.write(b"\n".join(lines[600:] + lines[:20]) + b"\n")
+        f.write(b"\n".join(lines[300:] + lines[:20]) + b"\n")
     (root / "bad.jsonl").write_bytes(b"\n".join(lines[:3] + BAD_LINES) + b"\n")
     return root, len(lines) + 20 + 3
 
@@ -79,7 +79,7 @@ def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run):
     # nothing valid lost: every valid record is either kept or dropped by a named filter
     assert docs["documents_in"] == n_valid + len(BAD_LINES)
     assert docs["bad_input"] == {"malformed_json": 1, "invalid_utf8": 1, "missing_text": 1, "non_string_text": 1,
-                                 "empty_text": 1, "too_long": 1}
+                                 "empty_text": 1, "huge_document": 1}
     dropped = sum(f["total"] for f in docs["dropped_by_filter"].values())
     assert docs["documents_out"] + dropped + docs["quarantined"] == docs["documents_in"]
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
@@ -91,6 +91,7 @@ def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run):
     kept = docs["documents_out"] - stats["dedup"]["exact_duplicates_removed"] - stats["dedup"]["near_duplicates_removed"]
     assert tokens["validation"]["documents"] > 0 and tokens["train"]["documents"] >= kept - tokens["validation"]["documents"] - 50
     index = read_index(out / "tokens")
+    assert (out / "tokens/tokenizer.json").exists()
     assert index["dtype"] == "uint16" and index["vocab_size"] == 512 and index["eos_token_id"] == 2
     assert sum(s["tokens"] for s in index["splits"]["train"]) == tokens["train"]["tokens"]
     # the shards decode, with the trained tokenizer in transformers, to the filtered text
