@@ -15,6 +15,8 @@ from collections import Counter
 import pyarrow as pa
 from pydantic import Field
 
+from raylm.actors.language_id import LanguageIdConfig, LanguageIdentifier
+from raylm.actors.quality_classifier import ClassifierConfig, ClassifierFilter
 from raylm.config import Section
 
 STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
@@ -94,6 +96,8 @@ class FilterConfig(Section):
     c4: C4Config = C4Config()
     fineweb: FineWebConfig = FineWebConfig()
     bad_words: BadWordsConfig = BadWordsConfig()
+    language_id: LanguageIdConfig = LanguageIdConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
 
 
 _SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u3000]+")
@@ -253,6 +257,9 @@ class DocumentFilter:
         self.cfg = cfg
         words = [re.escape(w) for w in cfg.bad_words.words if w.strip()]
         self.bad_words = re.compile(r"\b(?:" + "|".join(words) + r")\b", re.IGNORECASE) if words else None
+        # model-backed filters, loaded once per actor; last in line, as the costliest per document
+        self.model_filters = ([LanguageIdentifier(cfg.language_id)] if cfg.language_id.enabled else []) + \
+                             ([ClassifierFilter(cfg.classifier)] if cfg.classifier.enabled else [])
 
     def filter_one(self, text: str) -> tuple[str, str, Counter]:
         """(text, reason or "", PII counts)."""
@@ -273,6 +280,9 @@ class DocumentFilter:
             return "", f"fineweb:{reason}", Counter()
         if self.bad_words is not None and self.bad_words.search(text):
             return "", "bad_words", Counter()
+        for model_filter in self.model_filters:
+            if reason := model_filter.reason(text):
+                return "", reason, Counter()
         pii: Counter = Counter()
         if cfg.pii.enabled:
             text, pii = redact_pii(text, cfg.pii)

@@ -240,3 +240,17 @@ def test_union_find_keeps_smallest_key():
     assert removed.tolist() == [5, 8, 9]
     assert stats["exact_duplicates_removed"] == 1 and stats["near_duplicates_removed"] == 2
     assert stats["cluster_sizes"] == {"2": 1, "3": 1}
+
+
+def test_document_filter_runs_language_id_when_enabled():
+    english = ("The scheduler keeps a queue of ready tasks and wakes one whenever a worker is idle, "
+               "and each task records when it started so that the slow ones can be reported.")
+    french = ("Le planificateur garde une file de tâches prêtes et en réveille une dès qu'un travailleur "
+              "est libre, et chaque tâche note l'heure de son début pour signaler les plus lentes.")
+    # English stop words would drop the French text first: the Gopher stop-word rule is relaxed here
+    cfg = FilterConfig(c4=C4Config(min_sentences=1), gopher_quality=GopherQualityConfig(min_words=10, min_stop_words=0),
+                       language_id={"enabled": True})
+    out = DocumentFilter(cfg)(pa.table({"key": [1, 2], "text": [english, french], "reason": ["", ""]}))
+    assert out.column("reason").to_pylist() == ["", "language:fr"]
+    off = FilterConfig(c4=C4Config(min_sentences=1), gopher_quality=GopherQualityConfig(min_words=10, min_stop_words=0))
+    assert DocumentFilter(off).filter_one(french)[1] == ""  # off by default
