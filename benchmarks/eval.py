@@ -77,12 +77,13 @@ def run_raylm(checkpoint: Path, num_fewshot: int, limit: int, actors: int, max_b
             "seconds": seconds, "acc": metrics["acc"], "acc_norm": metrics["acc_norm"]}
 
 
-def run_lm_eval(checkpoint: Path, task_dir: Path, task_name: str, num_fewshot: int, limit: int, batch: int) -> dict:
+def run_lm_eval(checkpoint: Path, task_dir: Path, task_name: str, num_fewshot: int, limit: int, batch: int,
+                threads: int) -> dict:
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={checkpoint},dtype=float32", tasks=[task_name],
@@ -91,7 +92,8 @@ def run_lm_eval(checkpoint: Path, task_dir: Path, task_name: str, num_fewshot: i
     )
     seconds = time.perf_counter() - start
     res = out["results"][task_name]
-    return {"system": "lm_eval hf", "batch": batch, "items": limit, "seconds": seconds,
+    return {"system": f"lm_eval hf ({threads} thread{'s' if threads > 1 else ''})", "batch": batch, "items": limit,
+            "seconds": seconds,
             "acc": res["acc,none"], "acc_norm": res["acc_norm,none"]}
 
 
@@ -102,6 +104,8 @@ def main() -> int:
     parser.add_argument("--num-fewshot", type=int, default=0)
     parser.add_argument("--actors", type=int, default=2, help="raylm scorer actors, one core each")
     parser.add_argument("--batch", type=int, default=32, help="sequences per forward, both systems")
+    parser.add_argument("--lm-eval-threads", type=int, default=None,
+                        help="torch threads for lm_eval (default: --actors, the cores raylm's actors get)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,12 +118,13 @@ def main() -> int:
         task_dir, task_name = lm_eval_task_copy(out)
         rows = [run_raylm(checkpoint, args.num_fewshot, args.limit, args.actors, args.batch)]
         for batch in dict.fromkeys([1, args.batch]):
-            rows.append(run_lm_eval(checkpoint, task_dir, task_name, args.num_fewshot, args.limit, batch))
+            rows.append(run_lm_eval(checkpoint, task_dir, task_name, args.num_fewshot, args.limit, batch,
+                                    args.lm_eval_threads or args.actors))
     for row in rows:
         row["items_per_s"] = row["items"] / row["seconds"]
     ours = rows[0]["items_per_s"]
     print(f"\n{args.limit} items of stdlib_docstring_mc, {args.num_fewshot}-shot, preset {args.preset}, "
-          f"{os.cpu_count()} cores\n")
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
     print(f"| system | batch | items/s | seconds | acc | acc_norm | raylm speed-up |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
