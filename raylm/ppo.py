@@ -1,0 +1,216 @@
+"""The tensor math of PPO for language models, free of Ray and of models.
+
+Every per-token tensor is ``[B, R]``: row ``b`` is one response, column ``t`` its ``t``-th generated
+token, ``mask`` 1 on real tokens and 0 on right padding. ``values[b, t]`` is the critic's estimate
+before token ``t`` is generated; ``logprobs[b, t]`` the log-probability of that token.
+
+- KL estimators between the policy and the reference, per token (Schulman, "Approximating KL
+  divergence"): ``k1 = log p - log q`` (unbiased, can be negative), ``k2 = (log p - log q)^2 / 2``,
+  ``k3 = (q/p - 1) - log(q/p)`` (unbiased and never negative).
+- Rewards: the reward model's score (normalised with running moments, clipped) on the last token,
+  minus ``kl_coef * KL`` on every token when the KL is a reward penalty.
+- GAE advantages and returns; advantage whitening.
+- The PPO clipped surrogate, the clipped value loss, the entropy bonus.
+- The adaptive KL controller of Ziegler et al. (2019).
+- Critic-free group baselines: GRPO (group mean and std) and RLOO (leave-one-out mean).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked entries (Bessel's correction, as numpy's ``ddof=1``)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; ``shift_mean=False`` keeps the mean (scales only).
+    Padding entries come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# ---- KL between policy and reference ------------------------------------------------------
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs."""
+    log_ratio = logprobs - ref_logprobs  # log p/q, tokens sampled from p
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # r = q/p: (r - 1) - log r >= 0. Clamped so that one outlier token cannot overflow exp.
+        neg = (-log_ratio).clamp(max=20.0)
+        return neg.exp() - 1 - neg
+    raise ValueError(f"unknown KL estimator {estimator!r}; known: k1, k2, k3")
+
+
+def kl_penalised_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """[B] sequence scores and [B, R] per-token KL -> [B, R] rewards: ``-kl_coef * KL`` on every
+    token, plus the score on each row's last real token."""
+    rewards = -kl_coef * kl * mask
+    last = mask.long().sum(-1).clamp(min=1) - 1
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+class RunningMoments:
+    """Running mean and standard deviation of reward-model scores over the whole run (Chan et al.'s
+    parallel update), for reward normalisation that does not depend on one batch."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+
+def normalise_scores(scores: torch.Tensor, moments: RunningMoments | None, clip: float | None) -> torch.Tensor:
+    """Update the running moments with this batch, then (score - mean) / std, then clip to +-clip."""
+    if moments is not None:
+        moments.update(scores)
+        scores = (scores - moments.mean) / max(moments.std, 1e-8)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
+# ---- advantages ---------------------------------------------------------------------------
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each response; the state after the last real token is
+    terminal (value 0). Returns (advantages, returns = advantages + values), both 0 on padding."""
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        # On padding nothing accumulates, so the last real token sees a terminal next state.
+        running = running * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, baseline: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free sequence advantages for ``group_size`` samples per prompt, consecutive in ``scores``.
+
+    ``grpo``: (score - group mean) / (group std + eps), std with Bessel's correction;
+    ``rloo``: score - mean of the group's other samples."""
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    if group_size < 2:
+        raise ValueError("group baselines need at least 2 samples per prompt")
+    groups = scores.view(-1, group_size).double()
+    mean = groups.mean(-1, keepdim=True)
+    if baseline == "grpo":
+        out = (groups - mean) / (groups.std(-1, keepdim=True) + eps)
+    elif baseline == "rloo":
+        out = (groups - mean) * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group baseline {baseline!r}; known: grpo, rloo")
+    return out.view(-1).to(scores.dtype)
+
+
+# ---- losses -------------------------------------------------------------------------------
+
+@dataclass
+class PolicyLoss:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor  # share of tokens where the clipped branch of the surrogate is taken
+    approx_kl: torch.Tensor  # k3 estimate of KL(old || new) over the minibatch
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip_eps: float = 0.2) -> PolicyLoss:
+    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = p/p_old."""
+    ratio = (logprobs - old_logprobs).exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)
+    return PolicyLoss(loss, clip_fraction, approx_kl)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip_eps: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean over tokens of max((v - R)^2, (v_clip - R)^2) with v_clip = v_old + clip(v - v_old,
+    +-eps); ``clip_eps=None`` is the plain squared error. Returns (loss, fraction of tokens clipped)."""
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        return 0.5 * masked_mean(unclipped, mask), torch.zeros(())
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        fraction = masked_mean((clipped > unclipped).float(), mask)
+    return loss, fraction
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: [..., V] -> [...]."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---- adaptive KL --------------------------------------------------------------------------
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move ``value`` so the observed KL tracks ``target``:
+    e = clip(KL / target - 1, -0.2, 0.2);  value *= 1 + e * n_steps / horizon."""
+
+    def __init__(self, init_value: float, target: float, horizon: float):
+        self.value, self.target, self.horizon = init_value, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    def __init__(self, value: float):
+        self.value = value
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
