@@ -1,0 +1,374 @@
+"""Preference data for reward modelling, DPO and RLHF: JSONL pairs and rankings, a ground-truth
+preference task built from the standard library, and the chat encoding every stage scores with.
+
+JSONL, one record a line (blank lines are skipped):
+
+- a pair: ``{"prompt": str, "chosen": str, "rejected": str[, "margin": number]}``;
+- a ranking: ``{"prompt": str, "responses": [best, ..., worst]}``, which stands for all K(K-1)/2
+  pairs (every response is preferred to every one after it).
+
+A bad line is reported with the file, the line and the field (``pairs.jsonl:7: 'chosen': key is
+missing ...``). ``on_bad_line="error"`` (the default) refuses the file and names every bad line;
+``"skip"`` keeps every valid line and returns the bad ones as records to quarantine.
+
+The built-in task (``stdlib_*``): the prompt asks what a standard-library function does, showing its
+qualified name and signature; the preferred answer is the first line of its own docstring, the
+rejected one the first line of another function's from the same top-level module (a hard
+negative: same topic, same vocabulary). Train and held-out splits are disjoint by function, and
+negatives are drawn only from the same split. ``stdlib_prompts`` gives the prompts with their
+reference answers (for RLHF rollouts), and ``reference_score`` scores a generated answer against
+the reference (word-overlap F1), the ground truth a reward model should agree with.
+
+Encoding: a (prompt, response) is the chat ``<|bos|> <|user|> prompt <|end|> <|assistant|>
+response <|end|> <|eos|>`` (``raylm.sft_data.ChatTemplate``). A reward model reads its score at
+the last token; DPO sums the log-probabilities of the response tokens and the closing ``<|end|>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+MAX_REPORTED_ERRORS = 20
+
+
+class PreferenceDataError(ValueError):
+    """Bad preference data; ``problems`` holds one ``{"file", "line", "field", "error"}`` per bad line."""
+
+    def __init__(self, message: str, problems: list[dict] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class _BadLine(Exception):
+    def __init__(self, field: str, error: str):
+        super().__init__(f"{field}: {error}")
+        self.field, self.error = field, error
+
+
+# ---- JSONL pairs and rankings --------------------------------------------------------------------
+
+def ranking_pairs(prompt: str, responses: list[str]) -> list[dict]:
+    """All K(K-1)/2 pairs of a ranking ``[best, ..., worst]``: response i is chosen over every j > i."""
+    return [{"prompt": prompt, "chosen": responses[i], "rejected": responses[j]}
+            for i in range(len(responses)) for j in range(i + 1, len(responses))]
+
+
+def _text(record: dict, key: str) -> str:
+    if key not in record:
+        raise _BadLine(key, "key is missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise _BadLine(key, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _BadLine(key, "is empty")
+    return value
+
+
+def pairs_of_record(record) -> list[dict]:
+    """One JSONL record -> its preference pairs; raises ``_BadLine`` naming the field."""
+    if not isinstance(record, dict):
+        raise _BadLine("(line)", f"expected a JSON object, got {type(record).__name__}")
+    prompt = _text(record, "prompt")
+    if "responses" in record:
+        if "chosen" in record or "rejected" in record:
+            raise _BadLine("responses", "give either 'responses' (a ranking) or 'chosen'/'rejected' (a pair), not both")
+        responses = record["responses"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise _BadLine("responses", "must be a list of at least 2 strings, best first")
+        for i, response in enumerate(responses):
+            if not isinstance(response, str) or not response.strip():
+                raise _BadLine(f"responses[{i}]", "must be a non-empty string")
+        if len(set(responses)) != len(responses):
+            raise _BadLine("responses", "holds the same response twice (a ranking needs distinct responses)")
+        return ranking_pairs(prompt, responses)
+    if "chosen" not in record and "rejected" not in record:
+        raise _BadLine("chosen", "key is missing (a pair needs 'chosen' and 'rejected'; a ranking needs 'responses')")
+    pair = {"prompt": prompt, "chosen": _text(record, "chosen"), "rejected": _text(record, "rejected")}
+    if pair["chosen"] == pair["rejected"]:
+        raise _BadLine("rejected", "is identical to 'chosen'")
+    if "margin" in record:
+        margin = record["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise _BadLine("margin", f"must be a finite number, got {margin!r}")
+        pair["margin"] = float(margin)
+    return [pair]
+
+
+def read_preferences(path: str | Path, on_bad_line: Literal["error", "skip"] = "error") -> tuple[list[dict], list[dict]]:
+    """Every pair of a JSONL file (rankings expanded), in file order -> ``(pairs, bad_lines)``.
+
+    ``on_bad_line="error"``: any bad line raises ``PreferenceDataError`` naming every bad line
+    (file:line: field: what is wrong). ``"skip"``: the valid lines are all kept and the bad ones
+    returned as ``{"file", "line", "field", "error"}`` records (nothing valid is lost)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"{path}: no such file")
+    pairs, bad = [], []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _BadLine("(line)", f"not valid JSON ({e.msg})") from None
+                pairs += pairs_of_record(record)
+            except _BadLine as e:
+                bad.append({"file": str(path), "line": line_no, "field": e.field, "error": e.error})
+    if bad and on_bad_line == "error":
+        shown = [f"{b['file']}:{b['line']}: {b['field']!r}: {b['error']}" if b["field"] != "(line)"
+                 else f"{b['file']}:{b['line']}: {b['error']}" for b in bad[:MAX_REPORTED_ERRORS]]
+        more = f"\n... and {len(bad) - MAX_REPORTED_ERRORS} more bad lines" if len(bad) > MAX_REPORTED_ERRORS else ""
+        raise PreferenceDataError("\n".join(shown) + more, bad)
+    if not pairs:
+        raise PreferenceDataError(f"{path}: no valid preference pairs", bad)
+    return pairs, bad
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ---- the built-in ground-truth task: the right docstring for a standard-library function -----------
+
+def first_line(docstring: str) -> str:
+    return docstring.strip().split("\n", 1)[0].strip()
+
+
+def stdlib_prompt(qualified_name: str, signature: str, max_signature: int = 100) -> str:
+    if len(signature) > max_signature:
+        signature = signature[: max_signature - 4] + " ...)"
+    return f"What does `{qualified_name}{signature}` do?"
+
+
+def stdlib_functions(limit: int | None = None) -> list[dict]:
+    """Public documented stdlib functions with a first docstring line of 3+ words, one per name:
+    ``{"function", "module", "prompt", "reference"}``, in a fixed order."""
+    from raylm.corpus import iter_stdlib_functions
+
+    items, seen = [], set()
+    for function in iter_stdlib_functions():
+        reference = first_line(function.docstring)
+        if len(reference.split()) < 3 or function.qualified_name in seen:
+            continue
+        seen.add(function.qualified_name)
+        items.append({"function": function.qualified_name, "module": function.qualified_name.split(".")[0],
+                      "prompt": stdlib_prompt(function.qualified_name, function.signature), "reference": reference})
+    if limit is not None:  # an evenly spread subset, so that a small task still spans many modules
+        keep = np.linspace(0, len(items) - 1, num=min(limit, len(items))).round().astype(int)
+        items = [items[i] for i in sorted(set(keep.tolist()))]
+    return items
+
+
+def split_functions(items: list[dict], validation_fraction: float, seed: int) -> dict[str, list[dict]]:
+    """Disjoint train / validation functions (a seeded permutation)."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = max(1, int(round(len(items) * validation_fraction)))
+    return {"train": [items[i] for i in sorted(order[n_val:])], "validation": [items[i] for i in sorted(order[:n_val])]}
+
+
+def preference_pairs(items: list[dict], negatives: Literal["same_module", "random"] = "same_module",
+                     per_prompt: int = 1, seed: int = 0) -> list[dict]:
+    """For every function, ``per_prompt`` pairs: its docstring line chosen over another function's.
+    ``same_module`` draws the rejected line from the same top-level module when it has another
+    function with a different line (else from anywhere); ``random`` from anywhere in ``items``."""
+    rng = np.random.default_rng(seed)
+    by_module = defaultdict(list)
+    for i, item in enumerate(items):
+        by_module[item["module"]].append(i)
+    pairs = []
+    for i, item in enumerate(items):
+        pool = by_module[item["module"]] if negatives == "same_module" else []
+        pool = [j for j in pool if items[j]["reference"] != item["reference"]]
+        picks = []
+        for _ in range(per_prompt):
+            if pool:
+                j = pool[int(rng.integers(len(pool)))]
+            else:
+                j = int(rng.integers(len(items)))
+                while items[j]["reference"] == item["reference"]:
+                    j = int(rng.integers(len(items)))
+            picks.append(j)
+        for j in picks:
+            pairs.append({"prompt": item["prompt"], "chosen": item["reference"], "rejected": items[j]["reference"],
+                          "function": item["function"], "rejected_function": items[j]["function"]})
+    return pairs
+
+
+def stdlib_preference_splits(limit: int | None = None, validation_fraction: float = 0.1, seed: int = 0,
+                             negatives: Literal["same_module", "random"] = "same_module",
+                             per_prompt: int = 1) -> dict[str, list[dict]]:
+    """The built-in preference task: ``{"train": pairs, "validation": pairs}``, disjoint by function."""
+    splits = split_functions(stdlib_functions(limit), validation_fraction, seed)
+    return {name: preference_pairs(items, negatives, per_prompt if name == "train" else 1, seed + k)
+            for k, (name, items) in enumerate(splits.items())}
+
+
+def write_stdlib_preferences(out_dir: str | Path, limit: int | None = None, validation_fraction: float = 0.1,
+                             seed: int = 0, negatives: Literal["same_module", "random"] = "same_module",
+                             per_prompt: int = 1) -> dict[str, str]:
+    """Write the built-in task as ``train.jsonl`` / ``validation.jsonl`` in ``out_dir``; returns their paths."""
+    splits = stdlib_preference_splits(limit, validation_fraction, seed, negatives, per_prompt)
+    return {name: str(write_jsonl(pairs, Path(out_dir) / f"{name}.jsonl")) for name, pairs in splits.items()}
+
+
+def stdlib_prompts(split: Literal["train", "validation"] = "train", limit: int | None = None,
+                   validation_fraction: float = 0.1, seed: int = 0) -> list[dict]:
+    """Prompts of the built-in task for RLHF rollouts, ``{"prompt", "reference", "function"}``: the
+    same functions, split the same way, as ``stdlib_preference_splits`` with the same arguments."""
+    items = split_functions(stdlib_functions(limit), validation_fraction, seed)[split]
+    return [{"prompt": i["prompt"], "reference": i["reference"], "function": i["function"]} for i in items]
+
+
+_WORD = re.compile(r"[A-Za-z0-9_]+")
+
+
+def reference_score(response: str, reference: str) -> float:
+    """Ground truth for a generated answer: word-overlap F1 (case-folded) with the reference, in [0, 1]."""
+    got = [w.lower() for w in _WORD.findall(response)]
+    want = [w.lower() for w in _WORD.findall(reference)]
+    if not got or not want:
+        return 0.0
+    counts = defaultdict(int)
+    for w in want:
+        counts[w] += 1
+    common = 0
+    for w in got:
+        if counts[w] > 0:
+            counts[w] -= 1
+            common += 1
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ---- encoding -------------------------------------------------------------------------------------
+
+def encode_response(template, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
+    """(token ids, next-token labels) of ``prompt`` answered by ``response`` in the chat format; the
+    labels are -100 everywhere but the response and its ``<|end|>``. Too long: the prompt's text is
+    cut from its left, then the response's from its right, so the sequence still ends with EOS."""
+    from raylm.sft_data import labels_of
+
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    ids, target = template.encode(messages)
+    if len(ids) > seq_len:
+        ids, target = _truncate(ids, target, seq_len)
+    return ids, labels_of(ids, target)
+
+
+def _truncate(ids: list[int], target: list[bool], seq_len: int) -> tuple[list[int], list[bool]]:
+    # Layout: bos user p... end assistant r... end eos; the prompt's text sits at [2, first target - 2).
+    start = target.index(True) if True in target else len(ids)
+    prompt_text = list(range(2, start - 2))
+    excess = len(ids) - seq_len
+    cut_prompt = min(excess, max(0, len(prompt_text) - 1))
+    drop = set(prompt_text[:cut_prompt])
+    excess -= cut_prompt
+    if excess:  # the response's text, from its right end (keep <|end|> and eos)
+        response_text = [i for i in range(start, len(ids) - 2)]
+        drop |= set(response_text[len(response_text) - min(excess, len(response_text) - 1):])
+    keep = [i for i in range(len(ids)) if i not in drop]
+    return [ids[i] for i in keep][-seq_len:], [target[i] for i in keep][-seq_len:]
+
+
+def pad_batch(sequences: list[list[int]], labels: list[list[int]] | None = None, pad_id: int = 0) -> dict:
+    """Right-padded ``tokens`` [B, T] and ``attention_mask`` (and ``labels`` padded with -100)."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    out = {"tokens": tokens, "attention_mask": mask}
+    if labels is not None:
+        out["labels"] = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        if labels is not None:
+            out["labels"][i, : len(seq)] = torch.tensor(labels[i])
+    return out
+
+
+def reward_inputs(template, prompts: list[str], responses: list[str], seq_len: int) -> dict:
+    """What a reward model (``TransformerWithScalarHead.sequence_scores``) scores a batch of
+    (prompt, response) with: ``{"tokens", "attention_mask"}``, right-padded."""
+    return pad_batch([encode_response(template, p, r, seq_len)[0] for p, r in zip(prompts, responses)])
+
+
+class PairDataset:
+    """Encoded preference pairs for the trainers: ``batch(indices)`` gives the chosen sequences then
+    the rejected ones in one right-padded batch of 2B, with labels and per-pair margins.
+
+    A rank's epoch order is a seeded permutation of its own slice (every ``world_size``-th pair), so
+    ranks never share a pair; ``state_dict`` / ``load_state_dict`` resume at the next batch."""
+
+    def __init__(self, pairs: list[dict], tokenizer_file: str | Path, seq_len: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, default_margin: float = 0.0):
+        from raylm.sft_data import ChatTemplate
+
+        template = ChatTemplate(tokenizer_file)
+        self.pairs = pairs
+        self.encoded = [(encode_response(template, p["prompt"], p["chosen"], seq_len),
+                         encode_response(template, p["prompt"], p["rejected"], seq_len)) for p in pairs]
+        self.margins = [float(p.get("margin", default_margin)) for p in pairs]
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.mine = list(range(rank, len(pairs) // world_size * world_size, world_size))
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.mine)
+
+    def batch(self, indices: list[int]) -> dict:
+        chosen = [self.encoded[i][0] for i in indices]
+        rejected = [self.encoded[i][1] for i in indices]
+        out = pad_batch([c[0] for c in chosen] + [r[0] for r in rejected], [c[1] for c in chosen] + [r[1] for r in rejected])
+        out["margin"] = torch.tensor([self.margins[i] for i in indices], dtype=torch.float32)
+        out["index"] = torch.tensor(indices, dtype=torch.long)
+        return out
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return self.mine
+        return [self.mine[i] for i in np.random.default_rng([self.seed, self.rank, epoch]).permutation(len(self.mine))]
+
+    def next_batch(self, batch_size: int) -> dict:
+        """The next ``batch_size`` pairs of this rank, crossing into a reshuffled next epoch when needed."""
+        indices = []
+        while len(indices) < batch_size:
+            order = self.order(self.epoch)
+            take = order[self.position : self.position + batch_size - len(indices)]
+            indices += take
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return self.batch(indices)
+
+    def batches(self, batch_size: int):
+        """One pass over this rank's pairs in order (the last batch may be short)."""
+        for start in range(0, len(self.mine), batch_size):
+            yield self.batch(self.mine[start : start + batch_size])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "rank", "world_size"):
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(f"state {key}={state[key]} does not match this dataset's {key}={getattr(self, key)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
