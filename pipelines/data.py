@@ -70,6 +70,12 @@ class ComputeConfig(Section):
     batch_size: int = Field(default=256, ge=1)  # documents per map_batches call
     max_chars: int = Field(default=1_000_000, ge=1)  # longer documents are quarantined
     object_store_budget: int | None = Field(default=None, ge=1 << 20)  # bytes Ray Data may hold at once
+    # Custom Ray resources every task and actor of this stage asks for: placement on a node type,
+    # e.g. {data_node: 0.01} with the cluster configs of cluster/ (CPU nodes carry `data_node`).
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    def remote_args(self) -> dict:
+        return {"resources": dict(self.resources)} if self.resources else {}
 
 
 class Config(StageConfig):
@@ -155,7 +161,7 @@ def read_documents(config: Config):
     items = [{"file_index": i, "path": path, "source": source or Path(path).name.split(".")[0],
               "format": "auto", "text_column": "text"} for i, (path, source) in enumerate(input_files(config))]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_files, batch_size=1, fn_kwargs={"max_chars": config.compute.max_chars})
+        read_files, batch_size=1, fn_kwargs={"max_chars": config.compute.max_chars}, **config.compute.remote_args())
 
 
 def phase_documents(config: Config, out: Path) -> dict:
@@ -167,9 +173,11 @@ def phase_documents(config: Config, out: Path) -> dict:
     c = config.compute
     ds = read_documents(config)
     ds = ds.map_batches(DocumentFilter, fn_constructor_args=(config.filters,), batch_size=c.batch_size,
-                        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=c.workers))
+                        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=c.workers),
+                        **c.remote_args())
     ds = ds.map_batches(MinHashSignatures, fn_constructor_args=(config.dedup,), batch_size=c.batch_size,
-                        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=c.workers))
+                        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=c.workers),
+                        **c.remote_args())
     ds.write_parquet(str(out / "documents"))
     # Counting and the quarantine read the small columns back, file by file: bounded memory.
     reasons: Counter = Counter()
@@ -218,7 +226,7 @@ def phase_dedup(config: Config, out: Path) -> dict:
 
     files = sorted(str(p) for p in (out / "documents").glob("*.parquet"))
     cfg = config.dedup
-    task = ray.remote(bucket_edges)
+    task = ray.remote(bucket_edges).options(**config.compute.remote_args())
     results = ray.get([task.remote(files, shard, cfg) for shard in range(cfg.bucket_shards)], timeout=3600)
     exact = np.concatenate([r["exact"] for r in results])
     near = np.concatenate([r["near"] for r in results])
@@ -245,7 +253,8 @@ def kept_documents(config: Config, out: Path):
     removed = ray.put(np.load(out / "removed_keys.npy"))
     files = sorted(str(p) for p in (out / "documents").glob("*.parquet"))
     return ray.data.read_parquet(files, columns=["key", "source", "text", "reason"]).map_batches(
-        _keep, batch_format="pyarrow", fn_args=(removed,), batch_size=config.compute.batch_size)
+        _keep, batch_format="pyarrow", fn_args=(removed,), batch_size=config.compute.batch_size,
+        **config.compute.remote_args())
 
 
 def phase_tokenizer(config: Config, out: Path, ds) -> dict:
@@ -278,7 +287,7 @@ def phase_tokens(config: Config, out: Path, ds, vocab_size: int) -> dict:
         ShardTokenizer, batch_size=c.batch_size * 4, batch_format="pyarrow",
         fn_constructor_args=(str(out / "tokenizer.json"), str(shard_dir), vocab_size, EOS_ID,
                              config.tokenize.validation_fraction, config.tokenize.source_weights, config.seed),
-        compute=ActorPoolStrategy(min_size=1, max_size=c.workers)).take_all()
+        compute=ActorPoolStrategy(min_size=1, max_size=c.workers), **c.remote_args()).take_all()
     # the index lists shards by their first document key: the stream is in input order
     entries.sort(key=lambda e: (e["first_key"], e["file"]))
     splits: dict[str, list] = {"train": [], "validation": []}

@@ -15,7 +15,7 @@ import time
 
 from pydantic import Field, field_validator
 
-from raylm.config import ConfigError, StageConfig, format_validation_error, read_yaml
+from raylm.config import ConfigError, StageConfig, deep_merge, format_validation_error, read_yaml
 from raylm.stages import LIFECYCLE, StageNotBuilt, built_stages, stage_module
 from raylm.tracking import StageRun, start_run, resolve_tracking_uri, stage_run
 
@@ -24,7 +24,7 @@ class Config(StageConfig):
     stages: list[str] = ["export"]
     # A stage's own YAML (e.g. examples/laptop/pretrain.yaml) as the base of its section; the
     # lifecycle's output_dir, seed, tracking, ray and lineage replace that file's, and `sections`
-    # override on top.
+    # override on top, merged key by key (a list replaces the file's list).
     stage_files: dict[str, str] = Field(default_factory=dict)
     # One section per stage, validated by that stage's Config (output_dir, seed, tracking and ray
     # are inherited from the top level; the stage writes under <output_dir>/<stage>).
@@ -62,7 +62,8 @@ def stage_config(config: Config, stage: str, config_path=None):
                  "tracking": config.tracking.model_dump(), "ray": config.ray.model_dump(), **lineage(config, stage)}
     base = read_yaml(config.stage_files[stage]) if stage in config.stage_files else {}
     try:
-        return module, module.Config.model_validate({**base, **inherited, **config.sections.get(stage, {})})
+        merged = deep_merge(deep_merge(base, inherited), config.sections.get(stage, {}))
+        return module, module.Config.model_validate(merged)
     except ValidationError as e:
         raise ConfigError(format_validation_error(f"{config_path} sections.{stage}", e)) from None
 

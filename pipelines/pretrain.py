@@ -85,7 +85,8 @@ def launch(config, spec: dict) -> dict:
         torch_config=TorchConfig(backend="nccl" if parallel.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=parallel.num_workers, use_gpu=parallel.use_gpu,
-            resources_per_worker={"CPU": parallel.cpus_per_worker, **({"GPU": 1} if parallel.use_gpu else {})},
+            resources_per_worker={"CPU": parallel.cpus_per_worker, **({"GPU": 1} if parallel.use_gpu else {}),
+                                  **parallel.resources_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),

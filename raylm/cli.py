@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in output_dir)")
         if command == "submit":
             p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+            p.add_argument("--no-follow", dest="follow", action="store_false",
+                           help="submit and return; do not print the job's log until it ends")
+            job = p.add_mutually_exclusive_group()
+            job.add_argument("--status", metavar="JOB_ID", help="print a submitted job's status")
+            job.add_argument("--logs", metavar="JOB_ID", help="print a submitted job's log")
+            job.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job")
     return parser
 
 
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raylm: {e}", file=sys.stderr)
         return 3
     try:
-        config = load_config(module.Config, args.config, args.overrides)
+        config = load_config(module.Config, args.config, args.overrides,
+                             ignore=() if args.command == "submit" else ("submit",))
         if hasattr(module, "check"):  # checks that need more than one section (e.g. files exist)
             module.check(config, args.config)
     except ConfigError as e:

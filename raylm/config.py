@@ -102,6 +102,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, key by key through nested mappings; any other value (lists included)
+    in ``top`` replaces ``base``'s."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -138,10 +150,15 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(cls: type[StageConfig], path: str | Path | None, overrides: list[str] = ()) -> StageConfig:
-    """Read, override, validate. Raises ConfigError naming the file and the key."""
+def load_config(cls: type[StageConfig], path: str | Path | None, overrides: list[str] = (),
+                ignore: tuple[str, ...] = ()) -> StageConfig:
+    """Read, override, validate. Raises ConfigError naming the file and the key. Top-level keys in
+    ``ignore`` belong to another command (e.g. ``submit``: how `raylm submit` sends the config)."""
     source = str(path) if path is not None else "(defaults)"
     data = read_yaml(path) if path is not None else {}
+    for key in ignore:
+        data.pop(key, None)
+    overrides = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in ignore]
     data = apply_overrides(data, list(overrides))
     if overrides:
         source += " (with --set overrides)"

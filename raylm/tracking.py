@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -29,7 +30,8 @@ def default_tracking_uri(output_dir: str | Path) -> str:
 
 
 def resolve_tracking_uri(config: StageConfig, override: str | None = None) -> str:
-    return override or config.tracking.uri or default_tracking_uri(config.output_dir)
+    return (override or config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or default_tracking_uri(config.output_dir))
 
 
 def _client(uri: str):

