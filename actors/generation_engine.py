@@ -6,6 +6,9 @@ cannot be installed, behind one method surface:
 - ``prompt_logprobs(sequences)`` -> log p(token | prefix) for every token after the first;
 - ``load_weights(hf_state, version)`` -> seconds: new policy weights (Hugging Face names), handed
   over as one object-store reference, so every engine reads the same single copy;
+- ``load_weight_buckets(bucket_refs, version)`` -> seconds: the same, as a list of object-store
+  references to buckets (``pack_weight_buckets``: many tensors packed into one flat buffer each),
+  loaded bucket by bucket inside one layerwise reload;
 - ``version()``: the policy version the engine currently serves.
 
 The vLLM engine runs in-process in the actor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights
@@ -33,8 +36,74 @@ def vllm_available() -> bool:
     return True
 
 
+def pack_weight_buckets(hf_state: dict[str, torch.Tensor], bucket_bytes: int = 64 << 20) -> list[dict]:
+    """Pack tensors into buckets of about ``bucket_bytes``: ``{"names", "shapes", "dtype", "offsets",
+    "data"}``, ``data`` one flat uint8 numpy buffer (the object store hands it over without copies).
+    A bucket holds one dtype; a tensor larger than ``bucket_bytes`` gets a bucket of its own."""
+    buckets, current = [], []
+
+    def close():
+        if not current:
+            return
+        flat = torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for _, t in current])
+        offsets, offset = [], 0
+        for _, t in current:
+            offsets.append(offset)
+            offset += t.numel() * t.element_size()
+        buckets.append({"names": [n for n, _ in current], "shapes": [list(t.shape) for _, t in current],
+                        "dtype": str(current[0][1].dtype).removeprefix("torch."), "offsets": offsets,
+                        "data": flat.numpy()})
+        current.clear()
+
+    size = 0
+    for name, tensor in hf_state.items():
+        tensor = tensor.detach().cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and (size + nbytes > bucket_bytes or tensor.dtype != current[0][1].dtype):
+            close()
+            size = 0
+        current.append((name, tensor))
+        size += nbytes
+    close()
+    return buckets
+
+
+def unpack_weight_bucket(bucket: dict) -> list[tuple[str, torch.Tensor]]:
+    """A bucket -> (name, tensor) pairs, views of one writable copy of its buffer."""
+    dtype = getattr(torch, bucket["dtype"])
+    flat = torch.from_numpy(bucket["data"].copy())  # the object store's buffer is read-only
+    out = []
+    for name, shape, offset in zip(bucket["names"], bucket["shapes"], bucket["offsets"]):
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append((name, flat[offset:offset + nbytes].view(dtype).view(shape)))
+    return out
+
+
 class WeightReloadExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``); called through ``collective_rpc``."""
+
+    def raylm_begin_reload(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.model)
+
+    def raylm_load_bucket(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        # A layer is processed as soon as all of its weights have arrived, whichever bucket brings them.
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.model.load_weights(weights)
+
+    def raylm_finish_reload(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.model_runner.model, self.model_config)
+        self._retie_output_head()
 
     def raylm_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         from vllm.config import set_current_vllm_config
@@ -45,6 +114,26 @@ class WeightReloadExtension:
             initialize_layerwise_reload(model)
             model.load_weights(weights)
             finalize_layerwise_reload(model, self.model_config)
+        self._retie_output_head()
+
+    def _retie_output_head(self) -> None:
+        """With tied embeddings no tensor names the output head, so the layerwise reload skips it
+        ("ParallelLMHead: Failed to load weights") and the head keeps what it derived from the old
+        weights (on CPU, a prepacked GEMM copy): make sure it shares the new embedding and redo
+        its post-load processing."""
+        model = self.model_runner.model
+        if not getattr(self.model_config.hf_config, "tie_word_embeddings", False):
+            return
+        head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is None or embed is None:
+            return
+        if head.weight is not embed.weight:
+            rows = min(head.weight.shape[0], embed.weight.shape[0])
+            with torch.no_grad():
+                head.weight.data[:rows].copy_(embed.weight.data[:rows])
+        method = getattr(head, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(head)
 
 
 def _eos_token_id(checkpoint_dir: str) -> int:
@@ -85,13 +174,17 @@ class VLLMEngine:
         return self.policy_version
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False) -> list[dict]:
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False,
+                 stop_token_ids: list[int] | None = None) -> list[dict]:
+        """``stop_token_ids``: tokens that end a completion besides EOS (e.g. the chat's ``<|end|>``);
+        the stop token is kept as the completion's last token."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0,
-            seed=seed, logprobs=0 if logprobs else None, stop_token_ids=[self.eos_token_id], detokenize=False,
+            seed=seed, logprobs=0 if logprobs else None, stop_token_ids=[self.eos_token_id, *(stop_token_ids or [])],
+            detokenize=False,
         )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         results = []
@@ -120,6 +213,17 @@ class VLLMEngine:
         self.policy_version = version
         return time.perf_counter() - start
 
+    def load_weight_buckets(self, bucket_refs: list, version: int) -> float:
+        """Load a published policy (``pack_weight_buckets``) bucket by bucket in one layerwise reload."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("raylm_begin_reload")
+        for ref in bucket_refs:
+            self.llm.collective_rpc("raylm_load_bucket", args=(unpack_weight_bucket(ray.get(ref)),))
+        self.llm.collective_rpc("raylm_finish_reload")
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return time.perf_counter() - start
+
 
 @ray.remote
 class TorchEngine:
@@ -130,6 +234,7 @@ class TorchEngine:
 
         self.model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
         self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
         self.policy_version = 0
 
     def ready(self) -> bool:
@@ -142,12 +247,19 @@ class TorchEngine:
         return self.policy_version
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False) -> list[dict]:
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False,
+                 stop_token_ids: list[int] | None = None) -> list[dict]:
         from raylm.models.generate import SamplingParams, generate
 
-        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        else:  # like vLLM without a per-request seed: one stream for the engine's life
+            generator = self.generator
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         completions = generate(self.model, prompts, params, generator)
+        if stop_token_ids:  # raylm's generator stops on EOS only: cut after the first stop token
+            stops = set(stop_token_ids)
+            completions = [c[:next((i + 1 for i, t in enumerate(c) if t in stops), len(c))] for c in completions]
         token_logprobs = self.prompt_logprobs([p + c for p, c in zip(prompts, completions)]) if logprobs else None
         return [
             {"tokens": c, "logprobs": token_logprobs[i][len(prompts[i]) - 1 :] if logprobs else None,
@@ -171,6 +283,12 @@ class TorchEngine:
         state = from_hf_state_dict(self.model.config, hf_state)
         self.model.load_state_dict(state, strict=True)
         self.policy_version = version
+        return time.perf_counter() - start
+
+    def load_weight_buckets(self, bucket_refs: list, version: int) -> float:
+        start = time.perf_counter()
+        hf_state = dict(pair for ref in bucket_refs for pair in unpack_weight_bucket(ray.get(ref)))
+        self.load_weights(hf_state, version)
         return time.perf_counter() - start
 
 

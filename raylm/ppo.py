@@ -47,6 +47,25 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask
 
 
+# ---- response tokens in a batch of sequences -----------------------------------------------
+
+def response_index(prompt_lens: torch.Tensor, width: int, seq_len: int) -> torch.Tensor:
+    """[B] prompt lengths -> [B, width]: the positions of right-padded sequences (prompt then
+    response) whose outputs predict response tokens 0..width-1 (position ``prompt_len - 1 + t``).
+    Entries past a row's end are clamped inside the sequence; the response mask hides them."""
+    t = torch.arange(width, device=prompt_lens.device)
+    return (prompt_lens[:, None] - 1 + t).clamp(max=seq_len - 2)
+
+
+def response_logits_and_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, V] logits of [B, T] tokens -> ([B, R, V] logits at the response positions, [B, R]
+    log-probabilities of the response tokens), in float32."""
+    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).float()
+    targets = tokens.gather(1, index + 1)
+    return picked, picked.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
 # ---- KL between policy and reference ------------------------------------------------------
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""The PPO policy: one rank of the policy trainer group (see ``actors/trainer_group.py``).
+
+Every rank holds an FSDP2 shard of the policy and receives its own equal share of each step's
+rollouts as a dict of tensors: ``tokens`` [b, T] (prompt then response, right-padded),
+``prompt_lens`` [b], ``response_mask`` [b, R], and for the update ``old_logprobs``, ``advantages``
+(and ``ref_logprobs`` when the KL is a loss), all [b, R].
+
+``publish_weights`` gathers the full weights once, converts them to Hugging Face names, packs
+them into a few buckets and puts each into the object store once; every rollout engine then
+loads the same buckets (``actors/generation_engine.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import ray
+import torch
+
+from raylm.actors.generation_engine import pack_weight_buckets
+from raylm.actors.trainer_group import ShardedTrainer
+from raylm.ppo import (
+    clipped_policy_loss,
+    entropy_from_logits,
+    kl_estimate,
+    masked_mean,
+    response_index,
+    response_logits_and_logprobs,
+)
+
+
+def minibatch_rows(n: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A fresh permutation of ``n`` rows cut into ``minibatches`` equal parts (every rank the same count)."""
+    order = torch.randperm(n, generator=generator)
+    per = n // minibatches
+    return [order[i * per:(i + 1) * per] for i in range(minibatches)]
+
+
+def trim(batch: dict, rows: torch.Tensor) -> dict:
+    """The rows of a batch, cut to the longest real sequence and response among them."""
+    out = {k: v[rows] for k, v in batch.items()}
+    width = int(out["response_mask"].sum(-1).max().clamp(min=1))
+    seq_len = int((out["prompt_lens"] + out["response_mask"].sum(-1)).max())
+    for key, value in out.items():
+        if key == "tokens":
+            out[key] = value[:, :max(seq_len, 2)]
+        elif value.ndim == 2:
+            out[key] = value[:, :width]
+    return out
+
+
+@ray.remote
+class PolicyTrainer(ShardedTrainer):
+    def build_model(self, checkpoint: str):
+        from raylm.models.hf_checkpoint import load_checkpoint
+
+        model = load_checkpoint(checkpoint, scalar_head=False)
+        self.config = model.config
+        return model
+
+    def plain_model(self):
+        from raylm.models.transformer import Transformer
+
+        return Transformer(self.config)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch["tokens"].to(self.device)
+        index = response_index(batch["prompt_lens"].to(self.device), batch["response_mask"].shape[1], tokens.shape[1])
+        return response_logits_and_logprobs(self.model(tokens), tokens, index)
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict) -> torch.Tensor:
+        """[b, R] log-probabilities of the response tokens under the current policy (0 on padding)."""
+        self.model.eval()
+        _, logprobs = self.forward(batch)
+        self.model.train()
+        return (logprobs * batch["response_mask"].to(logprobs.device)).cpu()
+
+    def update(self, batch: dict, epochs: int, minibatches: int, clip_eps: float, entropy_coef: float = 0.0,
+               kl_loss_coef: float = 0.0, kl_estimator: str = "k3", step: int = 0) -> dict:
+        """``epochs`` passes over this rank's rollouts in ``minibatches`` optimizer steps each: PPO's
+        clipped surrogate, minus the entropy bonus, plus the KL to the reference when it is a loss.
+        Each rank's loss is the token mean of its own minibatch; FSDP2 averages the gradients."""
+        generator = torch.Generator().manual_seed(self.seed * 100003 + step)
+        stats = defaultdict(list)
+        start = time.perf_counter()
+        for _ in range(epochs):
+            for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
+                mb = trim(batch, rows)
+                mask = mb["response_mask"].to(self.device)
+                logits, logprobs = self.forward(mb)
+                out = clipped_policy_loss(logprobs, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
+                                          mask, clip_eps)
+                loss = out.loss
+                with torch.set_grad_enabled(entropy_coef > 0):
+                    entropy = masked_mean(entropy_from_logits(logits), mask)
+                if entropy_coef > 0:
+                    loss = loss - entropy_coef * entropy
+                if kl_loss_coef > 0:
+                    kl = masked_mean(kl_estimate(logprobs, mb["ref_logprobs"].to(self.device), kl_estimator), mask)
+                    loss = loss + kl_loss_coef * kl
+                    stats["policy/kl_loss"].append(kl.item())
+                loss.backward()
+                stats["policy/grad_norm"].append(self.optimizer_step())
+                stats["policy/loss"].append(out.loss.item())
+                stats["policy/clip_fraction"].append(float(out.clip_fraction))
+                stats["policy/approx_kl"].append(float(out.approx_kl))
+                stats["policy/entropy"].append(entropy.item())
+        metrics = {k: sum(v) / len(v) for k, v in stats.items()}
+        metrics["time/policy_update_s"] = time.perf_counter() - start
+        return metrics
+
+    def publish_weights(self, bucket_bytes: int) -> dict | None:
+        """Collective: gather the full weights; rank 0 packs them into buckets and puts each into the
+        object store once. -> on rank 0 ``{"buckets": [ObjectRef, ...], "seconds", "bytes"}``."""
+        from raylm.models.hf_checkpoint import to_hf_state_dict
+
+        start = time.perf_counter()
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        buckets = pack_weight_buckets(to_hf_state_dict(self.config, state), bucket_bytes)
+        refs = [ray.put(bucket) for bucket in buckets]
+        return {"buckets": refs, "seconds": time.perf_counter() - start,
+                "bytes": sum(b["data"].nbytes for b in buckets)}

@@ -1,0 +1,68 @@
+"""The PPO critic: one rank of the value trainer group (see ``actors/trainer_group.py``).
+
+A scalar-head transformer (``TransformerWithScalarHead``) gives a value per token; the value of
+response token t is read where the policy's log-probability of t is: at position
+``prompt_len - 1 + t``, the state before t is generated. It starts from the reward model's
+weights (its scalar head included) unless another checkpoint is given; a causal-LM checkpoint
+gets a fresh zero head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import ray
+import torch
+
+from raylm.actors.policy_trainer import minibatch_rows, trim
+from raylm.actors.trainer_group import ShardedTrainer
+from raylm.ppo import clipped_value_loss, response_index
+
+
+@ray.remote
+class ValueTrainer(ShardedTrainer):
+    def build_model(self, checkpoint: str):
+        from raylm.models.hf_checkpoint import load_checkpoint
+
+        model = load_checkpoint(checkpoint, scalar_head=True)
+        self.config = model.config
+        return model
+
+    def plain_model(self):
+        from raylm.models.transformer import TransformerWithScalarHead
+
+        return TransformerWithScalarHead(self.config)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        tokens = batch["tokens"].to(self.device)
+        index = response_index(batch["prompt_lens"].to(self.device), batch["response_mask"].shape[1], tokens.shape[1])
+        return self.model(tokens).gather(1, index)
+
+    @torch.no_grad()
+    def values(self, batch: dict) -> torch.Tensor:
+        """[b, R] values before each response token (0 on padding)."""
+        self.model.eval()
+        values = self.forward(batch)
+        self.model.train()
+        return (values * batch["response_mask"].to(values.device)).cpu()
+
+    def update(self, batch: dict, epochs: int, minibatches: int, value_clip_eps: float | None, step: int = 0) -> dict:
+        """``epochs`` passes in ``minibatches`` steps each of the (clipped) value loss against ``returns``."""
+        generator = torch.Generator().manual_seed(self.seed * 100003 + step)
+        stats = defaultdict(list)
+        start = time.perf_counter()
+        for _ in range(epochs):
+            for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
+                mb = trim(batch, rows)
+                mask = mb["response_mask"].to(self.device)
+                values = self.forward(mb)
+                loss, clipped = clipped_value_loss(values, mb["old_values"].to(self.device), mb["returns"].to(self.device),
+                                                   mask, value_clip_eps)
+                loss.backward()
+                stats["critic/grad_norm"].append(self.optimizer_step())
+                stats["critic/value_loss"].append(loss.item())
+                stats["critic/value_clip_fraction"].append(float(clipped))
+        metrics = {k: sum(v) / len(v) for k, v in stats.items()}
+        metrics["time/critic_update_s"] = time.perf_counter() - start
+        return metrics
