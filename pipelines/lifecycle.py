@@ -106,9 +106,11 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
             print(f"=== raylm run: stage {stage} ===", flush=True)
             with stage_run(stage, stage_cfg, parent=parent) as run_handle:
                 result = module.run(stage_cfg, run_handle)
-            result = {"seconds": round(time.perf_counter() - start, 1), **(result or {})}
+            result = {"seconds": round(time.perf_counter() - start, 1), "mlflow_run": run_handle.run_id,
+                      **(result or {})}
             done.write_text(json.dumps(result, indent=2, default=str))
             summary["stages"][stage] = result
+        summary["plots"] = [str(p) for p in plot_curves(summary, config, parent)]
         status = "FINISHED"
     finally:
         parent.client.set_terminated(parent.run_id, status)
@@ -116,12 +118,30 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
     return summary
 
 
+def plot_curves(summary: dict, config: Config, parent: StageRun) -> list:
+    """Loss, reward and KL curves of this run's stages (skipped ones included) as PNGs in
+    <output_dir>/plots, logged to the parent run."""
+    from raylm.plots import plot_lifecycle
+
+    runs = {stage: r["mlflow_run"] for stage, r in summary["stages"].items() if r.get("mlflow_run")}
+    paths = plot_lifecycle(parent.client, runs, config.output_path / "plots")
+    for path in paths:
+        parent.log_artifact(path, "plots")
+    return paths
+
+
 def print_report(summary: dict, config: Config) -> None:
     print("\n=== raylm run: report ===")
     for stage, result in summary["stages"].items():
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-                          if not isinstance(v, (dict, list)))
+                          if not isinstance(v, (dict, list)) and k != "mlflow_run")
         print(f"  {stage}: {shown}")
+    table = config.output_path / "eval" / "results.md"
+    if "eval" in summary["stages"] and table.exists():
+        print("\n  benchmarks, checkpoint by checkpoint (" + str(table) + "):")
+        print("    " + table.read_text().strip().replace("\n", "\n    "))
+    if summary.get("plots"):
+        print(f"\n  plots: {', '.join(summary['plots'])}")
     not_built = [s for s in LIFECYCLE if s not in built_stages()]
     if not_built:
         print(f"  not built yet: {', '.join(not_built)}")

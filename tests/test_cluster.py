@@ -269,6 +269,8 @@ def test_submit_runs_on_the_cluster_where_resources_say_and_survives_a_dead_node
         filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
     assert set(stages) == {"pretrain", "export"}
     assert all(r.info.status == "FINISHED" for r in stages.values())
+    # the loss curves, drawn from those runs, are the parent run's artifacts
+    assert "plots/pretrain.png" in {a.path for a in client.list_artifacts(parent, "plots")}
     # Resumed from the last checkpoint: the steps after it were trained twice, none before it.
     history = pretrain_history(client, parent, "loss")
     counts: dict[int, int] = {}
