@@ -65,14 +65,17 @@ def training_spec(config, stage: str, stage_run: StageRun) -> dict:
     }
 
 
-def launch(config, spec: dict) -> dict:
+def launch(config, spec: dict, loop=None) -> dict:
     """Run the worker group to the end (through failures, up to ``max_failures``); returns the
-    final metrics rank 0 reported."""
+    final metrics rank 0 reported. ``loop``: the worker loop (default: ``train_worker.train_loop``;
+    the preference stages bring their own)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raylm.actors.train_worker import train_loop
     from raylm.ray_init import init_ray
+
+    train_loop = loop or train_loop
 
     init_ray(config.ray)
     storage = (config.output_path / "ray_train").resolve()
