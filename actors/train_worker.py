@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raylm.distributed import checkpoint as ckpt
+from raylm.distributed.context_parallel import shard_sequence
 from raylm.distributed.expert_parallel import scale_expert_grads
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.distributed.parallelize import clean_state_dict_key, parallelize
@@ -88,11 +89,15 @@ def build_dataset(spec: dict, split: str, rank: int, world_size: int, training: 
     raise ValueError(f"unknown data kind {data['kind']!r}")
 
 
-def model_inputs(batch: dict, device) -> tuple:
+def model_inputs(batch: dict, device, cp: int = 1, cp_rank: int = 0) -> tuple:
+    """(tokens, labels, positions, attn_mask) of a batch, or of this rank's chunk of every sequence
+    under context parallelism."""
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+    doc = batch["document_ids"].to(device) if "document_ids" in batch else None
+    if cp > 1:
+        return shard_sequence(tokens, labels, doc, cp_rank, cp)
     positions = attn_mask = None
-    if "document_ids" in batch:  # packed examples: no attention across examples, positions restart
-        doc = batch["document_ids"].to(device)
+    if doc is not None:  # packed examples: no attention across examples, positions restart
         positions, attn_mask = document_positions(doc), document_causal_mask(doc)
     return tokens, labels, positions, attn_mask
 
@@ -202,7 +207,7 @@ def evaluate(model, spec, dims, rank, device, autocast_dtype) -> float:
         for i, batch in enumerate(loader):
             if i == spec["train"]["eval_batches"]:
                 break
-            tokens, labels, positions, attn_mask = model_inputs(batch, device)
+            tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(dist.get_rank()))
             loss = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
             totals += torch.stack([loss.double(), (labels != IGNORE_INDEX).sum().double()])
     model.train()
@@ -235,7 +240,7 @@ def train_loop(spec: dict) -> None:
     torch.set_num_threads(max(1, parallel["cpus_per_worker"]))
     set_determinism(spec, rank)
     dims = ParallelDims(world_size, dp_shard=parallel["dp_shard"], dp_replicate=parallel["dp_replicate"],
-                        tp=parallel["tp"], ep=parallel["ep"])
+                        tp=parallel["tp"], ep=parallel["ep"], cp=parallel.get("cp", 1))
     dims.build_mesh(device.type)
 
     model = build_model(spec).to(device)
@@ -275,17 +280,18 @@ def train_loop(spec: dict) -> None:
         # The step's loss is the mean over every unmasked token of every rank's micro-batches.
         n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)), device=device)
         dist.all_reduce(n_tokens)
-        n_tokens /= dims.tp  # tensor-parallel peers hold the same batch
+        n_tokens /= dims.tp * dims.cp  # tensor- and context-parallel peers hold the same batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         aux_sum = 0.0
         expert_counts = [torch.zeros(cfg.n_experts, device=device) for _ in model.moe_layers()]
         for i, batch in enumerate(batches):
-            tokens, labels, positions, attn_mask = model_inputs(batch, device)
+            tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(rank))
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only
                 model.set_requires_gradient_sync(i == accum - 1)
             ce = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
-            # FSDP2 averages gradients over the dp ranks; scaling by dp_size turns that into the global mean.
-            loss = ce * dims.dp_size / n_tokens.clamp(min=1)
+            # FSDP2 averages gradients over the dp (and cp) ranks; scaling by their number turns that
+            # into the global mean.
+            loss = ce * dims.grad_average_size / n_tokens.clamp(min=1)
             if cfg.is_moe:
                 aux = model.moe_aux_loss() / accum
                 loss = loss + aux

@@ -53,12 +53,23 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def scaled_dot_product_attention(q, k, v, attn_mask=None):
+    """Attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D]; causal when no mask is given."""
+    gqa = q.shape[1] != k.shape[1]
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # The attention kernel. Parallelisms that split the sequence swap in their own from outside
+        # (raylm.distributed.context_parallel); the model itself holds no distributed code.
+        self.sdpa = scaled_dot_product_attention
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
         batch, seq, _ = x.shape
@@ -69,11 +80,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        gqa = q.shape[1] != k.shape[1]
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        out = self.sdpa(q, k, v, attn_mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

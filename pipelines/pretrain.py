@@ -50,6 +50,13 @@ def check_parallel(config, config_path) -> None:
     if config.train.fail_at_step is not None and config.train.fail_rank >= config.parallel.num_workers:
         raise ConfigError(f"{config_path}: train.fail_rank: {config.train.fail_rank} is not a rank of "
                           f"{config.parallel.num_workers} workers")
+    parallel = config.parallel
+    if parallel.cp > 1 and config.train.seq_len % parallel.cp:
+        raise ConfigError(f"{config_path}: parallel.cp: {parallel.cp} does not divide train.seq_len "
+                          f"({config.train.seq_len})")
+    if parallel.cp > 1 and parallel.ep > 1:
+        raise ConfigError(f"{config_path}: parallel.ep: expert parallelism with context parallelism (cp="
+                          f"{parallel.cp}) is not supported; use one of them")
 
 
 def training_spec(config, stage: str, stage_run: StageRun) -> dict:

@@ -54,11 +54,13 @@ class ParallelConfig(Section):
     dp_replicate: int = Field(default=1, ge=1)  # HSDP replica groups
     tp: int = Field(default=1, ge=1)  # tensor-parallel degree (attention heads, MLP hidden units)
     ep: int = Field(default=1, ge=1)  # expert-parallel degree for MoE: 1 or dp_shard (experts over the dp ranks)
+    cp: int = Field(default=1, ge=1)  # context-parallel degree: each sequence split over cp ranks
 
     @model_validator(mode="after")
     def _degrees(self):
-        shard = self.dp_shard if self.dp_shard != -1 else self.num_workers // (self.dp_replicate * self.tp)
-        if shard < 1 or shard * self.dp_replicate * self.tp != self.num_workers:
-            raise ValueError(f"dp_shard: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x "
+        others = self.dp_replicate * self.cp * self.tp
+        shard = self.dp_shard if self.dp_shard != -1 else self.num_workers // others
+        if shard < 1 or shard * others != self.num_workers:
+            raise ValueError(f"dp_shard: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x cp={self.cp} x "
                              f"tp={self.tp} does not equal num_workers={self.num_workers}")
         return self

@@ -184,6 +184,25 @@ def test_expert_parallel_matches_one_process(data_dir, ray_local, tracking_uri, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_context_parallel_matches_one_process(data_dir, ray_local, tracking_uri, tmp_path):
+    """Each 64-token sequence split 32 + 32 over 2 workers (all-gather attention, FSDP2 over the
+    cp ranks) against one process on the same batches: same losses, same final weights."""
+    common = {"train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4}
+    _, cp_run = run_stage(pretrain_config(data_dir, tmp_path / "cp", **common, **{"parallel.cp": 2}), tracking_uri)
+    _, one_run = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{"parallel.num_workers": 1}),
+                           tracking_uri)
+    cp, one = history(cp_run, "loss"), history(one_run, "loss")
+    assert sorted(cp) == [1, 2, 3, 4]
+    for step in cp:
+        assert cp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
+    assert history(cp_run, "val_loss")[4] == pytest.approx(history(one_run, "val_loss")[4], rel=1e-5)
+    ours, theirs = load_file(tmp_path / "cp" / "hf" / "model.safetensors"), load_file(tmp_path / "one" / "hf" / "model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_rerun_resumes_from_the_latest_checkpoint(data_dir, ray_local, tracking_uri, tmp_path):
     run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 3, "train.eval_every": 0}), tracking_uri)
     summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 5, "train.eval_every": 0}),

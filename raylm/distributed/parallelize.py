@@ -1,5 +1,6 @@
 """Parallelism applied to a raylm ``Transformer`` from outside, in torchtitan's order:
-tensor parallel -> expert parallel -> activation checkpointing -> torch.compile -> FSDP2.
+tensor parallel -> context parallel -> expert parallel -> activation checkpointing -> torch.compile
+-> FSDP2.
 
 The model's own code knows nothing of this: blocks are wrapped or sharded in place, and the state
 dict keeps the names the Hugging Face adapter expects.
@@ -17,8 +18,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from raylm.distributed.parallel_dims import ParallelDims
+from raylm.distributed.context_parallel import apply_context_parallel
 from raylm.distributed.expert_parallel import apply_ep
+from raylm.distributed.parallel_dims import ParallelDims
 from raylm.distributed.tensor_parallel import apply_tp
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -67,11 +69,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: 
                 compile: bool = False) -> nn.Module:
     if dims.tp > 1:
         apply_tp(model, dims.tp_mesh)
+    if dims.cp > 1:
+        apply_context_parallel(model, dims.cp_mesh)
     expert_params = apply_ep(model, dims.ep_mesh) if dims.ep > 1 else []
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
-    if dims.dp_size > 1 or dims.tp == 1:  # pure tensor parallelism has nothing for FSDP to shard over
+    if dims.grad_average_size > 1 or dims.tp == 1:  # pure tensor parallelism has nothing for FSDP to shard over
         apply_fsdp(model, dims, ignored_params=set(expert_params) or None)
     return model
 
