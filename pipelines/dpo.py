@@ -1,0 +1,136 @@
+"""`raylm dpo`: Direct Preference Optimisation of a Hugging Face checkpoint on preference pairs,
+against a frozen reference model, on a Ray Train worker group (``actors/preference_trainer.py``).
+
+The reference's log-probs of every pair are computed once, before training, by plain Ray tasks
+(``<output_dir>/reference_logprobs.safetensors``, reused when the same run is resumed); the
+reference model is never held during training. Loss ``sigmoid`` (DPO) or ``ipo`` on the summed
+log-probs of the answer tokens, ``beta`` configurable. Data as `raylm reward` (pairs, rankings or
+``data.builtin: stdlib-docstrings``).
+
+Reported, on training batches and on the held-out pairs (before training and every
+``train.eval_every`` steps): the policy's chosen-minus-rejected log-prob margin and how often it
+prefers the chosen answer (``accuracy``), and the implicit rewards beta * log(pi / ref) of chosen and
+rejected answers, their margin and accuracy. The policy goes to ``<output_dir>/hf``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from raylm.config import ConfigError, Section, StageConfig
+from raylm.pipelines.reward import (
+    FreezeConfig,
+    PreferenceDataConfig,
+    PreferenceTrainConfig,
+    check_preference_stage,
+    finish,
+    load_pairs,
+    preference_spec,
+    tokenizer_path,
+)
+from raylm.tracking import StageRun
+from raylm.train_config import OptimConfig, ParallelConfig
+
+
+class DPOLossConfig(Section):
+    kind: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: squared distance to 1 / (2 beta)
+    beta: float = Field(default=0.1, gt=0)  # strength of the pull toward the reference
+
+
+class DPOOptimConfig(OptimConfig):
+    lr: float = Field(default=1e-4, gt=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class Config(StageConfig):
+    checkpoint: str = "out/sft/hf"  # the policy starts here (`raylm sft` output)
+    reference: str | None = None  # the frozen reference; None: the starting checkpoint
+    data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    epochs: float | None = Field(default=None, gt=0)  # sets train.steps from the training pairs; None: train.steps
+    loss: DPOLossConfig = Field(default_factory=DPOLossConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig)
+    optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+
+def check(config: Config, config_path) -> None:
+    check_preference_stage(config, config_path)
+    if config.reference is not None and not (Path(config.reference) / "config.json").exists():
+        raise ConfigError(f"{config_path}: reference: {Path(config.reference) / 'config.json'} not found "
+                          "(a Hugging Face folder)")
+    for key in ("checkpoint", "reference"):
+        path = getattr(config, key)
+        if path is not None:
+            hf = json.loads((Path(path) / "config.json").read_text())
+            if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures", [])):
+                raise ConfigError(f"{config_path}: {key}: {path} is a reward model; DPO needs a language model")
+
+
+def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path:
+    """Compute the reference's log-probs of every pair once (Ray tasks); a file made for the same
+    reference weights, data and sequence length is reused."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from raylm.actors.preference_trainer import reference_logprobs
+    from raylm.ray_init import init_ray
+
+    reference = Path(config.reference or config.checkpoint).resolve()
+    key = hashlib.sha256()
+    for part in (json.dumps(pairs, sort_keys=True), str(config.train.seq_len),
+                 (reference / "config.json").read_text()):
+        key.update(part.encode())
+    key.update(str((reference / "model.safetensors").stat().st_mtime_ns if (reference / "model.safetensors").exists()
+                   else "").encode())
+    path = config.output_path / "reference_logprobs.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == key.hexdigest():
+                print(f"[dpo] reference log-probs reused from {path}", flush=True)
+                return path
+    init_ray(config.ray)
+    started = time.perf_counter()
+    tensors = {}
+    for name in ("train", "validation"):
+        tensors[name] = reference_logprobs(str(reference), pairs[name], tokenizer, config.train.seq_len,
+                                           config.train.batch_size, num_tasks=config.parallel.num_workers,
+                                           cpus_per_task=config.parallel.cpus_per_worker).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"key": key.hexdigest(), "reference": str(reference)})
+    check = load_file(str(path))
+    assert all(torch.equal(check[k], tensors[k]) for k in tensors)
+    print(f"[dpo] reference log-probs of {sum(len(t) for t in tensors.values())} pairs in "
+          f"{time.perf_counter() - started:.1f}s -> {path}", flush=True)
+    return path
+
+
+def run(config: Config, stage_run: StageRun) -> dict:
+    from raylm.actors.preference_trainer import launch
+    from raylm.preference_data import PreferenceDataError
+
+    started = time.perf_counter()
+    tokenizer = str(tokenizer_path(config).resolve())
+    try:
+        pairs = load_pairs(config, stage_run)
+    except PreferenceDataError as e:
+        raise ConfigError(str(e)) from None
+    spec = preference_spec(config, "dpo", stage_run, pairs, tokenizer)
+    reference_file = reference_logprobs_file(config, pairs, tokenizer)
+    stage_run.log_metrics({"reference_logprobs_s": time.perf_counter() - started})
+    spec.update(objective="dpo", loss=config.loss.model_dump(), reference_logprobs=str(reference_file.resolve()))
+    final = launch(config, spec)
+    summary = finish(config, stage_run, final, started,
+                     ["loss", "val_accuracy", "val_logp_margin", "val_reward_accuracy", "val_reward_margin"])
+    print(f"raylm dpo: held-out preference accuracy {summary['val_accuracy']}, log-prob margin "
+          f"{summary['val_logp_margin']}", flush=True)
+    return summary

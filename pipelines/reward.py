@@ -1,0 +1,200 @@
+"""`raylm reward`: train a reward model (the checkpoint's backbone + a scalar head) on pairwise
+preferences with the Bradley-Terry loss, on a Ray Train worker group (FSDP2, checkpoints, failure
+recovery: ``actors/preference_trainer.py``).
+
+Data: JSONL pairs ``{"prompt", "chosen", "rejected"[, "margin"]}`` and rankings ``{"prompt",
+"responses": [best, ..., worst]}`` (all K(K-1)/2 pairs), or ``data.builtin: stdlib-docstrings``, a
+task with a known answer built from this Python's standard library: which of two docstring lines
+belongs to the function in the prompt (see ``raylm.preference_data``). The score is read at the last
+token of ``<|bos|><|user|>prompt<|end|><|assistant|>response<|end|><|eos|>``.
+
+Reported: held-out pairwise accuracy and mean reward margin, before training and every
+``train.eval_every`` steps. The model goes to ``<output_dir>/hf`` as a Hugging Face
+``...ForSequenceClassification`` folder (one label) with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from raylm.config import ConfigError, Section, StageConfig
+from raylm.tracking import StageRun
+from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
+
+
+class PreferenceDataConfig(Section):
+    train: str | None = None  # JSONL pairs / rankings
+    validation: str | None = None  # held-out JSONL: accuracy and margin
+    builtin: Literal["stdlib-docstrings"] | None = None  # instead of train/validation files
+    builtin_limit: int | None = Field(default=None, ge=10)  # functions of the built-in task (None: all, ~4,500)
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # of the built-in task's functions
+    negatives: Literal["same_module", "random"] = "same_module"  # where the built-in rejected answer comes from
+    pairs_per_prompt: int = Field(default=1, ge=1)  # built-in training pairs per function (different negatives)
+    on_bad_line: Literal["error", "skip"] = "error"  # skip: keep every valid line, bad ones to quarantine.jsonl
+    tokenizer: str | None = None  # tokenizer.json; default: the checkpoint's
+
+
+class FreezeConfig(Section):
+    train_layers: int | None = Field(default=None, ge=0)  # None: the whole model; N: last N blocks + head
+
+
+class PreferenceTrainConfig(TrainConfig):
+    steps: int = Field(default=200, ge=1)  # used when epochs is None
+    batch_size: int = Field(default=16, ge=1)  # pairs per rank per micro-batch
+    seq_len: int = Field(default=128, ge=8)  # longer (prompt, answer) sequences are cut (prompt first)
+    eval_every: int = Field(default=50, ge=0)
+    eval_batches: int = Field(default=64, ge=1)  # held-out batches per rank per evaluation
+    checkpoint_every: int = Field(default=100, ge=1)
+
+
+class RewardOptimConfig(OptimConfig):
+    lr: float = Field(default=1e-4, gt=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class RewardLossConfig(Section):
+    margin: float = 0.0  # Bradley-Terry margin for pairs without their own "margin": -log sigmoid(r_c - r_r - m)
+
+
+class Config(StageConfig):
+    checkpoint: str = "out/sft/hf"  # Hugging Face folder to start from (`raylm sft` output)
+    data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
+    epochs: float | None = Field(default=None, gt=0)  # sets train.steps from the training pairs; None: train.steps
+    loss: RewardLossConfig = Field(default_factory=RewardLossConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig)
+    optim: RewardOptimConfig = Field(default_factory=RewardOptimConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+
+# ---- shared with `raylm dpo` -------------------------------------------------------------------------
+
+def check_preference_stage(config, config_path) -> None:
+    """Checks of the starting checkpoint, the tokenizer and the data files, before any Ray work."""
+    from raylm.preference_data import PreferenceDataError, read_preferences
+
+    hf_config = Path(config.checkpoint) / "config.json"
+    if not hf_config.exists():
+        raise ConfigError(f"{config_path}: checkpoint: {hf_config} not found (a Hugging Face folder, e.g. "
+                          "`raylm sft` output's hf/)")
+    hf = json.loads(hf_config.read_text())
+    if config.train.seq_len > hf.get("max_position_embeddings", config.train.seq_len):
+        raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds the checkpoint's "
+                          f"max_position_embeddings ({hf['max_position_embeddings']})")
+    n_layers = hf.get("num_hidden_layers")
+    if config.freeze.train_layers is not None and n_layers is not None and config.freeze.train_layers > n_layers:
+        raise ConfigError(f"{config_path}: freeze.train_layers: {config.freeze.train_layers} exceeds the "
+                          f"checkpoint's {n_layers} layers")
+    tokenizer = tokenizer_path(config)
+    if not tokenizer.exists():
+        raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
+    if config.parallel.ep > 1:
+        raise ConfigError(f"{config_path}: parallel.ep: expert parallelism is not supported by preference training")
+    if config.train.fail_at_step is not None:
+        raise ConfigError(f"{config_path}: train.fail_at_step: fault injection is pretraining/SFT only")
+    if config.data.builtin is None:
+        for key in ("train", "validation"):
+            path = getattr(config.data, key)
+            if path is None or not Path(path).is_file():
+                raise ConfigError(f"{config_path}: data.{key}: {path!r} is not a file (or set data.builtin)")
+            try:
+                read_preferences(path, config.data.on_bad_line)
+            except PreferenceDataError as e:
+                raise ConfigError(f"{config_path}: data.{key}:\n{e}") from None
+
+
+def tokenizer_path(config) -> Path:
+    return Path(config.data.tokenizer) if config.data.tokenizer else Path(config.checkpoint) / "tokenizer.json"
+
+
+def load_pairs(config, stage_run: StageRun) -> dict[str, list[dict]]:
+    """The train / validation pairs: read from the JSONL files (bad lines quarantined with file, line
+    and field when ``on_bad_line: skip``), or the built-in task (written to ``<output_dir>/pairs/``)."""
+    from raylm.preference_data import read_preferences, stdlib_preference_splits, write_jsonl
+
+    data = config.data
+    out = config.output_path
+    if data.builtin is not None:
+        splits = stdlib_preference_splits(data.builtin_limit, data.validation_fraction, config.seed, data.negatives,
+                                          data.pairs_per_prompt)
+        for name, pairs in splits.items():
+            write_jsonl(pairs, out / "pairs" / f"{name}.jsonl")
+        return splits
+    splits, bad = {}, []
+    for name in ("train", "validation"):
+        splits[name], bad_lines = read_preferences(getattr(data, name), data.on_bad_line)
+        bad += bad_lines
+    if bad:
+        quarantine = write_jsonl(bad, out / "quarantine.jsonl")
+        stage_run.log_artifact(quarantine)
+        print(f"[{stage_run_name(config)}] {len(bad)} bad lines skipped (file, line, field in {quarantine})", flush=True)
+    stage_run.log_metrics({"bad_lines": len(bad)})
+    return splits
+
+
+def stage_run_name(config) -> str:
+    return "dpo" if hasattr(config, "dpo") else "reward"
+
+
+def preference_spec(config, stage: str, stage_run: StageRun, pairs: dict, tokenizer: str) -> dict:
+    """What every worker needs, as plain data; sets ``train.steps`` from ``epochs`` if given."""
+    import math
+
+    if config.epochs is not None:
+        per_step = config.train.batch_size * config.train.grad_accum * config.parallel.num_workers // config.parallel.tp
+        config.train.steps = max(1, math.ceil(config.epochs * len(pairs["train"]) / per_step))
+    stage_run.log_params({"train.steps_resolved": config.train.steps, "data.train_pairs": len(pairs["train"]),
+                          "data.validation_pairs": len(pairs["validation"])})
+    return {
+        "stage": stage,
+        "seed": config.seed,
+        "train": config.train.model_dump(),
+        "optim": config.optim.model_dump(),
+        "parallel": config.parallel.model_dump(),
+        "stage_run": stage_run,
+        "export_dir": str((config.output_path / "hf").resolve()),
+        "init_checkpoint": str(Path(config.checkpoint).resolve()),
+        "train_layers": config.freeze.train_layers,
+        "tokenizer_file": tokenizer,
+        "data": {"train": pairs["train"], "validation": pairs["validation"], "tokenizer": tokenizer},
+    }
+
+
+def finish(config, stage_run: StageRun, final: dict, started: float, keys: list[str]) -> dict:
+    export_dir = config.output_path / "hf"
+    stage_run.log_artifact(export_dir, "model")
+    summary = {"checkpoint": str(export_dir), "steps": final.get("step"), "wall_s": time.perf_counter() - started,
+               **{k: final.get(k) for k in keys}, "ray_checkpoint": final.get("checkpoint_dir")}
+    stage_run.log_metrics({"wall_s": summary["wall_s"]})
+    return summary
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+def check(config: Config, config_path) -> None:
+    check_preference_stage(config, config_path)
+
+
+def run(config: Config, stage_run: StageRun) -> dict:
+    from raylm.actors.preference_trainer import launch
+    from raylm.preference_data import PreferenceDataError
+
+    started = time.perf_counter()
+    tokenizer = str(tokenizer_path(config).resolve())
+    try:
+        pairs = load_pairs(config, stage_run)
+    except PreferenceDataError as e:
+        raise ConfigError(str(e)) from None
+    spec = preference_spec(config, "reward", stage_run, pairs, tokenizer)
+    spec.update(objective="reward", loss=config.loss.model_dump())
+    final = launch(config, spec)
+    summary = finish(config, stage_run, final, started, ["loss", "accuracy", "margin", "val_accuracy", "val_margin"])
+    print(f"raylm reward: held-out pairwise accuracy {summary['val_accuracy']}, reward margin {summary['val_margin']}",
+          flush=True)
+    return summary
