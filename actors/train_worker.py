@@ -29,6 +29,8 @@ from raylm.distributed.context_parallel import shard_sequence
 from raylm.distributed.expert_parallel import scale_expert_grads
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.distributed.parallelize import clean_state_dict_key, parallelize
+from raylm.distributed.pipeline_parallel import build_schedule, gather_stage_states, run_pipeline, split_stage
+from raylm.distributed.pipeline_parallel import clip_grad_norm_ as clip_pipeline_grad_norm_
 from raylm.distributed.tensor_parallel import clip_grad_norm_ as clip_mixed_grad_norm_
 from raylm.distributed.tensor_parallel import unpermute_state_dict
 from raylm.models.config import TransformerConfig
@@ -197,7 +199,7 @@ def set_determinism(spec: dict, rank: int) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def evaluate(model, spec, dims, rank, device, autocast_dtype) -> float:
+def evaluate(model, spec, dims, rank, device, autocast_dtype, pipeline=None, loss_scale=None) -> float:
     """Mean token loss over the first ``eval_batches`` batches of every rank's validation slice."""
     dataset = build_dataset(spec, "validation", rank, dims.dp_size, training=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=spec["train"]["batch_size"])
@@ -208,8 +210,17 @@ def evaluate(model, spec, dims, rank, device, autocast_dtype) -> float:
             if i == spec["train"]["eval_batches"]:
                 break
             tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(dist.get_rank()))
-            loss = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
-            totals += torch.stack([loss.double(), (labels != IGNORE_INDEX).sum().double()])
+            n_labels = (labels != IGNORE_INDEX).sum().double()
+            if pipeline is not None:  # only the last stage has losses: it alone counts the tokens
+                loss_scale["value"] = 1.0
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    losses = run_pipeline(pipeline, tokens, labels, dims.pp_rank(dist.get_rank()), dims.pp, train=False)
+                if not losses:
+                    continue
+                loss = sum(losses)
+            else:
+                loss = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
+            totals += torch.stack([loss.double(), n_labels])
     model.train()
     dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
@@ -240,12 +251,25 @@ def train_loop(spec: dict) -> None:
     torch.set_num_threads(max(1, parallel["cpus_per_worker"]))
     set_determinism(spec, rank)
     dims = ParallelDims(world_size, dp_shard=parallel["dp_shard"], dp_replicate=parallel["dp_replicate"],
-                        tp=parallel["tp"], ep=parallel["ep"], cp=parallel.get("cp", 1))
+                        tp=parallel["tp"], ep=parallel["ep"], cp=parallel.get("cp", 1), pp=parallel.get("pp", 1))
     dims.build_mesh(device.type)
+    pp_rank = dims.pp_rank(rank)
 
     model = build_model(spec).to(device)
     cfg = model.config
+    if dims.pp > 1:  # this rank's blocks of the whole (identically initialised) model
+        split_stage(model, dims.pp, pp_rank)
     parallelize(model, dims, train["activation_checkpointing"], train["compile"])
+    pipeline = loss_scale = None
+    if dims.pp > 1:
+        loss_scale = {"value": 1.0}  # set per step: the schedule calls the loss once per micro-batch
+
+        def pipeline_loss(logits, labels):
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") * loss_scale["value"]
+
+        pipeline = build_schedule(model, pp_rank, dims.pp, dims.pp_mesh.get_group(), device,
+                                  parallel["pp_microbatches"], pipeline_loss, parallel["pp_schedule"])
     optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),
                                 optim_cfg["eps"], foreach=dims.tp == dims.ep == 1)  # foreach cannot mix DTensors and tensors
     scheduler = build_scheduler(optimizer, optim_cfg["warmup_steps"], train["steps"], optim_cfg["min_lr_ratio"])
@@ -280,12 +304,18 @@ def train_loop(spec: dict) -> None:
         # The step's loss is the mean over every unmasked token of every rank's micro-batches.
         n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)), device=device)
         dist.all_reduce(n_tokens)
-        n_tokens /= dims.tp * dims.cp  # tensor- and context-parallel peers hold the same batch
+        n_tokens /= dims.tp * dims.cp * dims.pp  # tensor-, context- and pipeline-parallel peers hold the same batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         aux_sum = 0.0
         expert_counts = [torch.zeros(cfg.n_experts, device=device) for _ in model.moe_layers()]
         for i, batch in enumerate(batches):
             tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(rank))
+            if pipeline is not None:  # the schedule runs forward and backward over its micro-batches
+                loss_scale["value"] = dims.grad_average_size / n_tokens.clamp(min=1).item()
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    losses = run_pipeline(pipeline, tokens, labels, pp_rank, dims.pp)
+                loss_sum += sum(loss.detach().double() for loss in losses) / loss_scale["value"] if losses else 0.0
+                continue
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only
                 model.set_requires_gradient_sync(i == accum - 1)
             ce = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
@@ -303,7 +333,9 @@ def train_loop(spec: dict) -> None:
         if dims.ep > 1:
             scale_expert_grads([p for m in model.moe_layers() for p in (m.experts.w13, m.experts.w2)], dims.dp_size)
         max_norm = optim_cfg["grad_clip"] or math.inf
-        if dims.tp > 1 or dims.ep > 1:
+        if dims.pp > 1:
+            grad_norm = clip_pipeline_grad_norm_(trainable, max_norm, dims.pp_mesh.get_group())
+        elif dims.tp > 1 or dims.ep > 1:
             grad_norm = clip_mixed_grad_norm_(trainable, max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
@@ -336,7 +368,8 @@ def train_loop(spec: dict) -> None:
             metrics["moe/aux_loss"] = aux_sum
             metrics.update(moe_metrics(model, expert_counts))
         if train["eval_every"] and (step % train["eval_every"] == 0 or step == train["steps"]):
-            metrics["val_loss"] = evaluate(model, spec, dims, dims.dp_rank(rank), device, autocast_dtype)
+            metrics["val_loss"] = evaluate(model, spec, dims, dims.dp_rank(rank), device, autocast_dtype,
+                                           pipeline, loss_scale)
         if rank == 0:
             progress.update(step, tokens=step_tokens, loss=metrics["loss"], gnorm=metrics["grad_norm"], lr=lr,
                             mfu=metrics["mfu"], **({"val": metrics["val_loss"]} if "val_loss" in metrics else {}))
@@ -350,7 +383,7 @@ def train_loop(spec: dict) -> None:
         metrics["mean_tokens_per_s"] = timed_tokens / timed_seconds
         metrics["mean_mfu"] = flops_token * metrics["mean_tokens_per_s"] / world_size / peak
         metrics["peak_flops_per_device"] = peak
-    export_final_model(spec, model, rank, dims.tp)
+    export_final_model(spec, model, rank, dims.tp, dims)
     ray.train.report({**metrics, "step": step, "done": 1})
 
 
@@ -364,9 +397,13 @@ def report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics)
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
-def export_final_model(spec: dict, model, rank: int, tp: int = 1) -> None:
+def export_final_model(spec: dict, model, rank: int, tp: int = 1, dims: ParallelDims | None = None) -> None:
     """Gather the full weights (collective) and write them from rank 0 as a Hugging Face checkpoint."""
-    state = ckpt.full_model_state_dict(model)
+    if dims is not None and dims.pp > 1:  # every stage's full weights, merged on rank 0
+        state = gather_stage_states(ckpt.full_model_state_dict(model, on_every_rank=True),
+                                    rank % dims.stage_size == 0, rank)
+    else:
+        state = ckpt.full_model_state_dict(model)
     if rank != 0:
         return
     state = {clean_state_dict_key(k): v for k, v in state.items()}

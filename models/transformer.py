@@ -166,7 +166,8 @@ class Transformer(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     def hidden_states(self, tokens, positions=None, attn_mask=None, cache: KVCache | None = None):
-        h = self.tok_embeddings(tokens)
+        # A pipeline stage past the first has no embeddings: its input is the previous stage's output.
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         offset = cache.length if cache is not None and positions is None else 0
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         cos, sin = self.rope_for(positions, tokens.shape[1], offset, dtype)
@@ -174,10 +175,11 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, attn_mask, cache, i)
         if cache is not None:
             cache.length += tokens.shape[1]
-        return self.norm(h)
+        return h if self.norm is None else self.norm(h)
 
     def forward(self, tokens, positions=None, attn_mask=None, cache: KVCache | None = None):
-        return self.output(self.hidden_states(tokens, positions, attn_mask, cache))
+        h = self.hidden_states(tokens, positions, attn_mask, cache)
+        return h if self.output is None else self.output(h)  # a pipeline stage before the last: no head
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -54,6 +54,25 @@ def check_parallel(config, config_path) -> None:
     if parallel.cp > 1 and config.train.seq_len % parallel.cp:
         raise ConfigError(f"{config_path}: parallel.cp: {parallel.cp} does not divide train.seq_len "
                           f"({config.train.seq_len})")
+    if parallel.pp > 1 and not hasattr(config, "model"):
+        raise ConfigError(f"{config_path}: parallel.pp: packed fine-tuning data needs document masks that the pipeline "
+                          f"does not carry; pipeline parallelism is for pretraining")
+    if parallel.pp > 1:
+        model = config.model
+        problems = {
+            "model.tie_embeddings": model.tie_embeddings and "tied embeddings would span the first and last stage; "
+                                                             "set model.tie_embeddings=false",
+            "model.n_experts": model.is_moe and "pipeline parallelism takes dense models",
+            "model.n_layers": model.n_layers < parallel.pp and f"{model.n_layers} blocks for {parallel.pp} stages",
+            "parallel.cp": parallel.cp > 1 and "pipeline with context parallelism is not supported",
+            "parallel.ep": parallel.ep > 1 and "pipeline with expert parallelism is not supported",
+            "train.batch_size": config.train.batch_size % parallel.pp_microbatches
+                                and f"{config.train.batch_size} is not divisible by parallel.pp_microbatches "
+                                    f"({parallel.pp_microbatches})",
+        }
+        for key, problem in problems.items():
+            if problem:
+                raise ConfigError(f"{config_path}: {key}: {problem} (parallel.pp={parallel.pp})")
     if parallel.cp > 1 and parallel.ep > 1:
         raise ConfigError(f"{config_path}: parallel.ep: expert parallelism with context parallelism (cp="
                           f"{parallel.cp}) is not supported; use one of them")

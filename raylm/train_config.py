@@ -55,12 +55,15 @@ class ParallelConfig(Section):
     tp: int = Field(default=1, ge=1)  # tensor-parallel degree (attention heads, MLP hidden units)
     ep: int = Field(default=1, ge=1)  # expert-parallel degree for MoE: 1 or dp_shard (experts over the dp ranks)
     cp: int = Field(default=1, ge=1)  # context-parallel degree: each sequence split over cp ranks
+    pp: int = Field(default=1, ge=1)  # pipeline-parallel degree: the blocks split into pp stages
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pp_microbatches: int = Field(default=2, ge=1)  # micro-batches per batch_size batch in the pipeline
 
     @model_validator(mode="after")
     def _degrees(self):
-        others = self.dp_replicate * self.cp * self.tp
+        others = self.pp * self.dp_replicate * self.cp * self.tp
         shard = self.dp_shard if self.dp_shard != -1 else self.num_workers // others
         if shard < 1 or shard * others != self.num_workers:
-            raise ValueError(f"dp_shard: dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x cp={self.cp} x "
-                             f"tp={self.tp} does not equal num_workers={self.num_workers}")
+            raise ValueError(f"dp_shard: pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x "
+                             f"cp={self.cp} x tp={self.tp} does not equal num_workers={self.num_workers}")
         return self

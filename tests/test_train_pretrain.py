@@ -203,6 +203,29 @@ def test_context_parallel_matches_one_process(data_dir, ray_local, tracking_uri,
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("schedule", ["1f1b"])
+def test_pipeline_parallel_matches_one_process(data_dir, ray_local, tracking_uri, tmp_path, schedule):
+    """The debug model's 2 blocks as 2 pipeline stages (1F1B over 2 micro-batches, untied embeddings)
+    against one process on the same batches: same losses, validation loss and final weights."""
+    common = {"model.tie_embeddings": "false", "train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4}
+    _, pp_run = run_stage(pretrain_config(data_dir, tmp_path / "pp", **common, **{
+        "parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.pp_microbatches": 2}), tracking_uri)
+    _, one_run = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{"parallel.num_workers": 1}),
+                           tracking_uri)
+    pp, one = history(pp_run, "loss"), history(one_run, "loss")
+    assert sorted(pp) == [1, 2, 3, 4]
+    for step in pp:
+        assert pp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
+    assert history(pp_run, "grad_norm")[1] == pytest.approx(history(one_run, "grad_norm")[1], rel=1e-4)
+    assert history(pp_run, "val_loss")[4] == pytest.approx(history(one_run, "val_loss")[4], rel=1e-5)
+    ours, theirs = load_file(tmp_path / "pp" / "hf" / "model.safetensors"), load_file(tmp_path / "one" / "hf" / "model.safetensors")
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_rerun_resumes_from_the_latest_checkpoint(data_dir, ray_local, tracking_uri, tmp_path):
     run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 3, "train.eval_every": 0}), tracking_uri)
     summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 5, "train.eval_every": 0}),
@@ -233,6 +256,11 @@ def test_config_errors_name_the_key(data_dir, tmp_path):
         pretrain.check(pretrain_config(tmp_path / "nothing", tmp_path), "x.yaml")
     with pytest.raises(ConfigError, match="parallel.dp_shard"):
         pretrain_config(data_dir, tmp_path, **{"parallel.dp_shard": 3})
+    with pytest.raises(ConfigError, match="model.tie_embeddings: tied embeddings would span"):
+        pretrain.check(pretrain_config(data_dir, tmp_path, **{"parallel.pp": 2}), "x.yaml")
+    with pytest.raises(ConfigError, match="train.batch_size: 2 is not divisible by parallel.pp_microbatches"):
+        pretrain.check(pretrain_config(data_dir, tmp_path, **{"parallel.pp": 2, "model.tie_embeddings": "false",
+                                                              "parallel.pp_microbatches": 4}), "x.yaml")
     result = subprocess.run([str(Path(sys.executable).with_name("raylm")), "pretrain", "/dev/null",
                              "--set", f"data_dir={tmp_path}/missing"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "data_dir" in result.stderr

@@ -25,6 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 TRAINER_STATE = "trainer_state.json"
+# Optimizer state keyed by parameter name, param groups included: pipeline stages, which hold
+# different parameters, then write disjoint keys into one checkpoint.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def rank_state_file(rank: int) -> str:
@@ -68,7 +71,7 @@ def save(folder: str | Path, rank: int, model, optimizer, trainer_state: dict, r
     folder that Ray merges into one)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
     # no_dist=False, the default: a collective save; each rank writes __<rank>_0.distcp.
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
     (folder / rank_state_file(rank)).write_text(json.dumps({**rank_state, "rng": rng_state()}))
@@ -80,10 +83,11 @@ def load(folder: str | Path, rank: int, model, optimizer) -> tuple[dict, dict]:
     """Load the model and optimizer shards in place and restore this rank's RNG states; returns
     (trainer_state, rank_state)."""
     folder = Path(folder)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=STATE_DICT_OPTIONS)
     rank_path = folder / rank_state_file(rank)
     if not rank_path.exists():
         raise FileNotFoundError(f"{rank_path}: the checkpoint has no state for rank {rank} "
@@ -93,7 +97,11 @@ def load(folder: str | Path, rank: int, model, optimizer) -> tuple[dict, dict]:
     return json.loads((folder / TRAINER_STATE).read_text()), rank_state
 
 
-def full_model_state_dict(model) -> dict[str, torch.Tensor]:
-    """Collective: the unsharded fp32 weights on CPU, on rank 0 only (empty elsewhere)."""
+def full_model_state_dict(model, on_every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded fp32 weights on CPU, on rank 0 only (empty elsewhere), or on every
+    rank (pipeline stages: each stage's own weights, gathered from its data-parallel shards)."""
+    if on_every_rank:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.cpu() for k, v in state.items()}
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)

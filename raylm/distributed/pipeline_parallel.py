@@ -1,0 +1,96 @@
+"""Pipeline parallelism: the blocks split into ``pp`` consecutive stages, one per rank of a pipeline
+group, run by a ``torch.distributed.pipelining`` schedule (1F1B or GPipe) over micro-batches.
+
+Applied from outside the model: ``split_stage`` keeps this rank's blocks of the whole model (built
+and initialised as one, so every stage starts from the same weights as an unsplit run) and drops
+the rest; the first stage keeps the embeddings, the last the final norm and the head. Blocks are a
+``ModuleDict``, so a stage's parameters keep the names of the whole model and checkpoints and
+exports merge stage by stage.
+
+Scope: dense models with untied embeddings on unpacked sequences (pretraining); the schedule
+passes one activation tensor from stage to stage.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Schedule = Literal["1f1b", "gpipe"]
+
+
+def stage_layers(n_layers: int, pp: int, stage: int) -> range:
+    """Consecutive blocks of ``stage``: as even as ``n_layers`` allows, earlier stages one more."""
+    base, extra = divmod(n_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+def split_stage(model: nn.Module, pp: int, stage: int) -> nn.Module:
+    """Keep ``stage``'s blocks of ``model`` (in place); the others, and the embeddings / norm / head
+    that belong to other stages, are removed."""
+    keep = {str(i) for i in stage_layers(len(model.layers), pp, stage)}
+    for name in list(model.layers.keys()):
+        if name not in keep:
+            del model.layers[name]
+    if stage > 0:
+        model.tok_embeddings = None
+    if stage < pp - 1:
+        model.norm = None
+        model.output = None
+    return model
+
+
+def build_schedule(stage_module: nn.Module, stage: int, pp: int, group, device, n_microbatches: int,
+                   loss_fn, kind: Schedule = "1f1b"):
+    """The schedule that runs this rank's stage. Gradients are not divided by the number of
+    micro-batches (``loss_fn`` carries the step's exact normalisation)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    pipeline_stage = PipelineStage(stage_module, stage, pp, device, group=group)
+    schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[kind]
+    return schedule_cls(pipeline_stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def run_pipeline(schedule, tokens, labels, stage: int, pp: int, train: bool = True) -> list[torch.Tensor]:
+    """One batch through the pipeline (forward and, when training, backward); the last stage
+    returns the micro-batches' losses, the others an empty list."""
+    losses: list[torch.Tensor] = []
+    args = (tokens,) if stage == 0 else ()
+    target = labels if stage == pp - 1 else None
+    if train:
+        schedule.step(*args, target=target, losses=losses)
+    else:
+        schedule.eval(*args, target=target, losses=losses)
+    return losses
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group) -> torch.Tensor:
+    """Clip by the norm of the whole model's gradient: every stage's squared norm, summed over the
+    pipeline group."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+    if hasattr(local, "full_tensor"):
+        local = local.full_tensor()
+    squared = local.double() ** 2
+    dist.all_reduce(squared, group=pp_group)
+    total = squared.sqrt().float()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def gather_stage_states(state: dict, is_stage_leader: bool, rank: int) -> dict | None:
+    """Every stage's full weights merged on rank 0 (collective over all ranks; None elsewhere)."""
+    parts = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(state if is_stage_leader else {}, parts, dst=0)
+    if rank != 0:
+        return None
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
