@@ -69,7 +69,7 @@ class ComputeConfig(Section):
     workers: int = Field(default=2, ge=1)  # actors per pool, at most
     batch_size: int = Field(default=256, ge=1)  # documents per map_batches call
     max_chars: int = Field(default=1_000_000, ge=1)  # longer documents are quarantined
-    object_store_budget: int | None = Field(default=None, ge=1 << 20)  # bytes Ray Data may hold at once
+    object_store_budget: int | None = Field(default=None, ge=1 << 16)  # bytes Ray Data may hold at once
     # Custom Ray resources every task and actor of this stage asks for: placement on a node type,
     # e.g. {data_node: 0.01} with the cluster configs of cluster/ (CPU nodes carry `data_node`).
     resources: dict[str, float] = Field(default_factory=dict)

@@ -142,3 +142,26 @@ def test_killed_run_restarts_to_identical_output(reference_run, tmp_path):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     stats, ref_stats = (json.loads((d / "stats.json").read_text()) for d in (out, reference))
     assert {k: v for k, v in stats.items() if k != "seconds"} == {k: v for k, v in ref_stats.items() if k != "seconds"}
+
+
+@pytest.mark.slow
+def test_streams_through_an_object_store_budget_smaller_than_the_corpus(reference_run, inputs, tmp_path):
+    """Ray Data may hold 64 KiB at once, a fraction of the corpus: the stages back-pressure and
+    stream, and the output is byte for byte the unlimited run's."""
+    root, _ = inputs
+    reference, reference_config, _, _ = reference_run
+    corpus_bytes = sum(p.stat().st_size for p in root.iterdir())
+    budget = 64 << 10
+    assert corpus_bytes > 3 * budget, corpus_bytes
+    config = yaml.safe_load(reference_config.read_text())
+    out = tmp_path / "budget"
+    config["output_dir"] = str(out)
+    config["compute"]["object_store_budget"] = budget
+    path = tmp_path / "budget.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = raylm_data(path, f"sqlite:///{tmp_path}/mlflow.db")
+    output, _ = proc.communicate(timeout=500)
+    assert proc.returncode == 0, output[-5000:]
+    assert files_of(out / "tokens") == files_of(reference / "tokens")
+    for name in ("quarantine.jsonl", "tokenizer.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
