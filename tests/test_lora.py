@@ -1,0 +1,199 @@
+"""LoRA from outside the model, PEFT's adapter format, merge-and-export, int8 / NF4 quantization and
+QLoRA: checked against Hugging Face transformers + peft on the exported base, not against raylm alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raylm.lora import (
+    LoRASettings,
+    PeftConfig,
+    apply_lora,
+    apply_peft,
+    count_parameters,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
+from raylm.models.config import preset
+from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
+from raylm.models.transformer import Transformer
+from raylm.optim import build_optimizer
+from raylm.quantize import QuantizedLinear, dequantize_nf4, model_bytes, nf4_levels, quantize_model, quantize_nf4
+
+VOCAB = 256
+
+
+def tiny(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(preset("debug", vocab_size=VOCAB, max_seq_len=64, **overrides))
+    model.init_weights(seed=seed)
+    return model
+
+
+def randomize_lora(model, seed=1, std=0.05):
+    """Non-zero B matrices, so that the update is visible (B starts at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def tokens(batch=2, seq=16, seed=0):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "down_proj"], ["k_proj", "up_proj"]])
+def test_merged_logits_equal_adapter_logits(targets):
+    model = tiny()
+    settings = LoRASettings(rank=4, alpha=8, target_modules=targets or LoRASettings().target_modules)
+    apply_lora(model, settings)
+    randomize_lora(model)
+    x = tokens()
+    with torch.no_grad():
+        lora_logits = model(x)
+        merged_logits = merge_lora(model)(x)
+        base_logits = tiny()(x)
+    torch.testing.assert_close(merged_logits, lora_logits, rtol=1e-5, atol=1e-5)
+    assert (lora_logits - base_logits).abs().max() > 1e-3  # the update does change the model
+
+
+def test_gradients_reach_only_lora_and_the_optimizer_holds_only_them():
+    model = apply_lora(tiny(), LoRASettings(rank=4, target_modules=["q_proj", "o_proj", "gate_proj"]))
+    randomize_lora(model)
+    x = tokens()
+    F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+    optimizer = build_optimizer(model, 1e-3, 0.0, (0.9, 0.95), 1e-8)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for n, p in model.named_parameters() if ".lora_" in n}
+    trainable, total = count_parameters(model)
+    # q (128 out) + o (128) + gate (384): rank 4 * (in + out) per pair, 2 layers
+    assert trainable == 2 * 4 * ((128 + 128) + (128 + 128) + (128 + 384))
+    assert total == tiny().num_params() + trainable
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A base checkpoint, a raylm LoRA model on it (GQA, subset of every kind), its adapter folder."""
+    folder = tmp_path_factory.mktemp("lora")
+    base = tiny(seed=3)
+    save_checkpoint(base, folder / "base")
+    model = apply_lora(load_checkpoint(folder / "base"),
+                       LoRASettings(rank=4, alpha=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "up_proj", "down_proj"]))
+    randomize_lora(model, seed=5)
+    save_adapter(model, folder / "adapter", base=str(folder / "base"))
+    return folder, model.eval()
+
+
+def test_peft_loads_a_raylm_adapter_with_the_same_logits(exported):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    folder, model = exported
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 12
+    hf = LlamaForCausalLM.from_pretrained(folder / "base", dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(hf, folder / "adapter").eval()
+    x = tokens(seed=7)
+    with torch.no_grad():
+        expected = model(x)
+        got = peft_model(input_ids=x).logits
+        with peft_model.disable_adapter():
+            base_only = peft_model(input_ids=x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (base_only - expected).abs().max() > 1e-3  # the adapter was applied, not ignored
+
+    # and back: what peft saves, raylm loads, with the same logits
+    peft_model.save_pretrained(folder / "from_peft")
+    again = load_adapter(load_checkpoint(folder / "base"), folder / "from_peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_export_is_a_plain_hugging_face_checkpoint(exported):
+    from transformers import LlamaForCausalLM
+
+    folder, model = exported
+    save_checkpoint(merge_lora(model), folder / "merged")
+    hf = LlamaForCausalLM.from_pretrained(folder / "merged", dtype=torch.float32).eval()
+    x = tokens(seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_nf4_and_int8_quantization():
+    levels = nf4_levels()
+    assert len(levels) == 16 and levels[0] == -1 and levels[-1] == 1 and (levels == 0).sum() == 1
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    codes, scales = quantize_nf4(w)
+    assert codes.dtype == torch.uint8 and codes.numel() == w.numel() // 2 and scales.numel() == w.numel() // 64
+    error = (dequantize_nf4(codes, scales, w.shape) - w).abs().mean() / w.abs().mean()
+    assert error < 0.12  # 4 bits: about a tenth of the mean magnitude
+
+    model = tiny()
+    x = tokens(seed=2)
+    with torch.no_grad():
+        reference = model(x)
+        full_bytes = model_bytes(model)
+        for kind, size_ratio, logit_error in (("int8", 0.45, 0.02), ("nf4", 0.35, 0.08)):
+            quantized = quantize_model(tiny(), kind)
+            assert sum(isinstance(m, QuantizedLinear) for m in quantized.modules()) == 8
+            # the embeddings and head (2 x 256 x 128) stay fp32 in this tiny model: the blocks shrink 4x / 7x
+            assert model_bytes(quantized) < size_ratio * full_bytes
+            assert (quantized(x) - reference).abs().max() / reference.abs().max() < logit_error
+
+
+def test_qlora_lowers_the_loss_and_trains_only_the_adapter():
+    model = apply_peft(tiny(), PeftConfig(method="lora", rank=8, alpha=16, quantize="nf4"))
+    codes_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
+    assert len(codes_before) == 8
+    optimizer = build_optimizer(model, 1e-2, 0.0, (0.9, 0.95), 1e-8)
+    x = tokens(batch=4, seq=32, seed=3)
+    labels = x.roll(-1, 1)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(x).flatten(0, 1), labels.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    for name, buffer in model.named_buffers():
+        if name.endswith("codes"):
+            assert torch.equal(buffer, codes_before[name])
+    # merge: the dequantized base plus the update, a plain model with the QLoRA model's logits
+    with torch.no_grad():
+        torch.testing.assert_close(merge_lora(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_under_bf16_autocast_keeps_gradients_flowing():
+    model = apply_peft(tiny(), PeftConfig(method="lora", quantize="int8", target_modules=["v_proj", "down_proj"]))
+    randomize_lora(model)
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    F.cross_entropy(logits.flatten(0, 1).float(), x.flatten()).backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert len(grads) == 8 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="needs peft.method: lora"):
+        apply_peft(tiny(), PeftConfig(quantize="nf4"))
+    with pytest.raises(ValueError):
+        PeftConfig(method="lora", target_modules=["qkv"])
+    moe = Transformer(preset("debug", vocab_size=VOCAB, max_seq_len=64, n_experts=4, top_k=2, moe_ffn_dim=64))
+    with pytest.raises(ValueError, match="not in this model"):
+        apply_lora(moe, LoRASettings(target_modules=["gate_proj"]))
+    assert sum(1 for n, _ in apply_lora(moe, LoRASettings()).named_parameters() if ".lora_A." in n) == 2 * 4
