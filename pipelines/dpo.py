@@ -130,7 +130,9 @@ def run(config: Config, stage_run: StageRun) -> dict:
     spec.update(objective="dpo", loss=config.loss.model_dump(), reference_logprobs=str(reference_file.resolve()))
     final = launch(config, spec)
     summary = finish(config, stage_run, final, started,
-                     ["loss", "val_accuracy", "val_logp_margin", "val_reward_accuracy", "val_reward_margin"])
-    print(f"raylm dpo: held-out preference accuracy {summary['val_accuracy']}, log-prob margin "
-          f"{summary['val_logp_margin']}", flush=True)
+                     ["loss", "initial_val_accuracy", "val_accuracy", "initial_val_logp_margin", "val_logp_margin",
+                      "val_reward_accuracy", "val_reward_margin"])
+    print(f"raylm dpo: held-out preference accuracy {summary['initial_val_accuracy']} -> {summary['val_accuracy']}, "
+          f"chosen-minus-rejected log-prob margin {summary['initial_val_logp_margin']} -> {summary['val_logp_margin']}",
+          flush=True)
     return summary

@@ -194,7 +194,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
     spec = preference_spec(config, "reward", stage_run, pairs, tokenizer)
     spec.update(objective="reward", loss=config.loss.model_dump())
     final = launch(config, spec)
-    summary = finish(config, stage_run, final, started, ["loss", "accuracy", "margin", "val_accuracy", "val_margin"])
-    print(f"raylm reward: held-out pairwise accuracy {summary['val_accuracy']}, reward margin {summary['val_margin']}",
-          flush=True)
+    summary = finish(config, stage_run, final, started, ["loss", "accuracy", "margin", "initial_val_accuracy",
+                                                         "val_accuracy", "val_margin"])
+    print(f"raylm reward: held-out pairwise accuracy {summary['initial_val_accuracy']} -> {summary['val_accuracy']}, "
+          f"reward margin {summary['val_margin']}", flush=True)
     return summary
