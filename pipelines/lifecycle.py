@@ -3,8 +3,9 @@ run per stage. Each stage's section is validated by that stage's own config clas
 starts; a stage that is not built yet stops the run before it starts, and says so.
 
 Lineage: a stage reads what the stage before it wrote unless its section says otherwise:
-pretrain trains on <output_dir>/data, SFT starts from <output_dir>/pretrain/hf, eval compares the
-pretrained and fine-tuned checkpoints, export takes the last trained one. A stage that finished
+pretrain trains on <output_dir>/data, SFT starts from <output_dir>/pretrain/hf, the reward model,
+DPO and the RLHF policy start from the SFT checkpoint (RLHF scores with the reward model), eval
+compares every trained checkpoint side by side, export takes the last trained one. A stage that finished
 (its DONE.json is there) is skipped, so a rerun resumes where the last one stopped.
 """
 
@@ -39,18 +40,34 @@ class Config(StageConfig):
         return stages
 
 
+# Stages that write a causal-LM checkpoint to <output_dir>/<stage>/hf, latest-trained first.
+TRAINED = ("dpo", "rlhf", "sft", "pretrain")
+
+
 def lineage(config: Config, stage: str) -> dict:
     """Default inputs of ``stage``: the outputs of the stages before it in this run."""
     out = config.output_path
-    trained = [s for s in ("sft", "pretrain") if s in config.stages and config.stages.index(s) < config.stages.index(stage)]
-    if stage == "pretrain" and "data" in config.stages:
+    before = config.stages[: config.stages.index(stage)]
+    trained = [s for s in TRAINED if s in before]
+    hf = lambda name: str(out / name / "hf")  # noqa: E731
+    tuned = next((s for s in ("sft", "pretrain") if s in before), None)  # what post-training starts from
+    if stage == "pretrain" and "data" in before:
         return {"data_dir": str(out / "data")}
-    if stage == "sft" and "pretrain" in config.stages:
-        return {"checkpoint": str(out / "pretrain" / "hf")}
+    if stage == "sft" and "pretrain" in before:
+        return {"checkpoint": hf("pretrain")}
+    if stage in ("reward", "dpo") and tuned:
+        return {"checkpoint": hf(tuned)}
+    if stage == "rlhf":
+        inputs: dict = {}
+        if tuned:
+            inputs["policy"] = {"checkpoint": hf(tuned)}
+        if "reward" in before:
+            inputs["reward"] = {"checkpoint": hf("reward")}
+        return inputs
     if stage == "eval" and trained:
-        return {"checkpoints": {s: str(out / s / "hf") for s in reversed(trained)}}
+        return {"checkpoints": {s: hf(s) for s in reversed(trained)}}
     if stage == "export" and trained:
-        return {"checkpoint": str(out / trained[0] / "hf")}
+        return {"checkpoint": hf(trained[0])}
     return {}
 
 
