@@ -53,20 +53,26 @@ def build_model(spec: dict) -> Transformer:
     else:
         model = Transformer(TransformerConfig(**spec["model"]))
         model.init_weights(seed=spec["seed"])
-    freeze_by_depth(model, spec.get("train_layers"))
+    freeze_by_depth(model, spec.get("train_layers"), spec.get("train_layers_from", "last"))
+    if (spec.get("peft") or {}).get("method", "none") != "none":  # LoRA / QLoRA: raylm.lora, from outside
+        from raylm.lora import PeftConfig, apply_peft
+
+        apply_peft(model, PeftConfig(**spec["peft"]), seed=spec["seed"])
     return model
 
 
-def freeze_by_depth(model: Transformer, train_layers: int | None) -> None:
-    """Train only the last ``train_layers`` blocks plus the final norm and output head (0: the head
-    on frozen features). With tied embeddings the head is the embedding matrix, so it trains too."""
+def freeze_by_depth(model: Transformer, train_layers: int | None, where: str = "last") -> None:
+    """Train only ``train_layers`` blocks plus the final norm and output head (0: the head on frozen
+    features): the last ones (``where="last"``), the first (``"early"``) or the middle ones
+    (``"intermediate"``). With tied embeddings the head is the embedding matrix, so it trains too."""
     if train_layers is None:
         return
     n_layers = len(model.layers)
     if not 0 <= train_layers <= n_layers:
         raise ValueError(f"train_layers: {train_layers} is not between 0 and the model's {n_layers} layers")
+    start = {"last": n_layers - train_layers, "early": 0, "intermediate": (n_layers - train_layers) // 2}[where]
     model.requires_grad_(False)
-    for name in list(model.layers)[n_layers - train_layers:]:
+    for name in list(model.layers)[start:start + train_layers]:
         model.layers[name].requires_grad_(True)
     model.norm.requires_grad_(True)
     if model.output is not None:
@@ -293,6 +299,9 @@ def train_loop(spec: dict) -> None:
     stage_run = spec.get("stage_run") if rank == 0 else None
     progress = Progress(train["steps"], spec["stage"], every=train["log_every"])
     trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)  # a DTensor's numel is its global size
+    if stage_run is not None:
+        stage_run.log_params({"trainable_params": n_trainable})
     accum = train["grad_accum"]
     model.train()
     metrics: dict = {}
@@ -363,6 +372,8 @@ def train_loop(spec: dict) -> None:
             "mfu": flops_token * tokens_per_s / world_size / peak,
             "memory_gb": memory_gb(device),
             "step_time_s": step_time,
+            "trainable_params": n_trainable,
+            "optimizer_state_mb": optimizer_state_bytes(optimizer) / 2**20,
         }
         if cfg.is_moe:
             metrics["moe/aux_loss"] = aux_sum
@@ -387,6 +398,13 @@ def train_loop(spec: dict) -> None:
     ray.train.report({**metrics, "step": step, "done": 1})
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """The optimizer's state tensors (AdamW: two moments per trainable weight, plus step counts);
+    sharded ones (DTensors) count at their global size."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if torch.is_tensor(value))
+
+
 def report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics) -> None:
     import ray.train
 
@@ -407,6 +425,13 @@ def export_final_model(spec: dict, model, rank: int, tp: int = 1, dims: Parallel
     if rank != 0:
         return
     state = {clean_state_dict_key(k): v for k, v in state.items()}
+    if (spec.get("peft") or {}).get("method", "none") == "lora":
+        # The adapter in PEFT's format (for peft / vLLM on the starting checkpoint), then the merged model.
+        from raylm.lora import PeftConfig, merged_state_dict, save_adapter_state, settings_of
+
+        settings = settings_of(PeftConfig(**spec["peft"]))
+        save_adapter_state(state, settings, Path(spec["export_dir"]) / "adapter", base=spec.get("init_checkpoint"))
+        state = merged_state_dict(state, model.config, settings)
     if tp > 1:
         state = unpermute_state_dict(state, model.config, tp)
     plain = Transformer(model.config)

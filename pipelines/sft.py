@@ -2,8 +2,11 @@
 the same Ray Train worker loop as pretraining (FSDP2, DCP checkpoints, failure recovery).
 
 The loss covers only the assistant's tokens; several examples share a sequence without attending
-to each other (see ``raylm.sft_data``). ``freeze.train_layers`` trains only the last N blocks (0:
-only the head on frozen features). ``data.builtin: stdlib-instructions`` builds a real instruction
+to each other (see ``raylm.sft_data``). ``freeze.train_layers`` trains only N blocks (0: only the
+head on frozen features): the last ones, or the early / intermediate ones (``freeze.train_from``).
+``peft.method: lora`` trains LoRA adapters on the frozen (optionally int8 / NF4-quantized: QLoRA)
+model instead (``raylm.lora``); the adapter is written in PEFT's format to ``hf/adapter`` beside the
+merged model in ``hf/``. ``data.builtin: stdlib-instructions`` builds a real instruction
 set from the running Python ("What does `json.dumps` do?" -> its docstring's first line).
 
 Defaults suit fine-tuning: LR 3e-4 with a short warmup, ``epochs: 3`` (sets ``train.steps``).
@@ -20,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from raylm.config import ConfigError, Section, StageConfig
+from raylm.lora import PeftConfig
 from raylm.tracking import StageRun
 from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
@@ -36,6 +40,7 @@ class DataConfig(Section):
 
 class FreezeConfig(Section):
     train_layers: int | None = Field(default=None, ge=0)  # None: full fine-tuning
+    train_from: Literal["last", "early", "intermediate"] = "last"  # which train_layers blocks train
 
 
 class SFTTrainConfig(TrainConfig):
@@ -57,6 +62,7 @@ class Config(StageConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     epochs: float | None = Field(default=3.0, gt=0)  # sets train.steps from the packed data; None: use train.steps
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)  # LoRA / QLoRA instead of full fine-tuning
     train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
     optim: SFTOptimConfig = Field(default_factory=SFTOptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -76,6 +82,7 @@ def check(config: Config, config_path) -> None:
     if config.freeze.train_layers is not None and n_layers is not None and config.freeze.train_layers > n_layers:
         raise ConfigError(f"{config_path}: freeze.train_layers: {config.freeze.train_layers} exceeds the "
                           f"checkpoint's {n_layers} layers")
+    check_peft(config, config_path, hf)
     if tokenizer_path(config) is None or not tokenizer_path(config).exists():
         raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
     if config.data.builtin is None:
@@ -92,6 +99,31 @@ def check(config: Config, config_path) -> None:
     from raylm.pipelines.pretrain import check_parallel
 
     check_parallel(config, config_path)
+
+
+def check_peft(config: Config, config_path, hf: dict) -> None:
+    peft = config.peft
+    if peft.method == "none":
+        if peft.quantize != "none":
+            raise ConfigError(f"{config_path}: peft.quantize: {peft.quantize} needs peft.method: lora "
+                              "(a quantized base is not trained)")
+        return
+    if config.freeze.train_layers is not None:
+        raise ConfigError(f"{config_path}: freeze.train_layers and peft.method: {peft.method} both set; LoRA "
+                          "already freezes the whole base: choose one")
+    parallel = config.parallel
+    for key in ("tp", "pp", "ep"):
+        if getattr(parallel, key) > 1:
+            raise ConfigError(f"{config_path}: parallel.{key}: LoRA runs with data (FSDP2) and context "
+                              "parallelism only")
+    mlp = sorted(set(peft.target_modules) & {"gate_proj", "up_proj", "down_proj"})
+    if hf.get("model_type", "llama") != "llama" and mlp:
+        raise ConfigError(f"{config_path}: peft.target_modules: {mlp} on a Mixture-of-Experts model (its experts "
+                          "are not Linear layers); target the attention projections")
+    if peft.quantize == "nf4":
+        dims = [hf.get("hidden_size", 0), hf.get("intermediate_size", 0)]
+        if any(d * dims[0] % peft.block_size for d in dims):
+            raise ConfigError(f"{config_path}: peft.block_size: {peft.block_size} does not divide the weights")
 
 
 def tokenizer_path(config: Config) -> Path | None:
@@ -133,6 +165,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
     stage_run.log_params({"train.steps_resolved": config.train.steps})
     spec = training_spec(config, "sft", stage_run)
     spec.update(init_checkpoint=str(Path(config.checkpoint).resolve()), train_layers=config.freeze.train_layers,
+                train_layers_from=config.freeze.train_from, peft=config.peft.model_dump(),
                 tokenizer_file=tokenizer,
                 data={"kind": "sft", **files, "tokenizer": tokenizer, "system_prompt": config.data.system_prompt})
     final = launch(config, spec)

@@ -149,6 +149,10 @@ def apply_lora(model: Transformer, settings: LoRASettings, seed: int = 0) -> Tra
     return model
 
 
+def settings_of(config: PeftConfig) -> LoRASettings:
+    return LoRASettings(config.rank, config.alpha, config.dropout, list(config.target_modules))
+
+
 def apply_peft(model: Transformer, config: PeftConfig, seed: int = 0) -> Transformer:
     """A ``peft:`` config section applied: quantize the base (if asked), then LoRA on top."""
     if config.method == "none":
@@ -157,7 +161,7 @@ def apply_peft(model: Transformer, config: PeftConfig, seed: int = 0) -> Transfo
         return model
     if config.quantize != "none":
         quantize_model(model, config.quantize, config.block_size)
-    return apply_lora(model, LoRASettings(config.rank, config.alpha, config.dropout, list(config.target_modules)), seed)
+    return apply_lora(model, settings_of(config), seed)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
