@@ -289,3 +289,14 @@ def test_sft_config_rejects_peft_conflicts(tmp_path, capsys):
                                       "train": {"seq_len": 128}, **overrides}))
         assert cli.main(["sft", str(config)]) == 2
         assert message in capsys.readouterr().err, message
+
+
+@pytest.mark.parametrize("where, trained", [("last", ["2", "3"]), ("early", ["0", "1"]), ("intermediate", ["1", "2"])])
+def test_freezing_by_depth_early_intermediate_last(where, trained):
+    from raylm.actors.train_worker import freeze_by_depth
+
+    model = tiny(n_layers=4)
+    freeze_by_depth(model, 2, where)
+    for name, block in model.layers.items():
+        assert all(p.requires_grad == (name in trained) for p in block.parameters()), (where, name)
+    assert model.norm.weight.requires_grad and not model.tok_embeddings.weight.requires_grad
