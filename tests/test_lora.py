@@ -295,8 +295,9 @@ def test_sft_config_rejects_peft_conflicts(tmp_path, capsys):
 def test_freezing_by_depth_early_intermediate_last(where, trained):
     from raylm.actors.train_worker import freeze_by_depth
 
-    model = tiny(n_layers=4)
+    model = tiny(n_layers=4, tie_embeddings=False)
     freeze_by_depth(model, 2, where)
     for name, block in model.layers.items():
         assert all(p.requires_grad == (name in trained) for p in block.parameters()), (where, name)
-    assert model.norm.weight.requires_grad and not model.tok_embeddings.weight.requires_grad
+    assert model.norm.weight.requires_grad and model.output.weight.requires_grad
+    assert not model.tok_embeddings.weight.requires_grad
