@@ -356,3 +356,43 @@ def test_vllm_serves_a_raylm_adapter_through_its_lora_support(tmp_path):
             full = torch.tensor([prompt + served["tokens"]])
             logp = model(full).log_softmax(-1)[0, len(prompt) - 1:-1].gather(-1, full[0, len(prompt):, None])
             assert (logp.squeeze(-1) - torch.tensor(served["logprobs"])).abs().max() < 1e-4
+
+
+def test_prompt_tuning_matches_peft_and_keeps_packed_examples_apart(exported):
+    """A soft prompt trains alone (loss falls), peft's PROMPT_TUNING gives raylm's logits on the
+    real tokens, peft's saved prompt loads back into raylm, and a packed row of two examples gets
+    each example's logits as if it had the prompt to itself."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from raylm.models.transformer import document_causal_mask, document_positions
+    from raylm.prompt_tuning import apply_prompt_tuning, load_prompt, save_prompt
+
+    folder, _ = exported
+    model = apply_prompt_tuning(load_checkpoint(folder / "base"), n_virtual=4)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["tok_embeddings.prompt"]
+    optimizer = build_optimizer(model, 3e-2, 0.0, (0.9, 0.95), 1e-8)
+    x = tokens(batch=2, seq=12, seed=9)
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    save_prompt(model.eval(), folder / "prompt", base=str(folder / "base"))
+
+    hf = LlamaForCausalLM.from_pretrained(folder / "base", dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(hf, folder / "prompt").eval()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(peft_model(input_ids=x).logits[:, 4:], expected, rtol=1e-4, atol=1e-4)
+    peft_model.save_pretrained(folder / "prompt_from_peft")
+    again = load_prompt(load_checkpoint(folder / "base"), folder / "prompt_from_peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), expected, rtol=1e-5, atol=1e-5)
+        doc = torch.tensor([[0] * 5 + [1] * 7])
+        packed = model(x[:1], document_positions(doc), document_causal_mask(doc))[0]
+        torch.testing.assert_close(packed[:5], model(x[:1, :5])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed[5:], model(x[:1, 5:])[0], rtol=1e-5, atol=1e-5)
