@@ -115,6 +115,12 @@ class PPOConfig(Section):
     whiten_advantages: bool = True
     entropy_coef: float = Field(default=0.0, ge=0)
 
+    @model_validator(mode="after")
+    def _groups(self):
+        if self.advantage != "gae" and self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt: {self.advantage} compares samples of one prompt: needs >= 2")
+        return self
+
 
 class DataConfig(Section):
     builtin: Literal["stdlib"] | None = "stdlib"  # "What does `f(sig)` do?" -> f's docstring line (raylm.preference_data)
@@ -164,16 +170,15 @@ class Config(StageConfig):
     @model_validator(mode="after")
     def _shapes(self):
         ppo = self.ppo
-        if ppo.advantage != "gae" and ppo.samples_per_prompt < 2:
-            raise ValueError(f"ppo.samples_per_prompt: {ppo.advantage} compares samples of one prompt: needs >= 2")
         rollouts = ppo.prompts_per_step * ppo.samples_per_prompt
         groups = [("policy", self.policy.num_workers)] + ([("critic", self.critic.num_workers)] if self.uses_critic else [])
         for role, workers in groups:
             if rollouts % (workers * ppo.minibatches):
-                raise ValueError(f"ppo.prompts_per_step: {rollouts} rollouts per step do not split into "
-                                 f"{role}.num_workers ({workers}) x ppo.minibatches ({ppo.minibatches}) equal parts")
+                raise ValueError(f"ppo: {rollouts} rollouts per step (prompts_per_step x samples_per_prompt) do not "
+                                 f"split into {role}.num_workers ({workers}) x ppo.minibatches ({ppo.minibatches}) "
+                                 "equal parts")
         if self.data.builtin is None and self.data.prompts is None:
-            raise ValueError("data.prompts: give a JSONL file of prompts or data.builtin: stdlib")
+            raise ValueError("data: give prompts (a JSONL file) or builtin: stdlib")
         return self
 
     @property
