@@ -396,3 +396,35 @@ def test_prompt_tuning_matches_peft_and_keeps_packed_examples_apart(exported):
         packed = model(x[:1], document_positions(doc), document_causal_mask(doc))[0]
         torch.testing.assert_close(packed[:5], model(x[:1, :5])[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(packed[5:], model(x[:1, 5:])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bottleneck_adapters_start_as_the_base_train_alone_and_reload(tmp_path):
+    from raylm.bottleneck_adapter import apply_bottleneck_adapters, load_adapters, save_adapters
+
+    x = tokens(batch=4, seq=32, seed=3)
+    with torch.no_grad():
+        base_logits = tiny()(x)
+    model = apply_bottleneck_adapters(tiny(), bottleneck=16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base_logits)  # up starts at zero: the identity
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 4 and all(".down." in n or ".up." in n for n in trainable)
+    assert count_parameters(model)[0] == 2 * 2 * (128 * 16 + 16 + 16 * 128 + 128)
+    optimizer = build_optimizer(model, 1e-2, 0.0, (0.9, 0.95), 1e-8)
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2, losses
+    save_adapters(model, tmp_path / "adapters")
+    again = load_adapters(tiny(), tmp_path / "adapters")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    moe = Transformer(preset("debug", vocab_size=VOCAB, max_seq_len=64, n_experts=4, top_k=2, moe_ffn_dim=64))
+    moe.init_weights(seed=0)
+    with torch.no_grad():
+        apply_bottleneck_adapters(moe, where=("mlp",))(x)
+    assert moe.moe_aux_loss().item() > 0  # the MoE layers stay visible through the wrapper
