@@ -198,15 +198,17 @@ def evaluate(model, spec, data: PairDataset, device, autocast_dtype, reference) 
     the same number of batches, since FSDP2 needs every rank in every forward)."""
     names = LOGGED[spec["objective"]]
     totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
-    batches = spec["train"]["eval_batches"]
+    size = spec["train"]["batch_size"]
+    per_rank = math.ceil(len(data.pairs) / data.world_size)  # the largest slice: every rank runs its batch count
     model.eval()
     with torch.no_grad():
-        for i, batch in enumerate(data.batches(spec["train"]["batch_size"])):
-            if i == batches:
-                break
+        for i in range(min(spec["train"]["eval_batches"], math.ceil(per_rank / size))):
+            indices = data.mine[i * size : (i + 1) * size]
+            weight = 1.0 if indices else 0.0  # a rank past the end of its slice joins the forward, counts nothing
+            batch = data.batch(indices or [0])
             outputs = pair_outputs(model, batch, spec, device, autocast_dtype, reference)
-            totals += torch.cat([sums(outputs, names, device), torch.tensor([float(len(batch["index"]))],
-                                                                             dtype=torch.float64, device=device)])
+            totals += weight * torch.cat([sums(outputs, names, device),
+                                          torch.tensor([float(len(batch["index"]))], dtype=torch.float64, device=device)])
     model.train()
     dist.all_reduce(totals)
     return {f"val_{name}": (totals[i] / totals[-1].clamp(min=1)).item() for i, name in enumerate(names)}
@@ -241,7 +243,7 @@ def preference_loop(spec: dict) -> None:
     train_data = PairDataset(data["train"], data["tokenizer"], train["seq_len"], seed=spec["seed"], rank=dp_rank,
                              world_size=dp_size, default_margin=margin)
     val_data = PairDataset(data["validation"], data["tokenizer"], train["seq_len"], rank=dp_rank, world_size=dp_size,
-                           shuffle=False, default_margin=margin)
+                           shuffle=False, default_margin=margin, drop_remainder=False)
     reference = {"train": None, "validation": None}
     if spec["objective"] == "dpo":
         from safetensors.torch import load_file

@@ -315,10 +315,12 @@ class PairDataset:
     the rejected ones in one right-padded batch of 2B, with labels and per-pair margins.
 
     A rank's epoch order is a seeded permutation of its own slice (every ``world_size``-th pair), so
-    ranks never share a pair; ``state_dict`` / ``load_state_dict`` resume at the next batch."""
+    ranks never share a pair; ``state_dict`` / ``load_state_dict`` resume at the next batch. For
+    training the last ``len(pairs) % world_size`` pairs are left out so every rank has as many;
+    ``drop_remainder=False`` (evaluation) keeps them, and ranks may then hold one pair more."""
 
     def __init__(self, pairs: list[dict], tokenizer_file: str | Path, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, default_margin: float = 0.0):
+                 world_size: int = 1, shuffle: bool = True, default_margin: float = 0.0, drop_remainder: bool = True):
         from raylm.sft_data import ChatTemplate
 
         template = ChatTemplate(tokenizer_file)
@@ -327,7 +329,8 @@ class PairDataset:
                          encode_response(template, p["prompt"], p["rejected"], seq_len)) for p in pairs]
         self.margins = [float(p.get("margin", default_margin)) for p in pairs]
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self.mine = list(range(rank, len(pairs) // world_size * world_size, world_size))
+        end = len(pairs) // world_size * world_size if drop_remainder else len(pairs)
+        self.mine = list(range(rank, end, world_size))
         self.epoch, self.position = 0, 0
 
     def __len__(self) -> int:

@@ -6,6 +6,7 @@ pytest session into the session's base temp folder; the second test file finds i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -60,4 +61,6 @@ def build_sft_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 
 def shared_sft_checkpoint(tmp_path_factory) -> Path:
-    return build_sft_checkpoint(tmp_path_factory.getbasetemp() / "preference-sft-model")
+    """RAYLM_PREFERENCE_FIXTURE=folder keeps the model across sessions (built there if missing)."""
+    cached = os.environ.get("RAYLM_PREFERENCE_FIXTURE")
+    return build_sft_checkpoint(Path(cached) if cached else tmp_path_factory.getbasetemp() / "preference-sft-model")
