@@ -344,7 +344,7 @@ def place_pools(config: Config) -> tuple[dict[str, list], list]:
             cpus = sum(shapes[r][1] for r in group if i < shapes[r][0])
             gpus = sum(shapes[r][2] for r in group if i < shapes[r][0])
             bundles.append({"CPU": cpus, **({"GPU": gpus} if gpus else {})})
-        pg = placement_group(bundles, strategy="PACK", name=f"raylm-rlhf-{'+'.join(group)}")
+        pg = placement_group(bundles, strategy="PACK")
         try:
             ray.get(pg.ready(), timeout=config.timeouts.startup_s)
         except ray.exceptions.GetTimeoutError:
