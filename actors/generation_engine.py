@@ -26,6 +26,7 @@ import ray
 import torch
 
 log = logging.getLogger("raylm.generation")
+BUCKET_TIMEOUT_S = 300  # fetching one published weight bucket from the object store
 
 
 def vllm_available() -> bool:
@@ -218,7 +219,7 @@ class VLLMEngine:
         start = time.perf_counter()
         self.llm.collective_rpc("raylm_begin_reload")
         for ref in bucket_refs:
-            self.llm.collective_rpc("raylm_load_bucket", args=(unpack_weight_bucket(ray.get(ref)),))
+            self.llm.collective_rpc("raylm_load_bucket", args=(unpack_weight_bucket(ray.get(ref, timeout=BUCKET_TIMEOUT_S)),))
         self.llm.collective_rpc("raylm_finish_reload")
         self.llm.reset_prefix_cache()
         self.policy_version = version
@@ -287,7 +288,7 @@ class TorchEngine:
 
     def load_weight_buckets(self, bucket_refs: list, version: int) -> float:
         start = time.perf_counter()
-        hf_state = dict(pair for ref in bucket_refs for pair in unpack_weight_bucket(ray.get(ref)))
+        hf_state = dict(pair for ref in bucket_refs for pair in unpack_weight_bucket(ray.get(ref, timeout=BUCKET_TIMEOUT_S)))
         self.load_weights(hf_state, version)
         return time.perf_counter() - start
 
