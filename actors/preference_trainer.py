@@ -327,35 +327,3 @@ def preference_loop(spec: dict) -> None:
     export_model(spec, model, rank, dims.tp)
     ray.train.report({**metrics, "step": step, "done": 1})
 
-
-def launch(config, spec: dict) -> dict:
-    """Run ``preference_loop`` on a Ray Train worker group, set up as pretraining's ``launch`` does
-    (gloo on CPU, NCCL on GPU, failure recovery from the last checkpoint); returns rank 0's last report."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raylm.ray_init import init_ray
-
-    init_ray(config.ray)
-    storage = (config.output_path / "ray_train").resolve()
-    name = spec["stage"] if config.train.resume else f"{spec['stage']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec["run_dir"] = str(storage / name)
-    parallel = config.parallel
-    trainer = TorchTrainer(
-        preference_loop,
-        train_loop_config=spec,
-        torch_config=TorchConfig(backend="nccl" if parallel.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=parallel.num_workers, use_gpu=parallel.use_gpu,
-            resources_per_worker={"CPU": parallel.cpus_per_worker, **({"GPU": 1} if parallel.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return {**(result.metrics or {}), "checkpoint_dir": result.checkpoint.path if result.checkpoint else None}

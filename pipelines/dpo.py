@@ -115,7 +115,8 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
-    from raylm.actors.preference_trainer import launch
+    from raylm.actors.preference_trainer import preference_loop
+    from raylm.pipelines.pretrain import launch
     from raylm.preference_data import PreferenceDataError
 
     started = time.perf_counter()
@@ -128,7 +129,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
     reference_file = reference_logprobs_file(config, pairs, tokenizer)
     stage_run.log_metrics({"reference_logprobs_s": time.perf_counter() - started})
     spec.update(objective="dpo", loss=config.loss.model_dump(), reference_logprobs=str(reference_file.resolve()))
-    final = launch(config, spec)
+    final = launch(config, spec, loop=preference_loop)
     summary = finish(config, stage_run, final, started,
                      ["loss", "initial_val_accuracy", "val_accuracy", "initial_val_logp_margin", "val_logp_margin",
                       "val_reward_accuracy", "val_reward_margin"])

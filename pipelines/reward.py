@@ -94,8 +94,10 @@ def check_preference_stage(config, config_path) -> None:
     tokenizer = tokenizer_path(config)
     if not tokenizer.exists():
         raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
-    if config.parallel.ep > 1:
-        raise ConfigError(f"{config_path}: parallel.ep: expert parallelism is not supported by preference training")
+    for key in ("ep", "cp", "pp"):  # the preference loop runs FSDP2 (dp_shard x dp_replicate) and tensor parallel
+        if getattr(config.parallel, key) > 1:
+            raise ConfigError(f"{config_path}: parallel.{key}: not supported by preference training (use dp_shard, "
+                              "dp_replicate, tp)")
     if config.train.fail_at_step is not None:
         raise ConfigError(f"{config_path}: train.fail_at_step: fault injection is pretraining/SFT only")
     if config.data.builtin is None:
@@ -182,7 +184,8 @@ def check(config: Config, config_path) -> None:
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
-    from raylm.actors.preference_trainer import launch
+    from raylm.actors.preference_trainer import preference_loop
+    from raylm.pipelines.pretrain import launch
     from raylm.preference_data import PreferenceDataError
 
     started = time.perf_counter()
@@ -193,7 +196,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
         raise ConfigError(str(e)) from None
     spec = preference_spec(config, "reward", stage_run, pairs, tokenizer)
     spec.update(objective="reward", loss=config.loss.model_dump())
-    final = launch(config, spec)
+    final = launch(config, spec, loop=preference_loop)
     summary = finish(config, stage_run, final, started, ["loss", "accuracy", "margin", "initial_val_accuracy",
                                                          "val_accuracy", "val_margin"])
     print(f"raylm reward: held-out pairwise accuracy {summary['initial_val_accuracy']} -> {summary['val_accuracy']}, "

@@ -167,7 +167,8 @@ def test_raylm_reward_learns_the_stdlib_task_and_exports_for_transformers(tmp_pa
     config.write_text(json.dumps({
         "output_dir": str(out), "seed": 0, "ray": {"num_cpus": 2},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "checkpoint": str(start),
-        "data": {"builtin": "stdlib-docstrings", "negatives": "random", "validation_fraction": VALIDATION_FRACTION},
+        "data": {"builtin": "stdlib-docstrings", "negatives": "random", "validation_fraction": VALIDATION_FRACTION,
+                 "pairs_per_prompt": 3},
         "train": {"steps": 400, "batch_size": 16, "seq_len": 128, "log_every": 25, "eval_every": 100,
                   "checkpoint_every": 1000},
         "optim": {"lr": 1e-3, "warmup_steps": 20},
@@ -187,8 +188,9 @@ def test_raylm_reward_learns_the_stdlib_task_and_exports_for_transformers(tmp_pa
     train_functions = {json.loads(line)["function"] for line in (out / "pairs" / "train.jsonl").read_text().splitlines()}
     assert not train_functions & {p["function"] for p in held_out}
     accuracy, margin = held_out_accuracy(hf, held_out, hf / "tokenizer.json")
-    # 0.5 at the start (zero head); 0.83 measured after these 400 steps (0.9 needs longer runs)
-    assert accuracy >= 0.75 and margin > 0, (accuracy, margin)
+    # 0.5 at the start (zero head, every pair a tie); 0.86 measured after these 400 steps, 0.87 after 600
+    # (examples/laptop/reward.yaml). The 0.9 of the issue is not reached by this 1.4M-parameter model.
+    assert accuracy >= 0.8 and margin > 0, (accuracy, margin)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
