@@ -535,14 +535,14 @@ def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 
 # ---- evaluation ---------------------------------------------------------------------------------
 
-def evaluate(pools: Pools, task: Task, items: list[dict], samples: int, temperature: float, seed: int) -> dict:
+def evaluate(pools: Pools, task: Task, items: list[dict], samples: int, temperature: float) -> dict:
     """Policy samples on fixed prompts: mean reward-model score, ground-truth score, KL to the
     reference (k1 summed over each response, from the engines' log-probs), response length."""
     if not items:
         return {}
     prompts = [item["ids"] for item in items for _ in range(samples)]
     owners = [item for item in items for _ in range(samples)]
-    rollouts = pools.generate(prompts, task.stop_ids, temperature, seed=None)
+    rollouts = pools.generate(prompts, task.stop_ids, temperature)
     responses = [r["tokens"] for r in rollouts]
     scores = pools.score([task.reward_sequence(p, r) for p, r in zip(prompts, responses)])
     batch = make_batch(prompts, responses)
@@ -713,9 +713,8 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
 
     eval_items = task.train[:config.eval.prompts]
     held_out = task.held_out[:config.eval.prompts]
-    before = evaluate(pools, task, eval_items, config.eval.samples_per_prompt, config.rollout.temperature, config.seed)
-    before_held_out = evaluate(pools, task, held_out, config.eval.samples_per_prompt, config.rollout.temperature,
-                               config.seed)
+    before = evaluate(pools, task, eval_items, config.eval.samples_per_prompt, config.rollout.temperature)
+    before_held_out = evaluate(pools, task, held_out, config.eval.samples_per_prompt, config.rollout.temperature)
     log_eval(stage_run, "before", before, before_held_out, step=0)
 
     sampler = PromptSampler(task.train, config.seed)
@@ -729,9 +728,8 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
                         kl=metrics["kl/mean"], pg=metrics["policy/loss"], clip=metrics["policy/clip_fraction"],
                         sync_s=metrics["time/weight_sync_s"])
 
-    after = evaluate(pools, task, eval_items, config.eval.samples_per_prompt, config.rollout.temperature, config.seed)
-    after_held_out = evaluate(pools, task, held_out, config.eval.samples_per_prompt, config.rollout.temperature,
-                              config.seed)
+    after = evaluate(pools, task, eval_items, config.eval.samples_per_prompt, config.rollout.temperature)
+    after_held_out = evaluate(pools, task, held_out, config.eval.samples_per_prompt, config.rollout.temperature)
     log_eval(stage_run, "after", after, after_held_out, step=config.ppo.steps)
 
     export_dir = (config.output_path / "hf").resolve()

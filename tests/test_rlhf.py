@@ -15,10 +15,10 @@ import pytest
 import ray
 import torch
 
-from raylm.config import load_config
 from raylm.models.generate import SamplingParams, generate
 from raylm.models.hf_checkpoint import load_checkpoint
 from raylm.pipelines import rlhf
+from raylm.ppo import FixedKLController
 from raylm.tracking import start_run
 
 from rlhf_fixtures import MAX_PROMPT_TOKENS, build_all
@@ -95,7 +95,7 @@ def test_published_weights_reach_every_engine_and_logprobs_agree(setup, tmp_path
     config, task, pools = setup
     pools.setup_trainers(config)
     assert pools.publish(0)["weight_sync/bucket_count"] >= 1
-    state = rlhf.RunState(version=0, kl_ctl=rlhf_fixed(0.05), moments=None)
+    state = rlhf.RunState(version=0, kl_ctl=FixedKLController(0.05), moments=None)
     sampler = rlhf.PromptSampler(task.train, seed=0)
     # Two PPO steps: the second samples with weights the trainer changed and published (version 1).
     first = rlhf.ppo_step(config, pools, task, sampler, state, step=1)
@@ -114,12 +114,6 @@ def test_published_weights_reach_every_engine_and_logprobs_agree(setup, tmp_path
     theirs = pools.generate(prompts, task.stop_ids, temperature=0.0, max_new_tokens=24)
     assert [r["tokens"] for r in theirs] == ours
     assert all(r["policy_version"] == 2 for r in theirs)
-
-
-def rlhf_fixed(value):
-    from raylm.ppo import FixedKLController
-
-    return FixedKLController(value)
 
 
 def test_ppo_raises_the_reward_with_bounded_kl(setup, built):
