@@ -241,3 +241,28 @@ def test_cli_rejects_bad_preference_files_before_any_ray_work(tmp_path, tmp_path
     assert cli.main(["reward", str(config)]) == 2
     assert "loss.beta: unknown key" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_skip_keeps_every_valid_pair_and_quarantines_bad_lines(tmp_path):
+    from raylm.config import load_config
+    from raylm.pipelines import reward
+    from raylm.tracking import start_run
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                     + json.dumps({"prompt": "p", "chosen": "a"}) + "\n"
+                     + json.dumps({"prompt": "q", "responses": ["a", "b", "c"]}) + "\n")
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("[1, 2]\n" + json.dumps({"prompt": "v", "chosen": "a", "rejected": "b"}) + "\n")
+    config = load_config(reward.Config, None, [f"output_dir={tmp_path / 'out'}", f"data.train={train}",
+                                                f"data.validation={validation}", "data.on_bad_line=skip"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = start_run(uri, "raylm", "reward", tmp_path / "out")
+    pairs = reward.load_pairs(config, run)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs["train"]] == [
+        ("p", "a", "b"), ("q", "a", "b"), ("q", "a", "c"), ("q", "b", "c")]
+    assert len(pairs["validation"]) == 1
+    quarantined = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["file"], q["line"], q["field"]) for q in quarantined] == [
+        (str(train), 2, "rejected"), (str(validation), 1, "(line)")]
+    assert run.client.get_run(run.run_id).data.metrics["bad_lines"] == 2
