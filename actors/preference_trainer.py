@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

@@ -115,7 +115,7 @@ def tokenizer_path(config) -> Path:
     return Path(config.data.tokenizer) if config.data.tokenizer else Path(config.checkpoint) / "tokenizer.json"
 
 
-def load_pairs(config, stage_run: StageRun) -> dict[str, list[dict]]:
+def load_pairs(config, stage_run: StageRun, stage: str = "reward") -> dict[str, list[dict]]:
     """The train / validation pairs: read from the JSONL files (bad lines quarantined with file, line
     and field when ``on_bad_line: skip``), or the built-in task (written to ``<output_dir>/pairs/``)."""
     from raylm.preference_data import read_preferences, stdlib_preference_splits, write_jsonl
@@ -135,13 +135,9 @@ def load_pairs(config, stage_run: StageRun) -> dict[str, list[dict]]:
     if bad:
         quarantine = write_jsonl(bad, out / "quarantine.jsonl")
         stage_run.log_artifact(quarantine)
-        print(f"[{stage_run_name(config)}] {len(bad)} bad lines skipped (file, line, field in {quarantine})", flush=True)
+        print(f"[{stage}] {len(bad)} bad lines skipped (file, line, field in {quarantine})", flush=True)
     stage_run.log_metrics({"bad_lines": len(bad)})
     return splits
-
-
-def stage_run_name(config) -> str:
-    return "dpo" if hasattr(config, "dpo") else "reward"
 
 
 def preference_spec(config, stage: str, stage_run: StageRun, pairs: dict, tokenizer: str) -> dict:
