@@ -152,6 +152,10 @@ def test_nf4_and_int8_quantization():
             # the embeddings and head (2 x 256 x 128) stay fp32 in this tiny model: the blocks shrink 4x / 7x
             assert model_bytes(quantized) < size_ratio * full_bytes
             assert (quantized(x) - reference).abs().max() / reference.abs().max() < logit_error
+            # inference: the KV-cached generator runs on the quantized model as on any other
+            from raylm.models.generate import SamplingParams, generate
+
+            assert len(generate(quantized, [[5, 6, 7]], SamplingParams(max_new_tokens=4, temperature=0.0))[0]) == 4
 
 
 def test_qlora_lowers_the_loss_and_trains_only_the_adapter():
