@@ -331,6 +331,8 @@ class PairDataset:
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         end = len(pairs) // world_size * world_size if drop_remainder else len(pairs)
         self.mine = list(range(rank, end, world_size))
+        if drop_remainder and not self.mine:
+            raise PreferenceDataError(f"{len(pairs)} preference pairs: fewer than one for each of {world_size} ranks")
         self.epoch, self.position = 0, 0
 
     def __len__(self) -> int:
