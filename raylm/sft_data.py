@@ -212,9 +212,11 @@ class PackedSFTDataset(IterableDataset):
 
 
 def stdlib_instructions(limit: int | None = None) -> list[dict]:
-    """Real instruction data from the running Python: "What does `module.function` do?" answered
-    with the first line of its docstring, for every public documented stdlib function."""
+    """Real instruction data from the running Python: "What does `module.function(signature)` do?"
+    answered with the first line of its docstring, for every public documented stdlib function (the
+    prompt format of the preference task, so that SFT, the reward model and RLHF agree)."""
     from raylm.corpus import iter_stdlib_functions
+    from raylm.preference_data import stdlib_prompt
 
     examples, seen = [], set()
     for function in iter_stdlib_functions():
@@ -222,7 +224,7 @@ def stdlib_instructions(limit: int | None = None) -> list[dict]:
         if len(first_line.split()) < 3 or function.qualified_name in seen:
             continue
         seen.add(function.qualified_name)
-        examples.append({"prompt": f"What does `{function.qualified_name}` do?", "response": first_line})
+        examples.append({"prompt": stdlib_prompt(function.qualified_name, function.signature), "response": first_line})
         if limit is not None and len(examples) == limit:
             break
     return examples
