@@ -9,9 +9,11 @@ from pathlib import Path
 PANELS = {
     "pretrain": [("loss", ["loss", "val_loss"])],
     "sft": [("loss", ["loss", "val_loss"])],
-    "reward": [("loss", ["loss", "val_loss"]), ("pairwise accuracy", ["accuracy", "val_accuracy"])],
-    "dpo": [("loss", ["loss", "val_loss"]), ("reward margin", ["margin", "val_margin"])],
-    "rlhf": [("reward", ["reward_mean", "ground_truth_score"]), ("KL to the reference", ["kl"])],
+    "reward": [("loss", ["loss", "val_loss"]), ("pairwise accuracy", ["accuracy", "val_accuracy"]),
+               ("reward margin", ["margin", "val_margin"])],
+    "dpo": [("loss", ["loss", "val_loss"]), ("preference accuracy", ["accuracy", "val_accuracy"]),
+            ("log-prob margin", ["logp_margin", "val_logp_margin"])],
+    "rlhf": [("reward", ["reward/mean", "ground_truth/mean"]), ("KL to the reference", ["kl/mean"])],
 }
 
 
