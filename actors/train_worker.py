@@ -55,7 +55,8 @@ def build_model(spec: dict) -> Transformer:
         model.init_weights(seed=spec["seed"])
     freeze_by_depth(model, spec.get("train_layers"), spec.get("train_layers_from", "last"))
     if (spec.get("peft") or {}).get("method", "none") != "none":  # LoRA / QLoRA: raylm.lora, from outside
-        from raylm.lora import PeftConfig, apply_peft
+        from raylm.lora import apply_peft
+        from raylm.peft_config import PeftConfig
 
         apply_peft(model, PeftConfig(**spec["peft"]), seed=spec["seed"])
     return model
@@ -427,7 +428,8 @@ def export_final_model(spec: dict, model, rank: int, tp: int = 1, dims: Parallel
     state = {clean_state_dict_key(k): v for k, v in state.items()}
     if (spec.get("peft") or {}).get("method", "none") == "lora":
         # The adapter in PEFT's format (for peft / vLLM on the starting checkpoint), then the merged model.
-        from raylm.lora import PeftConfig, merged_state_dict, save_adapter_state, settings_of
+        from raylm.lora import merged_state_dict, save_adapter_state, settings_of
+        from raylm.peft_config import PeftConfig
 
         settings = settings_of(PeftConfig(**spec["peft"]))
         save_adapter_state(state, settings, Path(spec["export_dir"]) / "adapter", base=spec.get("init_checkpoint"))

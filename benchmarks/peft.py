@@ -56,10 +56,11 @@ def train_method(method: str, args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from raylm.actors.train_worker import optimizer_state_bytes
-    from raylm.lora import PeftConfig, apply_peft, count_parameters
+    from raylm.lora import apply_peft, count_parameters
     from raylm.models.config import preset
     from raylm.models.transformer import Transformer
     from raylm.optim import build_optimizer
+    from raylm.peft_config import PeftConfig
     from raylm.quantize import model_bytes
 
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from raylm.config import ConfigError, Section, StageConfig
-from raylm.lora import PeftConfig
+from raylm.peft_config import PeftConfig
 from raylm.tracking import StageRun
 from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 

@@ -21,35 +21,18 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from raylm.config import Section
 from raylm.models.config import TransformerConfig
 from raylm.models.transformer import Transformer
-from raylm.quantize import NF4_BLOCK, QuantizedLinear, dequantize, quantize_model
+from raylm.peft_config import ALL_PROJECTIONS, PeftConfig
+from raylm.quantize import QuantizedLinear, dequantize, quantize_model
 
-HFProjection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-class PeftConfig(Section):
-    """The ``peft:`` section of `raylm sft` (and of the post-training stages that adopt it)."""
-
-    method: Literal["none", "lora"] = "none"  # none: full fine-tuning (or freeze: by depth)
-    rank: int = Field(default=8, ge=1)
-    alpha: float = Field(default=16.0, gt=0)  # the update is scaled by alpha / rank
-    dropout: float = Field(default=0.0, ge=0, lt=1)  # on LoRA's input only
-    target_modules: list[HFProjection] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
-    quantize: Literal["none", "int8", "nf4"] = "none"  # of the frozen base (QLoRA with nf4); needs method: lora
-    block_size: int = Field(default=NF4_BLOCK, ge=2)  # weights per NF4 scale
 
 
 @dataclass

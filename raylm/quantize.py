@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylm.peft_config import NF4_BLOCK
+
 QuantKind = Literal["int8", "nf4"]
-NF4_BLOCK = 64
 
 
 def nf4_levels() -> torch.Tensor:

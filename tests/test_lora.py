@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from raylm.lora import (
     LoRASettings,
-    PeftConfig,
     apply_lora,
     apply_peft,
     count_parameters,
@@ -23,6 +22,7 @@ from raylm.models.config import preset
 from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
 from raylm.models.transformer import Transformer
 from raylm.optim import build_optimizer
+from raylm.peft_config import PeftConfig
 from raylm.quantize import QuantizedLinear, dequantize_nf4, model_bytes, nf4_levels, quantize_model, quantize_nf4
 
 VOCAB = 256
