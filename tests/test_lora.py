@@ -220,7 +220,8 @@ def held_out_loss(model, path, tokenizer_file) -> float:
 @pytest.mark.slow
 def test_raylm_sft_with_qlora_on_two_fsdp_workers(tmp_path):
     """`raylm sft` with peft.method lora on an NF4 base, 2 gloo workers (FSDP2 shards the adapters,
-    the codes stay replicated): the adapter lands in PEFT's format beside the merged export, the
+    the codes stay replicated), one of them killed at step 14 and the group resumed from the step-10
+    checkpoint (codes, adapters and their optimizer state): the adapter lands in PEFT's format beside the merged export, the
     merged model has exactly the QLoRA model's logits, the held-out loss falls, and MLflow holds the
     trainable-parameter count and the optimizer-state size."""
     import ray
@@ -245,7 +246,7 @@ def test_raylm_sft_with_qlora_on_two_fsdp_workers(tmp_path):
         "data": {"train": splits["train"], "validation": splits["validation"]}, "epochs": None, "samples": 0,
         "peft": {"method": "lora", "rank": 8, "alpha": 16, "quantize": "nf4"},
         "train": {"steps": 30, "batch_size": 4, "seq_len": 128, "log_every": 5, "eval_every": 30, "eval_batches": 2,
-                  "checkpoint_every": 100},
+                  "checkpoint_every": 10, "fail_at_step": 14, "fail_rank": 1},  # resumes from step 10's checkpoint
         "optim": {"lr": 1e-2, "warmup_steps": 2},
         "parallel": {"num_workers": 2},
     }))
@@ -255,6 +256,8 @@ def test_raylm_sft_with_qlora_on_two_fsdp_workers(tmp_path):
     finally:
         ray.shutdown()
     export = tmp_path / "out" / "hf"
+    assert (tmp_path / "out" / "ray_train" / "sft" / "fault_injected_at_step_14").exists() or any(
+        (tmp_path / "out").rglob("fault_injected_at_step_14"))
     assert json.loads((export / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(start)
     qlora = load_adapter(quantize_model(load_checkpoint(start), "nf4"), export / "adapter").eval()
     merged = load_checkpoint(export).eval()
