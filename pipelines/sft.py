@@ -33,7 +33,7 @@ class DataConfig(Section):
     validation: str | None = None  # held-out JSONL, the validation (response) loss
     builtin: Literal["stdlib-instructions"] | None = None  # instead of train/validation files
     builtin_limit: int | None = Field(default=None, ge=2)  # examples of the built-in set (None: all)
-    validation_fraction: float = Field(default=0.05, gt=0, lt=1)  # of the built-in set
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # of the built-in set's functions (as reward's)
     tokenizer: str | None = None  # tokenizer.json; default: the checkpoint's
     system_prompt: str | None = None  # prepended to conversations that have none
 
@@ -134,11 +134,15 @@ def data_files(config: Config) -> dict:
     """The train/validation JSONL paths, building the built-in set into the output folder if asked."""
     if config.data.builtin is None:
         return {"train": str(Path(config.data.train).resolve()), "validation": str(Path(config.data.validation).resolve())}
-    from raylm.sft_data import stdlib_instructions, write_jsonl_splits
+    from raylm.preference_data import split_functions, stdlib_functions, write_jsonl
 
-    examples = stdlib_instructions(config.data.builtin_limit)
-    return write_jsonl_splits(examples, (config.output_path / "instructions").resolve(),
-                              config.data.validation_fraction, config.seed)
+    # The preference task's functions and split (same limit, validation_fraction and seed as the
+    # reward / DPO / RLHF sections): their held-out functions are never seen in SFT either.
+    splits = split_functions(stdlib_functions(config.data.builtin_limit), config.data.validation_fraction, config.seed)
+    out = (config.output_path / "instructions").resolve()
+    return {split: str(write_jsonl([{"prompt": item["prompt"], "response": item["reference"]} for item in items],
+                                   out / f"{split}.jsonl"))
+            for split, items in splits.items()}
 
 
 def steps_for_epochs(config: Config, files: dict, tokenizer: str) -> int:

@@ -218,3 +218,20 @@ def test_cli_rejects_bad_config_before_any_ray_work(tmp_path, tokenizer_file, ca
     write(train={"seq_len": 4096})
     assert cli.main(["sft", str(config)]) == 2
     assert "train.seq_len" in capsys.readouterr().err
+
+
+def test_builtin_set_holds_out_the_preference_tasks_functions(tmp_path):
+    """SFT's built-in instructions never train on the functions that reward, DPO and RLHF hold out."""
+    import json
+
+    from raylm.config import load_config
+    from raylm.pipelines import sft
+    from raylm.preference_data import stdlib_preference_splits
+
+    config = load_config(sft.Config, None, [f"output_dir={tmp_path}", "data.builtin=stdlib-instructions",
+                                            "data.builtin_limit=300"])
+    files = sft.data_files(config)
+    prompts = {split: {json.loads(line)["prompt"] for line in open(path)} for split, path in files.items()}
+    held_out = {pair["prompt"] for pair in stdlib_preference_splits(limit=300)["validation"]}
+    assert prompts["validation"] == held_out
+    assert not prompts["train"] & held_out and len(prompts["train"]) > 200
