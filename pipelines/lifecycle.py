@@ -150,8 +150,11 @@ def plot_curves(summary: dict, config: Config, parent: StageRun) -> list:
 def print_report(summary: dict, config: Config) -> None:
     print("\n=== raylm run: report ===")
     for stage, result in summary["stages"].items():
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-                          if not isinstance(v, (dict, list)) and k != "mlflow_run")
+        # scalars, and one level of named scalars (e.g. RLHF's before / after reward and KL)
+        flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) and k != "mlflow_run"}
+        flat.update({f"{k}.{name}": v for k, part in result.items() if isinstance(part, dict) and k != "results"
+                     for name, v in part.items() if isinstance(v, (int, float))})
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items())
         print(f"  {stage}: {shown}")
     table = config.output_path / "eval" / "results.md"
     if "eval" in summary["stages"] and table.exists():
