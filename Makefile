@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/raylm run examples/laptop.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q -ra tests
+	$(BIN)/python -m pytest -x -q -ra --durations=30 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -x -q -ra -m "not slow" tests
