@@ -388,13 +388,13 @@ def train_loop(spec: dict) -> None:
             if stage_run is not None and (step % train["log_every"] == 0 or "val_loss" in metrics
                                           or step == train["steps"]):
                 stage_run.log_metrics(metrics, step=step)
+        if step == train["steps"] and timed_seconds:  # in the last checkpoint's metrics, which the driver gets
+            metrics["mean_tokens_per_s"] = timed_tokens / timed_seconds
+            metrics["mean_mfu"] = flops_token * metrics["mean_tokens_per_s"] / world_size / peak
+            metrics["peak_flops_per_device"] = peak
         if step % train["checkpoint_every"] == 0 or step == train["steps"]:
             report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics)
 
-    if timed_seconds:
-        metrics["mean_tokens_per_s"] = timed_tokens / timed_seconds
-        metrics["mean_mfu"] = flops_token * metrics["mean_tokens_per_s"] / world_size / peak
-        metrics["peak_flops_per_device"] = peak
     export_final_model(spec, model, rank, dims.tp, dims)
     ray.train.report({**metrics, "step": step, "done": 1})
 

@@ -50,8 +50,8 @@ def run_one(args, workers: int, data_dir: Path, out: Path) -> dict:
         f"train.mixed_precision={'bf16' if args.bf16 else 'fp32'}", f"train.activation_checkpointing={args.ac}",
         f"train.compile={str(args.compile).lower()}", "train.resume=false",
         f"parallel.num_workers={workers}", f"parallel.cpus_per_worker={args.cpus_per_worker}",
-        f"parallel.use_gpu={str(args.gpu).lower()}", f"ray.num_cpus={args.num_cpus}",
-    ]
+        f"parallel.use_gpu={str(args.gpu).lower()}",
+    ] + ([f"ray.num_cpus={args.num_cpus}"] if args.num_cpus else [])
     config = load_config(pretrain.Config, None, overrides)
     spec = pretrain.training_spec(config, "pretrain", None)
     spec.update(model=config.model.to_dict(), data={"kind": "tokens", "dir": str(data_dir)}, tokenizer_file=None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylm.config import Section
 
@@ -31,6 +31,11 @@ class TrainConfig(Section):
     # Fault injection (tests, failure drills): rank `fail_rank` SIGKILLs itself before step `fail_at_step`.
     fail_at_step: int | None = Field(default=None, ge=1)
     fail_rank: int = Field(default=1, ge=0)
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML reads a bare `off` (e.g. --set ...=off) as false
 
 
 class OptimConfig(Section):
