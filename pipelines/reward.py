@@ -149,14 +149,10 @@ def preference_spec(config, stage: str, stage_run: StageRun, pairs: dict, tokeni
         config.train.steps = max(1, math.ceil(config.epochs * len(pairs["train"]) / per_step))
     stage_run.log_params({"train.steps_resolved": config.train.steps, "data.train_pairs": len(pairs["train"]),
                           "data.validation_pairs": len(pairs["validation"])})
+    from raylm.pipelines.pretrain import training_spec
+
     return {
-        "stage": stage,
-        "seed": config.seed,
-        "train": config.train.model_dump(),
-        "optim": config.optim.model_dump(),
-        "parallel": config.parallel.model_dump(),
-        "stage_run": stage_run,
-        "export_dir": str((config.output_path / "hf").resolve()),
+        **training_spec(config, stage, stage_run),
         "init_checkpoint": str(Path(config.checkpoint).resolve()),
         "train_layers": config.freeze.train_layers,
         "tokenizer_file": tokenizer,
