@@ -8,9 +8,10 @@ Three steps, each bounded in memory:
    whose hash falls in it, groups them and links every member of a bucket to the bucket's smallest
    key. With ``jaccard_threshold`` set, a link is kept only when the two full signatures agree on at
    least that fraction of values (the estimated Jaccard similarity), which removes LSH false positives.
-3. ``duplicate_keys``: union-find over the links (exact links first); in each cluster the smallest
-   key (the earliest document of the earliest input file) is kept, the rest removed.
-Only the links reach the driver: one per document that has a candidate duplicate.
+3. ``connected_components.duplicate_clusters``: the clusters of the links, computed in rounds of
+   tasks over node partitions (no process holds the whole graph); in each cluster the smallest key
+   (the earliest document of the earliest input file) is kept, the rest removed. Only counts and,
+   at the end, the keys to remove reach the driver.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
-from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +39,7 @@ class DedupConfig(Section):
     bands: int = Field(default=14, ge=1)
     rows_per_band: int = Field(default=8, ge=1)
     jaccard_threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # None: trust LSH candidates
-    bucket_shards: int = Field(default=4, ge=1)  # tasks the candidate grouping is split over
+    bucket_shards: int = Field(default=4, ge=1)  # tasks the candidate grouping and the clustering are split over
     seed: int = 1
 
     @model_validator(mode="after")
@@ -172,47 +172,3 @@ def _group_links(keys: np.ndarray, hashes: np.ndarray, sigs, threshold) -> np.nd
         ok = np.array([estimated_jaccard(sigs[i], sigs[j]) >= threshold for i, j in zip(first, other)], dtype=bool)
         first, other = first[ok], other[ok]
     return np.stack([keys[first], keys[other]], axis=1)
-
-
-class UnionFind:
-    def __init__(self):
-        self.parent: dict[int, int] = {}
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        root = x
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(x, x) != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        self.parent.setdefault(a, a)
-        self.parent.setdefault(b, b)
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:  # the smaller key is the root, so a cluster's root is the document kept
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def duplicate_keys(exact_links: np.ndarray, near_links: np.ndarray) -> tuple[np.ndarray, dict]:
-    """(sorted keys to remove, stats). Exact duplicates are counted first; near duplicates are
-    the further documents their clusters remove."""
-    uf = UnionFind()
-    for a, b in exact_links.tolist():
-        uf.union(a, b)
-    exact_removed = {k for k in uf.parent if uf.find(k) != k}
-    for a, b in near_links.tolist():
-        uf.union(a, b)
-    members = list(uf.parent)
-    clusters = Counter(uf.find(k) for k in members)
-    removed = np.array(sorted(k for k in members if uf.find(k) != k), dtype=np.int64)
-    sizes = Counter(clusters.values())
-    stats = {
-        "exact_duplicates_removed": len(exact_removed),
-        "near_duplicates_removed": len(removed) - len(exact_removed),
-        "clusters": len(clusters),
-        "cluster_sizes": {str(size): n for size, n in sorted(sizes.items())},
-        "largest_cluster": max(clusters.values(), default=0),
-    }
-    return removed, stats

@@ -7,8 +7,9 @@ with the same bytes as an uninterrupted run:
 1. ``documents/``: read (one task per file) -> normalise + quality filters + PII (actor pool) ->
    MinHash signatures (actor pool) -> parquet. Bad input goes to ``quarantine.jsonl`` with file,
    line and reason; every valid record of the same file goes on.
-2. ``removed_keys.npy``: exact and near duplicates from the signatures alone, by bucket-shard tasks
-   and a union-find over the candidate links; each cluster keeps its earliest document.
+2. ``removed_keys.npy``: exact and near duplicates from the signatures alone: bucket-shard tasks find
+   the candidate links, rounds of partition tasks their clusters (actors/connected_components.py);
+   each cluster keeps its earliest document.
 3. ``tokenizer.json``: byte-level BPE trained on the kept documents, streamed.
 4. ``tokens/``: the tokenization actor pool writes shards; ``tokens/index.json`` is written last.
 Per-phase counts, drop reasons, characters and tokens go to ``stats.json`` and the MLflow run.
@@ -27,7 +28,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from raylm.actors.document_reader import expand_paths, read_files
-from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges, duplicate_keys
+from raylm.actors.connected_components import duplicate_clusters, ray_runner
+from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
 from raylm.actors.quality_filters import DocumentFilter, FilterConfig
 from raylm.actors.shard_tokenizer import ShardTokenizer
 from raylm.config import ConfigError, Section, StageConfig, resolved_dict
@@ -225,17 +227,15 @@ def phase_dedup(config: Config, out: Path) -> dict:
     import ray
 
     files = sorted(str(p) for p in (out / "documents").glob("*.parquet"))
-    cfg = config.dedup
-    task = ray.remote(bucket_edges).options(**config.compute.remote_args())
-    results = ray.get([task.remote(files, shard, cfg) for shard in range(cfg.bucket_shards)], timeout=3600)
-    exact = np.concatenate([r["exact"] for r in results])
-    near = np.concatenate([r["near"] for r in results])
-    removed, stats = duplicate_keys(exact, near)
+    cfg, options = config.dedup, config.compute.remote_args()
+    task = ray.remote(bucket_edges).options(**options)
+    links = [task.remote(files, shard, cfg) for shard in range(cfg.bucket_shards)]
+    submit, fetch = ray_runner(**options)
+    removed, stats = duplicate_clusters(links, cfg.bucket_shards, submit, fetch)
     tmp = out / "removed_keys.npy.tmp"
     with open(tmp, "wb") as f:
         np.save(f, removed)
     tmp.replace(out / "removed_keys.npy")
-    stats["candidate_links"] = {"exact": len(exact), "near": len(near)}
     return stats
 
 

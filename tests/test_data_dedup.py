@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges, duplicate_keys
+from raylm.actors.connected_components import components_in_process
+from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
 from raylm.corpus import build_embedded_corpus
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,14 +35,14 @@ def jaccard(a: set, b: set) -> float:
 
 
 def run_dedup(tmp_path, texts: list[str], cfg: DedupConfig) -> tuple[set[int], dict]:
-    """The production path: signatures (map_batches body) -> parquet -> per-shard bucket edges -> union-find.
+    """The production path: signatures (map_batches body) -> parquet -> per-shard bucket edges -> clusters.
     Keys are list positions; returns (removed positions, stats)."""
     table = pa.table({"key": pa.array(range(len(texts)), pa.int64()), "text": texts, "reason": [""] * len(texts)})
     signed = MinHashSignatures(cfg)(table)
     path = tmp_path / "signed.parquet"
     pq.write_table(signed, path)
     shards = [bucket_edges([str(path)], shard, cfg) for shard in range(cfg.bucket_shards)]
-    removed, stats = duplicate_keys(np.concatenate([s["exact"] for s in shards]), np.concatenate([s["near"] for s in shards]))
+    removed, stats = components_in_process(shards, cfg.bucket_shards)
     return set(removed.tolist()), stats
 
 

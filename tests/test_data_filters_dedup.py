@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.actors.minhash_dedup import (DedupConfig, MinHashSignatures, UnionFind, bucket_edges,
-                                        duplicate_keys)
+from raylm.actors.connected_components import components_in_process
+from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
 from raylm.actors.quality_filters import (C4Config, DocumentFilter, FilterConfig, FineWebConfig,
                                           GopherQualityConfig, GopherRepetitionConfig, PIIConfig, WORD_RE,
                                           c4_filter, fineweb_filter, gopher_quality, gopher_repetition,
@@ -147,17 +147,15 @@ def corpus(tmp_path_factory):
 
 
 def run_dedup(tmp_path, texts, cfg, keys=None):
-    """The pipeline's dedup path: signature rows -> parquet -> bucket shards -> union-find."""
+    """The pipeline's dedup path: signature rows -> parquet -> bucket shards -> clusters."""
     keys = list(range(len(texts))) if keys is None else keys
     table = pa.table({"key": pa.array(keys, pa.int64()), "text": texts, "reason": [""] * len(texts)})
     table = MinHashSignatures(cfg)(table)
     path = tmp_path / f"sig-{len(list(tmp_path.glob('sig-*')))}.parquet"
     pq.write_table(table, path)
     results = [bucket_edges([str(path)], shard, cfg) for shard in range(cfg.bucket_shards)]
-    exact = np.concatenate([r["exact"] for r in results])
-    near = np.concatenate([r["near"] for r in results])
-    removed, stats = duplicate_keys(exact, near)
-    return set(removed.tolist()), stats, near
+    removed, stats = components_in_process(results, cfg.bucket_shards)
+    return set(removed.tolist()), stats, np.concatenate([r["near"] for r in results])
 
 
 def edit_words(text, fraction, rng, vocabulary):
@@ -231,15 +229,77 @@ def test_jaccard_check_and_exact_dedup_on_real_corpus_duplicates(corpus, tmp_pat
     assert np.mean(checked_similar >= 0.5) == 1.0
 
 
-def test_union_find_keeps_smallest_key():
-    uf = UnionFind()
-    for a, b in [(5, 9), (9, 2), (7, 8)]:
-        uf.union(a, b)
-    assert uf.find(5) == uf.find(9) == 2 and uf.find(8) == 7
-    removed, stats = duplicate_keys(np.array([[5, 9]]), np.array([[2, 9], [7, 8]]))
+class UnionFind:
+    """The single-process reference the sharded clustering is checked against."""
+
+    def __init__(self):
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        while self.parent.setdefault(x, x) != x:
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def test_clusters_keep_smallest_key_and_count_exact_first():
+    links = [{"exact": np.array([[5, 9]]), "near": np.zeros((0, 2), np.int64)},
+             {"exact": np.zeros((0, 2), np.int64), "near": np.array([[2, 9], [7, 8]])}]
+    removed, stats = components_in_process(links, 3)
     assert removed.tolist() == [5, 8, 9]
     assert stats["exact_duplicates_removed"] == 1 and stats["near_duplicates_removed"] == 2
-    assert stats["cluster_sizes"] == {"2": 1, "3": 1}
+    assert stats["cluster_sizes"] == {"2": 1, "3": 1} and stats["largest_cluster"] == 3
+
+
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_sharded_clusters_equal_union_find_on_hard_graphs(parts):
+    """Long chains in both key orders, stars, a grid and random links: the slowest shapes for
+    rewriting into stars. Same clusters as a union-find, and the rounds stay O(log^2 n)."""
+    rng = np.random.default_rng(parts)
+    n = 4000
+    chain = np.arange(1000, 1600)
+    shuffled = rng.permutation(np.arange(2000, 2600))
+    grid = np.arange(3000, 3400).reshape(20, 20)
+    edges = np.concatenate([
+        np.stack([chain[:-1], chain[1:]], 1),
+        np.stack([shuffled[:-1], shuffled[1:]], 1),
+        np.stack([np.full(100, 700), np.arange(800, 900)], 1),
+        np.stack([grid[:, :-1].ravel(), grid[:, 1:].ravel()], 1),
+        np.stack([grid[:-1].ravel(), grid[1:].ravel()], 1),
+        rng.integers(0, n, (300, 2)),
+    ])
+    rng.shuffle(edges)
+    pieces = np.array_split(edges, 3)
+    links = [{"exact": np.zeros((0, 2), np.int64), "near": piece} for piece in pieces]
+    removed, stats = components_in_process(links, parts)
+    uf = UnionFind()
+    for a, b in edges.tolist():
+        uf.union(a, b)
+    expected = sorted(k for k in uf.parent if uf.find(k) != k)
+    assert removed.tolist() == expected
+    sizes = Counter(Counter(uf.find(k) for k in uf.parent).values())
+    assert stats["cluster_sizes"] == {str(s): c for s, c in sorted(sizes.items())}
+    assert stats["component_rounds"] <= 4 * int(np.log2(n)) ** 2
+
+
+def test_sharded_clusters_as_ray_tasks_equal_in_process():
+    import ray
+
+    from raylm.actors.connected_components import duplicate_clusters, ray_runner
+
+    rng = np.random.default_rng(0)
+    links = [{"exact": np.zeros((0, 2), np.int64), "near": rng.integers(0, 500, (200, 2))} for _ in range(3)]
+    expected, expected_stats = components_in_process(links, 4)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        submit, fetch = ray_runner()
+        removed, stats = duplicate_clusters([ray.put(x) for x in links], 4, submit, fetch)
+    finally:
+        ray.shutdown()
+    assert removed.tolist() == expected.tolist() and stats == expected_stats
 
 
 def test_document_filter_runs_language_id_when_enabled():
