@@ -426,14 +426,18 @@ def export_final_model(spec: dict, model, rank: int, tp: int = 1, dims: Parallel
     if rank != 0:
         return
     state = {clean_state_dict_key(k): v for k, v in state.items()}
-    if (spec.get("peft") or {}).get("method", "none") == "lora":
-        # The adapter in PEFT's format (for peft / vLLM on the starting checkpoint), then the merged model.
-        from raylm.lora import merged_state_dict, save_adapter_state, settings_of
+    if (spec.get("peft") or {}).get("method", "none") != "none":
+        # The trained weights in hf/adapter (LoRA, soft prompt: PEFT's format), then the merged model
+        # in hf/ where the method merges (LoRA); bottleneck adapters and soft prompts stay adapters.
+        from raylm.lora import export_peft
         from raylm.peft_config import PeftConfig
 
-        settings = settings_of(PeftConfig(**spec["peft"]))
-        save_adapter_state(state, settings, Path(spec["export_dir"]) / "adapter", base=spec.get("init_checkpoint"))
-        state = merged_state_dict(state, model.config, settings)
+        folder = Path(spec["export_dir"]) / "adapter"
+        state = export_peft(state, model.config, PeftConfig(**spec["peft"]), folder, base=spec.get("init_checkpoint"))
+        if state is None:
+            print(f"[{spec['stage']}] wrote the {spec['peft']['method']} weights to {folder} (they do not merge into "
+                  f"the base: raylm.lora.load_peft(load_checkpoint(base), folder) applies them)", flush=True)
+            return
     if tp > 1:
         state = unpermute_state_dict(state, model.config, tp)
     plain = Transformer(model.config)

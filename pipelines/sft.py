@@ -6,8 +6,12 @@ to each other (see ``raylm.sft_data``). ``freeze.train_layers`` trains only N bl
 head on frozen features): the last ones, or the early / intermediate ones (``freeze.train_from``).
 ``peft.method: lora`` trains LoRA adapters on the frozen (optionally int8 / NF4-quantized: QLoRA)
 model instead (``raylm.lora``); the adapter is written in PEFT's format to ``hf/adapter`` beside the
-merged model in ``hf/``. ``data.builtin: stdlib-instructions`` builds a real instruction
-set from the running Python ("What does `json.dumps` do?" -> its docstring's first line).
+merged model in ``hf/``. ``peft.method: bottleneck`` (residual adapters after attention / MLP) and
+``prompt_tuning`` (a soft prompt) cannot merge: ``hf/`` then holds only ``adapter/`` (the soft
+prompt in PEFT's format, the bottleneck adapters in raylm's), applied to the starting checkpoint by
+``raylm.lora.load_peft``; the later stages need a full checkpoint, so they do not take it.
+``data.builtin: stdlib-instructions`` builds a real instruction set from the running Python ("What
+does `json.dumps` do?" -> its docstring's first line).
 
 Defaults suit fine-tuning: LR 3e-4 with a short warmup, ``epochs: 3`` (sets ``train.steps``).
 """
@@ -101,21 +105,29 @@ def check(config: Config, config_path) -> None:
     check_parallel(config, config_path)
 
 
-def check_peft(config: Config, config_path, hf: dict) -> None:
+def check_peft(config, config_path, hf: dict) -> None:
+    """The ``peft:`` section against the rest of a stage config (`raylm sft` and `raylm dpo`)."""
     peft = config.peft
+    if peft.quantize != "none" and peft.method != "lora":
+        raise ConfigError(f"{config_path}: peft.quantize: {peft.quantize} needs peft.method: lora "
+                          "(a quantized base is not trained)")
     if peft.method == "none":
-        if peft.quantize != "none":
-            raise ConfigError(f"{config_path}: peft.quantize: {peft.quantize} needs peft.method: lora "
-                              "(a quantized base is not trained)")
         return
     if config.freeze.train_layers is not None:
-        raise ConfigError(f"{config_path}: freeze.train_layers and peft.method: {peft.method} both set; LoRA "
-                          "already freezes the whole base: choose one")
+        raise ConfigError(f"{config_path}: freeze.train_layers and peft.method: {peft.method} both set; "
+                          f"{peft.method} already freezes the whole base: choose one")
     parallel = config.parallel
     for key in ("tp", "pp", "ep"):
-        if getattr(parallel, key) > 1:
-            raise ConfigError(f"{config_path}: parallel.{key}: LoRA runs with data (FSDP2) and context "
-                              "parallelism only")
+        if getattr(parallel, key, 1) > 1:
+            raise ConfigError(f"{config_path}: parallel.{key}: peft.method {peft.method} runs with data (FSDP2) "
+                              "and context parallelism only")
+    if peft.method == "prompt_tuning" and peft.num_virtual_tokens + config.train.seq_len > hf.get(
+            "max_position_embeddings", math.inf):
+        raise ConfigError(f"{config_path}: peft.num_virtual_tokens: {peft.num_virtual_tokens} soft-prompt positions + "
+                          f"train.seq_len {config.train.seq_len} exceed the checkpoint's max_position_embeddings "
+                          f"({hf['max_position_embeddings']})")
+    if peft.method != "lora":
+        return
     mlp = sorted(set(peft.target_modules) & {"gate_proj", "up_proj", "down_proj"})
     if hf.get("model_type", "llama") != "llama" and mlp:
         raise ConfigError(f"{config_path}: peft.target_modules: {mlp} on a Mixture-of-Experts model (its experts "
@@ -175,8 +187,10 @@ def run(config: Config, stage_run: StageRun) -> dict:
     final = launch(config, spec)
     summary = finish(config, stage_run, final, started)
     summary["train_examples_file"] = files["train"]
-    if config.samples:
-        text = answer_samples(config.output_path / "hf", tokenizer, files["validation"], config.samples,
+    if config.samples and config.peft.method == "prompt_tuning":
+        print("raylm sft: no samples: a soft prompt cannot run with the KV-cached generator", flush=True)
+    elif config.samples:
+        text = answer_samples(final_model(config), tokenizer, files["validation"], config.samples,
                               config.data.system_prompt)
         stage_run.log_text(text, "samples.txt")
         print(text, flush=True)
@@ -184,14 +198,26 @@ def run(config: Config, stage_run: StageRun) -> dict:
     return summary
 
 
-def answer_samples(checkpoint: Path, tokenizer: str, path: str, n: int, system_prompt: str | None,
+def final_model(config: Config):
+    """The fine-tuned model: the exported checkpoint, or (bottleneck adapters, soft prompt: no merged
+    checkpoint) the starting checkpoint with the adapter of ``hf/adapter`` applied."""
+    from raylm.models.hf_checkpoint import load_checkpoint
+
+    export = config.output_path / "hf"
+    if (export / "config.json").exists():
+        return load_checkpoint(export)
+    from raylm.lora import load_peft
+
+    return load_peft(load_checkpoint(config.checkpoint), export / "adapter")
+
+
+def answer_samples(model, tokenizer: str, path: str, n: int, system_prompt: str | None,
                    max_new_tokens: int = 48) -> str:
     """The fine-tuned model's greedy answers to the first ``n`` held-out prompts, beside the references."""
     from raylm.models.generate import SamplingParams, generate
-    from raylm.models.hf_checkpoint import load_checkpoint
     from raylm.sft_data import ChatTemplate, read_conversations
 
-    model = load_checkpoint(checkpoint).eval()
+    model = model.eval()
     template = ChatTemplate(tokenizer)
     conversations = read_conversations(path)[:n]
     prompts, references = [], []

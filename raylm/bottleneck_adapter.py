@@ -67,14 +67,20 @@ def apply_bottleneck_adapters(model: Transformer, bottleneck: int = 16, where: t
     return model
 
 
-def save_adapters(model: Transformer, path, base: str | None = None) -> Path:
+def save_adapters_state(state: dict[str, torch.Tensor], settings: dict, path, base: str | None = None) -> Path:
+    """The adapter weights of a model state (keys with ``.down.`` / ``.up.``) and their settings."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
-               if ".down." in k or ".up." in k}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items() if ".down." in k or ".up." in k}
+    if not tensors:
+        raise ValueError("save_adapters: the state holds no bottleneck adapter weights")
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-    (path / CONFIG).write_text(json.dumps({**model.bottleneck_adapter_settings, "base_model": base}, indent=2))
+    (path / CONFIG).write_text(json.dumps({**settings, "base_model": base}, indent=2))
     return path
+
+
+def save_adapters(model: Transformer, path, base: str | None = None) -> Path:
+    return save_adapters_state(model.state_dict(), model.bottleneck_adapter_settings, path, base)
 
 
 def load_adapters(model: Transformer, path) -> Transformer:

@@ -137,11 +137,20 @@ def settings_of(config: PeftConfig) -> LoRASettings:
 
 
 def apply_peft(model: Transformer, config: PeftConfig, seed: int = 0) -> Transformer:
-    """A ``peft:`` config section applied: quantize the base (if asked), then LoRA on top."""
+    """A ``peft:`` config section applied in place: LoRA (on a quantized base if asked), bottleneck
+    adapters or a soft prompt; every method freezes the base, so only its own weights train."""
+    if config.quantize != "none" and config.method != "lora":
+        raise ValueError("peft.quantize needs peft.method: lora (a quantized base cannot be trained)")
     if config.method == "none":
-        if config.quantize != "none":
-            raise ValueError("peft.quantize needs peft.method: lora (a quantized base cannot be trained)")
         return model
+    if config.method == "bottleneck":
+        from raylm.bottleneck_adapter import apply_bottleneck_adapters
+
+        return apply_bottleneck_adapters(model, config.bottleneck, tuple(config.adapter_where), seed)
+    if config.method == "prompt_tuning":
+        from raylm.prompt_tuning import apply_prompt_tuning
+
+        return apply_prompt_tuning(model, config.num_virtual_tokens, seed)
     if config.quantize != "none":
         quantize_model(model, config.quantize, config.block_size)
     return apply_lora(model, settings_of(config), seed)
@@ -290,3 +299,45 @@ def load_adapter(model: Transformer, path, seed: int = 0) -> Transformer:
     if extra:
         raise KeyError(f"{path}: adapter tensors raylm did not place: {sorted(extra)[:4]}")
     return model
+
+
+# ---- every peft method: export and load ------------------------------------------------------
+
+def export_peft(state: dict[str, torch.Tensor], cfg: TransformerConfig, config: PeftConfig, folder,
+                base: str | None) -> dict[str, torch.Tensor] | None:
+    """Write the trained weights of a ``peft:`` method (``state``: the gathered full model state)
+    into ``folder``; -> the plain ``Transformer`` state to export beside it (LoRA: merged), or None
+    where the method cannot be merged into a plain model (bottleneck adapters, a soft prompt)."""
+    if config.method == "lora":
+        settings = settings_of(config)
+        save_adapter_state(state, settings, folder, base)
+        return merged_state_dict(state, cfg, settings)
+    if config.method == "bottleneck":
+        from raylm.bottleneck_adapter import save_adapters_state
+
+        save_adapters_state(state, {"bottleneck": config.bottleneck, "where": list(config.adapter_where)}, folder, base)
+        return None
+    if config.method == "prompt_tuning":
+        from raylm.prompt_tuning import save_prompt_state
+
+        save_prompt_state(state["tok_embeddings.prompt"], cfg, folder, base)
+        return None
+    raise ValueError(f"export_peft: peft.method {config.method!r} trains no separate weights")
+
+
+def load_peft(model: Transformer, path) -> Transformer:
+    """Apply whatever ``export_peft`` wrote in ``path`` (a LoRA or PROMPT_TUNING adapter in PEFT's
+    format, or raylm's bottleneck adapters) to ``model``, the base it was trained on, in place."""
+    from raylm.bottleneck_adapter import CONFIG as BOTTLENECK_CONFIG
+    from raylm.bottleneck_adapter import load_adapters
+    from raylm.prompt_tuning import load_prompt
+
+    path = Path(path)
+    if (path / BOTTLENECK_CONFIG).exists():
+        return load_adapters(model, path)
+    if not (path / ADAPTER_CONFIG).exists():
+        raise FileNotFoundError(f"{path}: neither {ADAPTER_CONFIG} nor {BOTTLENECK_CONFIG} (not an adapter folder)")
+    kind = json.loads((path / ADAPTER_CONFIG).read_text()).get("peft_type")
+    if kind == "PROMPT_TUNING":
+        return load_prompt(model, path)
+    return load_adapter(model, path)

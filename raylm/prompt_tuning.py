@@ -85,18 +85,22 @@ def apply_prompt_tuning(model: Transformer, n_virtual: int, seed: int = 0) -> Tr
     return model
 
 
-def save_prompt(model: Transformer, path, base: str | None = None) -> Path:
+def save_prompt_state(prompt: torch.Tensor, cfg, path, base: str | None = None) -> Path:
+    """A soft prompt [n, dim] as a PEFT PROMPT_TUNING folder for a model of config ``cfg``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    prompt = model.tok_embeddings.prompt.detach().float().cpu().contiguous()
+    prompt = prompt.detach().float().cpu().contiguous()
     save_file({"prompt_embeddings": prompt}, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    cfg = model.config
     config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
               "num_virtual_tokens": prompt.shape[0], "token_dim": cfg.dim, "num_transformer_submodules": 1,
               "num_attention_heads": cfg.n_heads, "num_layers": cfg.n_layers, "prompt_tuning_init": "RANDOM",
               "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "inference_mode": True}
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return path
+
+
+def save_prompt(model: Transformer, path, base: str | None = None) -> Path:
+    return save_prompt_state(model.tok_embeddings.prompt, model.config, path, base)
 
 
 def load_prompt(model: Transformer, path) -> Transformer:

@@ -435,3 +435,120 @@ def test_bottleneck_adapters_start_as_the_base_train_alone_and_reload(tmp_path):
     with torch.no_grad():
         apply_bottleneck_adapters(moe, where=("mlp",))(x)
     assert moe.moe_aux_loss().item() > 0  # the MoE layers stay visible through the wrapper
+
+
+# ---- every peft method through `raylm sft` ----------------------------------------------------------
+
+PEFT_SFT_STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def sft_base(tmp_path_factory):
+    """A random debug-size base with a tokenizer (room for a soft prompt beyond 128 positions) and
+    a small instruction file; a local Ray shared by the module's CLI runs."""
+    import ray
+
+    from raylm.sft_data import stdlib_instructions, write_jsonl_splits
+    from raylm.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("peft-sft")
+    examples = stdlib_instructions(limit=48)
+    train_tokenizer((e["prompt"] + "\n" + e["response"] for e in examples), 512, folder / "tokenizer.json")
+    splits = write_jsonl_splits(examples, folder / "data", 0.25, seed=0)
+    base = Transformer(preset("debug", vocab_size=512, max_seq_len=256))
+    base.init_weights(seed=0)
+    save_checkpoint(base, folder / "base", tokenizer_file=str(folder / "tokenizer.json"))
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield folder, splits
+    ray.shutdown()
+
+
+def mlflow_run(tracking_db):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tracking_db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    return client, run
+
+
+# debug preset: dim 128, 2 layers, q 128 / kv 64 rows, ffn 384, tied 512 x 128 embedding
+SFT_METHODS = {
+    "lora": ({"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+             2 * 4 * ((128 + 128) + (128 + 64) + (384 + 128))),
+    "bottleneck": ({"method": "bottleneck", "bottleneck": 8, "adapter_where": ["mlp"]},
+                   2 * (128 * 8 + 8 + 8 * 128 + 128)),
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 6}, 6 * 128),
+}
+
+
+@pytest.mark.parametrize("method", [*SFT_METHODS, "freeze"])
+def test_raylm_sft_trains_only_the_chosen_peft_weights(sft_base, tmp_path, method):
+    """`raylm sft` with each method in its config: MLflow holds the trainable-parameter count the
+    method implies, an optimizer state of exactly those weights (AdamW: two fp32 moments each) and
+    the peak memory; the exported weights (merged model, or the base + hf/adapter via load_peft)
+    have a lower loss on the training examples than the base."""
+    from raylm import cli
+    from raylm.actors.train_worker import freeze_by_depth
+    from raylm.lora import load_peft
+
+    folder, splits = sft_base
+    peft, expected = SFT_METHODS.get(method, ({}, None))
+    extra = {"freeze": {"train_layers": 1, "train_from": "early"}} if method == "freeze" else {"peft": peft}
+    if method == "freeze":  # block 0, the final norm and the (tied) embedding
+        model = load_checkpoint(folder / "base")
+        freeze_by_depth(model, 1, "early")
+        expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert expected == sum(p.numel() for p in model.layers["0"].parameters()) + 128 + 512 * 128
+    config = tmp_path / "sft.json"
+    config.write_text(json.dumps({
+        "output_dir": str(tmp_path / "out"), "seed": 0, "ray": {"num_cpus": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "checkpoint": str(folder / "base"),
+        "data": {"train": splits["train"], "validation": splits["validation"]}, "epochs": None,
+        "samples": 1 if method == "bottleneck" else 0,  # the samples of a model that is base + adapters
+        "train": {"steps": PEFT_SFT_STEPS, "batch_size": 4, "seq_len": 128, "log_every": 1, "eval_every": 0,
+                  "checkpoint_every": 1000},
+        "optim": {"lr": 1e-2 if method == "freeze" else 3e-2, "warmup_steps": 1},
+        "parallel": {"num_workers": 1}, **extra,
+    }))
+    assert cli.main(["sft", str(config)]) == 0
+
+    client, run = mlflow_run(tmp_path / "mlflow.db")
+    assert int(run.data.params["trainable_params"]) == run.data.metrics["trainable_params"] == expected
+    assert 2 * expected * 4 <= run.data.metrics["optimizer_state_mb"] * 2**20 < 2 * expected * 4 + 4096
+    assert run.data.metrics["memory_gb"] > 0
+    export = tmp_path / "out" / "hf"
+    if method in ("lora", "freeze"):
+        trained = load_checkpoint(export)
+    else:  # no merged checkpoint: the adapter alone, applied to the base
+        assert not (export / "config.json").exists() and not (export / "model.safetensors").exists()
+        trained = load_peft(load_checkpoint(folder / "base"), export / "adapter")
+    if method == "lora":
+        assert json.loads((export / "adapter" / "adapter_config.json").read_text())["target_modules"] == [
+            "down_proj", "q_proj", "v_proj"]
+    if method == "prompt_tuning":
+        assert json.loads((export / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    tokenizer_file = folder / "tokenizer.json"
+    before = held_out_loss(load_checkpoint(folder / "base"), splits["train"], tokenizer_file)
+    after = held_out_loss(trained, splits["train"], tokenizer_file)
+    print(f"{method}: loss on the training examples {before:.3f} -> {after:.3f}")
+    # a random base: a soft prompt alone moves the loss least
+    assert after < before - {"prompt_tuning": 0.03, "freeze": 0.5}.get(method, 0.15), (before, after)
+
+
+def test_a_bad_peft_key_is_named(sft_base, tmp_path, capsys):
+    from raylm import cli
+
+    folder, splits = sft_base
+    config = tmp_path / "sft.json"
+    cases = [({"method": "lora", "rnak": 4}, "peft.rnak: unknown key"),
+             ({"method": "lora", "num_virtual_tokens": 4}, "peft.num_virtual_tokens: applies to method prompt_tuning"),
+             ({"method": "bottleneck", "rank": 4}, "peft.rank: applies to method lora"),
+             ({"method": "adapters"}, "peft.method"),
+             ({"method": "prompt_tuning", "num_virtual_tokens": 200}, "peft.num_virtual_tokens: 200 soft-prompt")]
+    for peft, message in cases:
+        config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "checkpoint": str(folder / "base"),
+                                      "data": {"train": splits["train"], "validation": splits["validation"]},
+                                      "train": {"seq_len": 128}, "peft": peft}))
+        assert cli.main(["sft", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(config) in err, (message, err)
