@@ -36,6 +36,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from raylm.sft_data import ResumablePosition
+
 IGNORE_INDEX = -100
 MAX_REPORTED_ERRORS = 20
 
@@ -310,7 +312,7 @@ def reward_inputs(template, prompts: list[str], responses: list[str], seq_len: i
     return pad_batch([encode_response(template, p, r, seq_len)[0] for p, r in zip(prompts, responses)])
 
 
-class PairDataset:
+class PairDataset(ResumablePosition):
     """Encoded preference pairs for the trainers: ``batch(indices)`` gives the chosen sequences then
     the rejected ones in one right-padded batch of 2B, with labels and per-pair margins.
 
@@ -368,12 +370,3 @@ class PairDataset:
         for start in range(0, len(self.mine), batch_size):
             yield self.batch(self.mine[start : start + batch_size])
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "rank", "world_size"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(f"state {key}={state[key]} does not match this dataset's {key}={getattr(self, key)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])

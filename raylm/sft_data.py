@@ -152,7 +152,28 @@ def pack(examples: list[tuple[list[int], list[int]]], order: np.ndarray, seq_len
     return sequences
 
 
-class PackedSFTDataset(IterableDataset):
+class ResumablePosition:
+    """The (epoch, position) a rank's dataset has reached, saved with checkpoints: ``state_dict`` /
+    ``load_state_dict``. A state saved under another seed, rank or world size is refused."""
+
+    epoch: int
+    position: int
+    seed: int
+    rank: int
+    world_size: int
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "rank", "world_size"):
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(f"state {key}={state[key]} does not match this dataset's {key}={getattr(self, key)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class PackedSFTDataset(ResumablePosition, IterableDataset):
     """Packed chat-formatted examples from a JSONL file, as a torch ``IterableDataset`` yielding
     ``{"tokens", "labels", "document_ids"}`` (LongTensor[seq_len] each).
 
@@ -184,16 +205,6 @@ class PackedSFTDataset(IterableDataset):
 
     def per_rank(self, epoch: int) -> int:
         return len(self.sequences(epoch)) // self.world_size
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "rank", "world_size"):
-            if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(f"state {key}={state[key]} does not match this dataset's {key}={getattr(self, key)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def __iter__(self) -> Iterator[dict]:
         while True:
