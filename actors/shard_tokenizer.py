@@ -1,5 +1,5 @@
 """The tokenization stage: an actor pool, each actor loading the tokenizer once, encoding batches
-with ``Tokenizer.encode_batch`` (Rust, parallel) and writing each batch's documents as token shards.
+with ``Tokenizer.encode_batch_fast`` (Rust, parallel; no character offsets) and writing each batch's documents as token shards.
 
 Every batch becomes at most one shard per split, named after the batch's smallest document key, so
 the driver can order the index by key: the token stream is the same whatever the actors' timing.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -40,14 +41,16 @@ class ShardTokenizer:
         self.validation_fraction, self.weights, self.seed = validation_fraction, source_weights, seed
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.time()
         keys = batch.column("key").to_numpy()
         sources = batch.column("source").to_pylist()
-        encodings = self.tokenizer.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
+        encodings = self.tokenizer.encode_batch_fast(batch.column("text").to_pylist(), add_special_tokens=False)
         order = np.argsort(keys, kind="stable")
         prefix = f"{int(keys[order[0]]):016x}-" if len(keys) else "empty-"
         writers = {split: TokenShardWriter(self.shard_dir, split, self.vocab_size, self.eos, prefix=prefix,
                                            shard_tokens=1 << 62) for split in ("train", "validation")}
-        rows = {"split": [], "file": [], "tokens": [], "documents": [], "first_key": [], "source_tokens": []}
+        rows = {"split": [], "file": [], "tokens": [], "documents": [], "first_key": [], "source_tokens": [],
+                "started": [], "finished": []}
         source_tokens: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
         for i in order:
             key, ids = int(keys[i]), encodings[i].ids
@@ -67,4 +70,6 @@ class ShardTokenizer:
                 rows["documents"].append(entry["documents"])
                 rows["first_key"].append(int(keys[order[0]]))
                 rows["source_tokens"].append(json.dumps(source_tokens[split]))
+        rows["started"] = [started] * len(rows["split"])  # wall clock of this call, for the stage's busy span
+        rows["finished"] = [time.time()] * len(rows["split"])
         return pa.table(rows)

@@ -5,7 +5,8 @@ Steps on both sides: read JSONL -> Gopher quality filter (same thresholds) -> Mi
 tokenizer.json (EOS appended) into token files. raylm additionally does what it always does (exact
 dedup, quarantine accounting, train/validation split, stats); datatrove runs 2 workers for 2 cores.
 
-Also: raylm's tokenization stage alone against raw ``Tokenizer.encode_batch`` on the same texts.
+Also: raylm's tokenization stage alone (its actors' busy span: encoding, split, shard writing)
+against raw ``Tokenizer.encode_batch_fast`` on the same texts, and the whole tokens phase.
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/data_pipeline.py --copies 4 --cpus 2
@@ -120,14 +121,18 @@ def run_raylm(config: Path, out: Path) -> tuple[float, dict]:
     return seconds, json.loads((out / "stats.json").read_text())
 
 
-def raw_encode_rate(corpus: Path, tokenizer: Path) -> float:
+def raw_encode_rate(corpus: Path, tokenizer: Path, repeats: int = 3) -> float:
+    """The best of ``repeats`` timings: the ceiling the stage is compared with."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer))
     texts = [json.loads(line)["text"] for line in corpus.open()]
-    start = time.perf_counter()
-    n = sum(len(e.ids) + 1 for e in tok.encode_batch_fast(texts, add_special_tokens=False))
-    return n / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = sum(len(e.ids) + 1 for e in tok.encode_batch_fast(texts, add_special_tokens=False))
+        rates.append(n / (time.perf_counter() - start))
+    return max(rates)
 
 
 def main():
@@ -156,20 +161,16 @@ def main():
     print(f"datatrove:   {dt_seconds:7.1f} s  {dt_rate:9.1f} docs/s")
     print(f"ratio raylm / datatrove: {raylm_rate / dt_rate:.2f}x (target >= 1.5x)")
     raw = raw_encode_rate(corpus, tokenizer)
-    stage = stage_tokens_per_s(stats)
-    if stage is not None:
-        print(f"tokenization stage: {stage:,.0f} tokens/s vs raw encode_batch {raw:,.0f} tokens/s: "
-              f"{stage / raw:.0%} (target >= 70%)")
-    else:
-        print(f"raw encode_batch: {raw:,.0f} tokens/s (the data stage reported no tokens/s)")
-
-
-def stage_tokens_per_s(stats: dict) -> float | None:
-    """Tokens written per second of the tokens phase (actor start, encoding and shard writing)."""
-    seconds = stats.get("seconds", {}).get("tokens")
-    if not seconds:
-        return None
-    return sum(stats["tokens"][split]["tokens"] for split in ("train", "validation")) / seconds
+    tokens = sum(stats["tokens"][split]["tokens"] for split in ("train", "validation"))
+    seconds = stats["seconds"]
+    print(f"raw encode_batch_fast: {raw:,.0f} tokens/s on the corpus (best of 3)")
+    if seconds.get("tokenize_actors"):
+        stage = tokens / seconds["tokenize_actors"]
+        print(f"tokenization stage (actors' busy span, encoding + shard writing): {stage:,.0f} tokens/s = "
+              f"{stage / raw:.0%} of raw (target >= 70%)")
+    print(f"tokens phase wall clock (Ray Data start, parquet read, dedup filter, actor start included): "
+          f"{tokens / seconds['tokens']:,.0f} tokens/s = {tokens / seconds['tokens'] / raw:.0%} of raw")
+    print("raylm phases (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
 
 
 if __name__ == "__main__":

@@ -276,7 +276,10 @@ def phase_tokenizer(config: Config, out: Path, ds) -> dict:
     return {"trained": True, "vocab_size": vocab_size_of(path)}
 
 
-def phase_tokens(config: Config, out: Path, ds, vocab_size: int) -> dict:
+def phase_tokens(config: Config, out: Path, ds, vocab_size: int, seconds: dict) -> dict:
+    """Writes the shards and their index; ``seconds["tokenize_actors"]``: from the first batch the
+    tokenization actors start to the last they finish (the stage's own time, without Ray Data's
+    start-up and the parquet reading before its first batch)."""
     from ray.data import ActorPoolStrategy
 
     shard_dir = out / "tokens"
@@ -288,6 +291,8 @@ def phase_tokens(config: Config, out: Path, ds, vocab_size: int) -> dict:
         fn_constructor_args=(str(out / "tokenizer.json"), str(shard_dir), vocab_size, EOS_ID,
                              config.tokenize.validation_fraction, config.tokenize.source_weights, config.seed),
         compute=ActorPoolStrategy(min_size=1, max_size=c.workers), **c.remote_args()).take_all()
+    if entries:
+        seconds["tokenize_actors"] = round(max(e["finished"] for e in entries) - min(e["started"] for e in entries), 2)
     # the index lists shards by their first document key: the stream is in input order
     entries.sort(key=lambda e: (e["first_key"], e["file"]))
     splits: dict[str, list] = {"train": [], "validation": []}
@@ -323,7 +328,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
     ds = kept_documents(config, out)
     stats["tokenizer"], seconds["tokenizer"] = phases.run("tokenizer", lambda: phase_tokenizer(config, out, ds))
     stats["tokens"], seconds["tokens"] = phases.run(
-        "tokens", lambda: phase_tokens(config, out, ds, stats["tokenizer"]["vocab_size"]))
+        "tokens", lambda: phase_tokens(config, out, ds, stats["tokenizer"]["vocab_size"], seconds))
     stats["seconds"] = seconds  # 0.0: done by an earlier, interrupted run
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     metrics = summary_metrics(stats)
