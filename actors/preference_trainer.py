@@ -19,12 +19,19 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from raylm.actors.train_worker import freeze_by_depth, memory_gb, report_checkpoint, set_determinism
+from raylm.actors.train_worker import (
+    freeze_by_depth,
+    memory_gb,
+    optimizer_state_bytes,
+    report_checkpoint,
+    set_determinism,
+)
 from raylm.distributed import checkpoint as ckpt
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.distributed.parallelize import clean_state_dict_key, parallelize
@@ -74,10 +81,15 @@ def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor) -> torc
 # ---- the frozen reference ----------------------------------------------------------------------------
 
 def reference_logprobs_chunk(checkpoint: str, pairs: list[dict], tokenizer_file: str, seq_len: int,
-                             batch_size: int, threads: int = 1) -> torch.Tensor:
-    """[N, 2] summed log-probs (chosen, rejected) of ``pairs`` under the model at ``checkpoint``."""
+                             batch_size: int, threads: int = 1, quantize: tuple[str, int] | None = None) -> torch.Tensor:
+    """[N, 2] summed log-probs (chosen, rejected) of ``pairs`` under the model at ``checkpoint``
+    (quantized first if ``quantize`` = (kind, block size): QLoRA's base with the adapters off)."""
     torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint).eval()
+    if quantize is not None:
+        from raylm.quantize import quantize_model
+
+        quantize_model(model, *quantize)
     data = PairDataset(pairs, tokenizer_file, seq_len, shuffle=False)
     out = []
     with torch.no_grad():
@@ -89,13 +101,13 @@ def reference_logprobs_chunk(checkpoint: str, pairs: list[dict], tokenizer_file:
 
 
 def reference_logprobs(checkpoint: str, pairs: list[dict], tokenizer_file: str, seq_len: int, batch_size: int,
-                       num_tasks: int, cpus_per_task: int = 1) -> torch.Tensor:
+                       num_tasks: int, cpus_per_task: int = 1, quantize: tuple[str, int] | None = None) -> torch.Tensor:
     """The reference model's log-probs of every pair, once, as ``num_tasks`` Ray tasks over slices."""
     import ray
 
     task = ray.remote(num_cpus=cpus_per_task)(reference_logprobs_chunk)
     bounds = [round(i * len(pairs) / num_tasks) for i in range(num_tasks + 1)]
-    refs = [task.remote(checkpoint, pairs[a:b], tokenizer_file, seq_len, batch_size, cpus_per_task)
+    refs = [task.remote(checkpoint, pairs[a:b], tokenizer_file, seq_len, batch_size, cpus_per_task, quantize)
             for a, b in zip(bounds, bounds[1:]) if b > a]
     return torch.cat(ray.get(refs, timeout=3600))
 
@@ -111,7 +123,12 @@ def build_model(spec: dict):
         model.score.requires_grad_(True)
         return model
     model = load_checkpoint(spec["init_checkpoint"])
-    freeze_by_depth(model, spec.get("train_layers"))
+    freeze_by_depth(model, spec.get("train_layers"), spec.get("train_layers_from", "last"))
+    if (spec.get("peft") or {}).get("method", "none") != "none":  # raylm.lora / bottleneck_adapter / prompt_tuning
+        from raylm.lora import apply_peft
+        from raylm.peft_config import PeftConfig
+
+        apply_peft(model, PeftConfig(**spec["peft"]), seed=spec["seed"])
     return model
 
 
@@ -136,6 +153,15 @@ def export_model(spec: dict, model, rank: int, tp: int) -> None:
     if rank != 0:
         return
     state = {clean_state_dict_key(k): v for k, v in state.items()}
+    if (spec.get("peft") or {}).get("method", "none") != "none":  # as `raylm sft`: hf/adapter, merged in hf/ if it merges
+        from raylm.lora import export_peft
+        from raylm.peft_config import PeftConfig
+
+        folder = Path(spec["export_dir"]) / "adapter"
+        state = export_peft(state, model.config, PeftConfig(**spec["peft"]), folder, base=spec.get("init_checkpoint"))
+        if state is None:
+            print(f"[{spec['stage']}] wrote the {spec['peft']['method']} weights to {folder}", flush=True)
+            return
     scalar = spec["objective"] == "reward"
     if tp > 1:
         backbone = {k.removeprefix("model."): v for k, v in state.items()} if scalar else state
@@ -264,6 +290,9 @@ def preference_loop(spec: dict) -> None:
     stage_run = spec.get("stage_run") if rank == 0 else None
     names = LOGGED[spec["objective"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)  # a DTensor's numel is its global size
+    if stage_run is not None:
+        stage_run.log_params({"trainable_params": n_trainable})
     accum, batch_size = train["grad_accum"], train["batch_size"]
     metrics: dict = {}
     initial: dict = {}
@@ -308,7 +337,8 @@ def preference_loop(spec: dict) -> None:
         step_time = time.perf_counter() - start
         metrics = {name: (totals[i] / n_pairs).item() for i, name in enumerate(names)}
         metrics.update(grad_norm=grad_norm.item(), lr=lr, pairs_per_s=n_pairs / step_time, step_time_s=step_time,
-                       memory_gb=memory_gb(device))
+                       memory_gb=memory_gb(device), trainable_params=n_trainable,
+                       optimizer_state_mb=optimizer_state_bytes(optimizer) / 2**20)
         if train["eval_every"] and (step % train["eval_every"] == 0 or step == train["steps"]):
             metrics.update(evaluate(model, spec, val_data, device, autocast_dtype, reference["validation"]))
         if rank == 0:

@@ -11,6 +11,12 @@ Reported, on training batches and on the held-out pairs (before training and eve
 ``train.eval_every`` steps): the policy's chosen-minus-rejected log-prob margin and how often it
 prefers the chosen answer (``accuracy``), and the implicit rewards beta * log(pi / ref) of chosen and
 rejected answers, their margin and accuracy. The policy goes to ``<output_dir>/hf``.
+
+``peft:`` as in `raylm sft` (LoRA / QLoRA, bottleneck adapters, prompt tuning; ``freeze:`` trains
+only some blocks). With LoRA the reference is the base with the adapters off, which is the starting
+checkpoint itself (quantized like the policy's base under QLoRA), so it still costs one pass before
+training. Outputs as `raylm sft`'s: LoRA's adapter in ``hf/adapter`` beside the merged ``hf/``;
+bottleneck adapters and soft prompts only in ``hf/adapter``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Literal
 from pydantic import Field
 
 from raylm.config import ConfigError, Section, StageConfig
+from raylm.peft_config import PeftConfig
 from raylm.pipelines.reward import (
     FreezeConfig,
     PreferenceDataConfig,
@@ -49,13 +56,18 @@ class DPOOptimConfig(OptimConfig):
     weight_decay: float = Field(default=0.0, ge=0)
 
 
+class DPOFreezeConfig(FreezeConfig):
+    train_from: Literal["last", "early", "intermediate"] = "last"  # which train_layers blocks train
+
+
 class Config(StageConfig):
     checkpoint: str = "out/sft/hf"  # the policy starts here (`raylm sft` output)
     reference: str | None = None  # the frozen reference; None: the starting checkpoint
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
     epochs: float | None = Field(default=None, gt=0)  # sets train.steps from the training pairs; None: train.steps
     loss: DPOLossConfig = Field(default_factory=DPOLossConfig)
-    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    freeze: DPOFreezeConfig = Field(default_factory=DPOFreezeConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)  # LoRA / QLoRA, bottleneck adapters, prompt tuning
     train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig)
     optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -72,6 +84,18 @@ def check(config: Config, config_path) -> None:
             hf = json.loads((Path(path) / "config.json").read_text())
             if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures", [])):
                 raise ConfigError(f"{config_path}: {key}: {path} is a reward model; DPO needs a language model")
+    from raylm.pipelines.sft import check_peft
+
+    check_peft(config, config_path, json.loads((Path(config.checkpoint) / "config.json").read_text()))
+
+
+def reference_quantization(config: Config) -> tuple[str, int] | None:
+    """QLoRA's frozen reference is the policy's own base with the adapters off: the starting
+    checkpoint quantized as the policy's base is (unless a separate ``reference`` is given)."""
+    peft = config.peft
+    if config.reference is None and peft.method == "lora" and peft.quantize != "none":
+        return peft.quantize, peft.block_size
+    return None
 
 
 def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path:
@@ -83,9 +107,10 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
     from raylm.ray_init import init_ray
 
     reference = Path(config.reference or config.checkpoint).resolve()
+    quantize = reference_quantization(config)
     key = hashlib.sha256()
     for part in (json.dumps(pairs, sort_keys=True), str(config.train.seq_len),
-                 (reference / "config.json").read_text()):
+                 (reference / "config.json").read_text(), json.dumps(quantize)):
         key.update(part.encode())
     key.update(str((reference / "model.safetensors").stat().st_mtime_ns if (reference / "model.safetensors").exists()
                    else "").encode())
@@ -103,7 +128,8 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
     for name in ("train", "validation"):
         tensors[name] = reference_logprobs(str(reference), pairs[name], tokenizer, config.train.seq_len,
                                            config.train.batch_size, num_tasks=config.parallel.num_workers,
-                                           cpus_per_task=config.parallel.cpus_per_worker).contiguous()
+                                           cpus_per_task=config.parallel.cpus_per_worker,
+                                           quantize=quantize).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"key": key.hexdigest(), "reference": str(reference)})
     print(f"[dpo] reference log-probs of {sum(len(t) for t in tensors.values())} pairs in "
@@ -125,7 +151,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
     spec = preference_spec(config, "dpo", stage_run, pairs, tokenizer)
     reference_file = reference_logprobs_file(config, pairs, tokenizer)
     stage_run.log_metrics({"reference_logprobs_s": time.perf_counter() - started})
-    spec.update(objective="dpo", loss=config.loss.model_dump(), reference_logprobs=str(reference_file.resolve()))
+    spec.update(objective="dpo", loss=config.loss.model_dump(), reference_logprobs=str(reference_file.resolve()),
+                peft=config.peft.model_dump(), train_layers_from=config.freeze.train_from)
     final = launch(config, spec, loop=preference_loop)
     summary = finish(config, stage_run, final, started,
                      ["loss", "initial_val_accuracy", "val_accuracy", "initial_val_logp_margin", "val_logp_margin",

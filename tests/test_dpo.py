@@ -131,3 +131,117 @@ def test_raylm_dpo_raises_held_out_margin_and_accuracy(tmp_path, tmp_path_factor
     for name in ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy", "lr"):
         assert client.get_metric_history(run.info.run_id, name), name
     assert {"model", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+# ---- peft methods through `raylm dpo` ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dpo_base(tmp_path_factory):
+    """A random debug-size model (room for a soft prompt past 128 positions) with a tokenizer of the
+    built-in task's text; a local Ray shared by the module's peft runs."""
+    import ray
+
+    from raylm.models.config import preset
+    from raylm.models.hf_checkpoint import save_checkpoint
+    from raylm.models.transformer import Transformer
+    from raylm.preference_data import stdlib_functions
+    from raylm.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("peft-dpo")
+    train_tokenizer((i["prompt"] + "\n" + i["reference"] for i in stdlib_functions(200)), 512, folder / "tokenizer.json")
+    base = Transformer(preset("debug", vocab_size=512, max_seq_len=256))
+    base.init_weights(seed=0)
+    save_checkpoint(base, folder / "base", tokenizer_file=str(folder / "tokenizer.json"))
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield folder / "base"
+    ray.shutdown()
+
+
+def dpo_losses(model, pairs, tokenizer, reference: torch.Tensor, beta: float) -> float:
+    """Mean DPO loss of ``pairs`` against the reference log-probs [N, 2], in this process."""
+    data = PairDataset(pairs, tokenizer, 128, shuffle=False)
+    losses = []
+    with torch.no_grad():
+        for batch in data.batches(64):
+            logps = sequence_logprobs(model.eval(), batch["tokens"], batch["labels"])
+            n = len(batch["index"])
+            ref = reference[batch["index"]]
+            losses.append(dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], beta)["loss"])
+    return torch.cat(losses).mean().item()
+
+
+# debug preset: dim 128, 2 layers, q 128 / kv 64 rows, ffn 384
+DPO_METHODS = {
+    "qlora": ({"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "quantize": "nf4"},
+              2 * 4 * ((128 + 128) + (128 + 64))),
+    "bottleneck": ({"method": "bottleneck", "bottleneck": 8, "adapter_where": ["attention"]},
+                   2 * (128 * 8 + 8 + 8 * 128 + 128)),
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 4}, 4 * 128),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(DPO_METHODS))
+def test_raylm_dpo_with_peft_trains_only_the_adapter(dpo_base, tmp_path, method):
+    """`raylm dpo` with a peft: section: only the method's weights train (MLflow's parameter count and
+    optimizer-state size), the DPO loss of the training pairs falls from the starting policy's, and
+    with QLoRA / adapters the frozen reference is the base with the adapters off (the quantized base
+    under QLoRA): the implicit reward margin is exactly 0 before the first step."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from raylm import cli
+    from raylm.lora import apply_peft, load_peft
+    from raylm.models.hf_checkpoint import load_checkpoint
+    from raylm.peft_config import PeftConfig
+
+    peft, expected = DPO_METHODS[method]
+    out = tmp_path / "out"
+    config = tmp_path / "dpo.json"
+    config.write_text(json.dumps({
+        "output_dir": str(out), "seed": 0, "ray": {"num_cpus": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "checkpoint": str(dpo_base),
+        "data": {"builtin": "stdlib-docstrings", "builtin_limit": 60, "negatives": "random",
+                 "validation_fraction": 0.2},
+        "loss": {"beta": 0.1}, "peft": peft,
+        "train": {"steps": 12, "batch_size": 8, "seq_len": 128, "log_every": 1, "eval_every": 12, "eval_batches": 1,
+                  "checkpoint_every": 1000},
+        "optim": {"lr": 3e-2, "warmup_steps": 1},
+        "parallel": {"num_workers": 1},
+    }))
+    assert cli.main(["dpo", str(config)]) == 0
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    assert int(run.data.params["trainable_params"]) == run.data.metrics["trainable_params"] == expected
+    assert 2 * expected * 4 <= run.data.metrics["optimizer_state_mb"] * 2**20 < 2 * expected * 4 + 4096
+    assert run.data.metrics["memory_gb"] > 0
+    if method != "prompt_tuning":  # a soft prompt changes the policy from its first step
+        (initial,) = [m for m in client.get_metric_history(run.info.run_id, "val_reward_margin") if m.step == 0]
+        assert abs(initial.value) < 1e-5, initial.value
+
+    train_pairs = [json.loads(line) for line in (out / "pairs" / "train.jsonl").read_text().splitlines()]
+    reference = load_file(out / "reference_logprobs.safetensors")["train"]
+    tokenizer = dpo_base / "tokenizer.json"
+    start = apply_peft(load_checkpoint(dpo_base), PeftConfig(**peft), seed=0)  # the policy before step 1
+    if method == "qlora":
+        final = load_checkpoint(out / "hf")  # the merged export
+        assert (out / "hf" / "adapter" / "adapter_config.json").exists()
+    else:
+        assert not (out / "hf" / "config.json").exists()
+        final = load_peft(load_checkpoint(dpo_base), out / "hf" / "adapter")
+    before, after = (dpo_losses(m, train_pairs, tokenizer, reference, 0.1) for m in (start, final))
+    print(f"{method}: DPO loss of the training pairs {before:.4f} -> {after:.4f}")
+    assert after < before - (0.005 if method == "prompt_tuning" else 0.02), (before, after)
+
+
+def test_a_bad_dpo_peft_key_is_named(tmp_path, capsys):
+    from raylm import cli
+
+    config = tmp_path / "dpo.json"
+    for peft, message in (({"method": "lora", "rnak": 4}, "peft.rnak: unknown key"),
+                          ({"method": "prompt_tuning", "bottleneck": 4}, "peft.bottleneck: applies to method bottleneck")):
+        config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "peft": peft}))
+        assert cli.main(["dpo", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(config) in err, (message, err)

@@ -288,7 +288,7 @@ def test_sft_config_rejects_peft_conflicts(tmp_path, capsys):
     config = tmp_path / "sft.json"
     cases = [({"peft": {"quantize": "nf4"}}, "peft.quantize: nf4 needs peft.method: lora"),
              ({"peft": {"method": "lora"}, "freeze": {"train_layers": 1}}, "freeze.train_layers and peft.method"),
-             ({"peft": {"method": "lora"}, "parallel": {"num_workers": 2, "tp": 2}}, "parallel.tp: LoRA"),
+             ({"peft": {"method": "lora"}, "parallel": {"num_workers": 2, "tp": 2}}, "parallel.tp: peft.method lora"),
              ({"peft": {"method": "lora", "target_modules": ["wqkv"]}}, "peft.target_modules")]
     for overrides, message in cases:
         config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "checkpoint": str(start),
@@ -471,16 +471,16 @@ def mlflow_run(tracking_db):
     return client, run
 
 
-# debug preset: dim 128, 2 layers, q 128 / kv 64 rows, ffn 384, tied 512 x 128 embedding
+# debug preset: dim 128, 2 layers, ffn 384, tied 512 x 128 embedding. LoRA through `raylm sft` is
+# test_raylm_sft_with_qlora_on_two_fsdp_workers above.
 SFT_METHODS = {
-    "lora": ({"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-             2 * 4 * ((128 + 128) + (128 + 64) + (384 + 128))),
     "bottleneck": ({"method": "bottleneck", "bottleneck": 8, "adapter_where": ["mlp"]},
                    2 * (128 * 8 + 8 + 8 * 128 + 128)),
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 6}, 6 * 128),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [*SFT_METHODS, "freeze"])
 def test_raylm_sft_trains_only_the_chosen_peft_weights(sft_base, tmp_path, method):
     """`raylm sft` with each method in its config: MLflow holds the trainable-parameter count the
@@ -517,14 +517,11 @@ def test_raylm_sft_trains_only_the_chosen_peft_weights(sft_base, tmp_path, metho
     assert 2 * expected * 4 <= run.data.metrics["optimizer_state_mb"] * 2**20 < 2 * expected * 4 + 4096
     assert run.data.metrics["memory_gb"] > 0
     export = tmp_path / "out" / "hf"
-    if method in ("lora", "freeze"):
+    if method == "freeze":
         trained = load_checkpoint(export)
     else:  # no merged checkpoint: the adapter alone, applied to the base
         assert not (export / "config.json").exists() and not (export / "model.safetensors").exists()
         trained = load_peft(load_checkpoint(folder / "base"), export / "adapter")
-    if method == "lora":
-        assert json.loads((export / "adapter" / "adapter_config.json").read_text())["target_modules"] == [
-            "down_proj", "q_proj", "v_proj"]
     if method == "prompt_tuning":
         assert json.loads((export / "adapter" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
     tokenizer_file = folder / "tokenizer.json"
