@@ -221,7 +221,8 @@ def evaluate(model, spec, dims, rank, device, autocast_dtype, pipeline=None, los
             if pipeline is not None:  # only the last stage has losses: it alone counts the tokens
                 loss_scale["value"] = 1.0
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    losses = run_pipeline(pipeline, tokens, labels, dims.pp_rank(dist.get_rank()), dims.pp, train=False)
+                    losses = run_pipeline(pipeline, tokens, labels, dims.pp_rank(dist.get_rank()), dims.pp, train=False,
+                                          positions=positions, attn_mask=attn_mask)
                 if not losses:
                     continue
                 loss = sum(losses)
@@ -323,7 +324,8 @@ def train_loop(spec: dict) -> None:
             if pipeline is not None:  # the schedule runs forward and backward over its micro-batches
                 loss_scale["value"] = dims.grad_average_size / n_tokens.clamp(min=1).item()
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    losses = run_pipeline(pipeline, tokens, labels, pp_rank, dims.pp)
+                    losses = run_pipeline(pipeline, tokens, labels, pp_rank, dims.pp, positions=positions,
+                                          attn_mask=attn_mask)
                 loss_sum += sum(loss.detach().double() for loss in losses) / loss_scale["value"] if losses else 0.0
                 continue
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only

@@ -46,7 +46,10 @@ def check(config: Config, config_path) -> None:
     check_parallel(config, config_path)
 
 
-def check_parallel(config, config_path) -> None:
+def check_parallel(config, config_path, model=None, model_key: str = "model") -> None:
+    """The parallel section against the workers, the sequence and the model (a TransformerConfig;
+    default ``config.model``; ``model_key`` names where it comes from in errors: ``model.<field>``
+    for pretraining, ``checkpoint`` for a fine-tuning start)."""
     if config.train.fail_at_step is not None and config.train.fail_rank >= config.parallel.num_workers:
         raise ConfigError(f"{config_path}: train.fail_rank: {config.train.fail_rank} is not a rank of "
                           f"{config.parallel.num_workers} workers")
@@ -54,23 +57,20 @@ def check_parallel(config, config_path) -> None:
     if parallel.cp > 1 and config.train.seq_len % parallel.cp:
         raise ConfigError(f"{config_path}: parallel.cp: {parallel.cp} does not divide train.seq_len "
                           f"({config.train.seq_len})")
-    if parallel.pp > 1 and not hasattr(config, "model"):
-        raise ConfigError(f"{config_path}: parallel.pp: packed fine-tuning data needs document masks that the pipeline "
-                          f"does not carry; pipeline parallelism is for pretraining")
     if parallel.pp > 1:
-        model = config.model
-        problems = {
-            "model.tie_embeddings": model.tie_embeddings and "tied embeddings would span the first and last stage; "
-                                                             "set model.tie_embeddings=false",
-            "model.n_experts": model.is_moe and "pipeline parallelism takes dense models",
-            "model.n_layers": model.n_layers < parallel.pp and f"{model.n_layers} blocks for {parallel.pp} stages",
-            "parallel.cp": parallel.cp > 1 and "pipeline with context parallelism is not supported",
-            "parallel.ep": parallel.ep > 1 and "pipeline with expert parallelism is not supported",
-            "train.batch_size": config.train.batch_size % parallel.pp_microbatches
+        model = model if model is not None else config.model
+        field = (lambda name: f"model.{name}") if model_key == "model" else (lambda name: model_key)
+        problems = [
+            (field("tie_embeddings"), model.tie_embeddings and "tied embeddings would span the first and last stage; "
+                                                              "pretrain with model.tie_embeddings=false"),
+            (field("n_experts"), model.is_moe and "pipeline parallelism takes dense models"),
+            (field("n_layers"), model.n_layers < parallel.pp and f"{model.n_layers} blocks for {parallel.pp} stages"),
+            ("parallel.ep", parallel.ep > 1 and "pipeline with expert parallelism is not supported"),
+            ("train.batch_size", config.train.batch_size % parallel.pp_microbatches
                                 and f"{config.train.batch_size} is not divisible by parallel.pp_microbatches "
-                                    f"({parallel.pp_microbatches})",
-        }
-        for key, problem in problems.items():
+                                    f"({parallel.pp_microbatches})"),
+        ]
+        for key, problem in problems:
             if problem:
                 raise ConfigError(f"{config_path}: {key}: {problem} (parallel.pp={parallel.pp})")
     if parallel.cp > 1 and parallel.ep > 1:

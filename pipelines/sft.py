@@ -100,9 +100,10 @@ def check(config: Config, config_path) -> None:
                 read_conversations(path)
             except SFTDataError as e:
                 raise ConfigError(f"{config_path}: data.{key}: {e}") from None
+    from raylm.models.hf_checkpoint import config_from_hf
     from raylm.pipelines.pretrain import check_parallel
 
-    check_parallel(config, config_path)
+    check_parallel(config, config_path, config_from_hf(hf), "checkpoint")
 
 
 def check_peft(config, config_path, hf: dict) -> None:

@@ -7,8 +7,9 @@ the rest; the first stage keeps the embeddings, the last the final norm and the 
 ``ModuleDict``, so a stage's parameters keep the names of the whole model and checkpoints and
 exports merge stage by stage.
 
-Scope: dense models with untied embeddings on unpacked sequences (pretraining); the schedule
-passes one activation tensor from stage to stage.
+Scope: dense models with untied embeddings. The schedule passes one activation tensor from stage to
+stage; per-token positions and the attention mask (packed fine-tuning documents, a context-parallel
+chunk) are given to every stage, split into the same micro-batches.
 """
 
 from __future__ import annotations
@@ -56,16 +57,23 @@ def build_schedule(stage_module: nn.Module, stage: int, pp: int, group, device, 
     return schedule_cls(pipeline_stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def run_pipeline(schedule, tokens, labels, stage: int, pp: int, train: bool = True) -> list[torch.Tensor]:
+def run_pipeline(schedule, tokens, labels, stage: int, pp: int, train: bool = True, positions=None,
+                 attn_mask=None) -> list[torch.Tensor]:
     """One batch through the pipeline (forward and, when training, backward); the last stage
-    returns the micro-batches' losses, the others an empty list."""
+    returns the micro-batches' losses, the others an empty list. ``positions`` [B, T] and
+    ``attn_mask`` [B or 1, 1, T, T'] go to every stage's blocks."""
     losses: list[torch.Tensor] = []
     args = (tokens,) if stage == 0 else ()
     target = labels if stage == pp - 1 else None
+    kwargs = {}
+    if positions is not None:
+        kwargs["positions"] = positions.expand(tokens.shape[0], -1).contiguous()
+    if attn_mask is not None:  # a mask shared by the batch is repeated so it splits into micro-batches
+        kwargs["attn_mask"] = attn_mask.expand(tokens.shape[0], *attn_mask.shape[1:]).contiguous()
     if train:
-        schedule.step(*args, target=target, losses=losses)
+        schedule.step(*args, target=target, losses=losses, **kwargs)
     else:
-        schedule.eval(*args, target=target, losses=losses)
+        schedule.eval(*args, target=target, losses=losses, **kwargs)
     return losses
 
 
