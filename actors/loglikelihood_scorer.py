@@ -79,6 +79,9 @@ class LoglikelihoodScorer:
             logp = logits.log_softmax(-1)
             for r, i in enumerate(rows):
                 n, k = len(inputs[i]), n_scored[i]
+                if k == 0:  # nothing to score: log-prob 0 and greedy, as lm_eval has it
+                    greedy[i] = True
+                    continue
                 targets = torch.tensor(sequences[i][-k:])
                 scored = logp[r, n - k : n]
                 logprob[i] = scored.gather(-1, targets[:, None]).sum().item()

@@ -1,7 +1,7 @@
 """`raylm eval`: score Hugging Face checkpoints side by side on lm-evaluation-harness-style tasks.
 
 For each checkpoint, every log-likelihood request of every task (multiple-choice answers, perplexity
-windows) goes through one Ray Data job whose ``map_batches`` actors hold the model; generative
+windows) goes to a pool of scorer actors holding the model, started before the driver tokenises; generative
 tasks go through a pool of generation engine actors (vLLM, or raylm's own generator). Prompts are
 tokenised the way lm-evaluation-harness's Hugging Face backend does, so accuracies agree with
 ``lm_eval``. Results: MLflow metrics ``<checkpoint>/<task>/<metric>``, ``results.json`` and a
@@ -44,7 +44,7 @@ class TaskRef(Section):
 class ScorerConfig(Section):
     num_actors: int = Field(default=2, ge=1)
     cpus_per_actor: float = Field(default=1, gt=0)
-    rows_per_batch: int = Field(default=64, ge=1)  # Ray Data batch handed to one actor call
+    rows_per_batch: int = Field(default=64, ge=1)  # rows handed to one scorer actor call
     max_batch: int = Field(default=32, ge=1)  # sequences per forward pass inside an actor
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_length: int | None = Field(default=None, ge=2)  # None: the checkpoint's max_position_embeddings
@@ -158,37 +158,54 @@ def loglikelihood_rows(task: Task, num_fewshot: int | None, enc: Encoder, max_le
             for c, choice in enumerate(task.choices(doc)):
                 ctx, cont = enc.encode_pair(context, task.target_delimiter + choice)
                 seq = (ctx + cont)[-(max_length + 1) :]
-                rows.append({"doc": d, "choice": c, "tokens": seq, "n_scored": min(len(cont), len(seq) - 1),
-                             "group": (task.name, d)})
+                rows.append({"doc": d, "choice": c, "tokens": seq, "n_scored": min(len(cont), len(seq) - 1)})
     else:
         for d, doc in enumerate(task.eval_docs):
             full = [enc.prefix_token_id] + enc.encode(task.text(doc))
             for w, (start, end, n) in enumerate(rolling_windows(len(full) - 1, max_length, stride)):
-                rows.append({"doc": d, "choice": w, "tokens": full[start:end], "n_scored": n, "group": (task.name, d)})
+                rows.append({"doc": d, "choice": w, "tokens": full[start:end], "n_scored": n})
     return rows
 
 
-def score_rows(folder: str, rows: list[dict], cfg: ScorerConfig) -> list[dict]:
-    """Log-likelihood of every row through a Ray Data job over an actor pool holding the model."""
+def start_scorers(folder: str, cfg: ScorerConfig) -> list:
+    """The log-likelihood actors. Each loads the model as soon as it starts, so the driver can
+    tokenise while they do: on a small machine starting Python, torch and the model is a good part of
+    a whole evaluation."""
     import ray
 
     from raylm.actors.loglikelihood_scorer import LoglikelihoodScorer
 
-    # Longest context first, one question's answers side by side: a batch pads little, and the
-    # answers of one question share one pass over it (raylm.eval_scoring's prefix trees).
-    order = sorted(range(len(rows)), key=lambda i: (-(len(rows[i]["tokens"]) - rows[i]["n_scored"]), rows[i]["group"]))
-    items = [{"id": i, "tokens": rows[i]["tokens"], "n_scored": rows[i]["n_scored"]} for i in order]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.rows_per_batch, 64)))
-    scored = ds.map_batches(
-        LoglikelihoodScorer,
-        fn_constructor_kwargs={"checkpoint_dir": str(folder), "dtype": cfg.dtype, "max_batch": cfg.max_batch},
-        batch_size=cfg.rows_per_batch,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.cpus_per_actor,
-    ).take_all()
+    actor = ray.remote(num_cpus=cfg.cpus_per_actor)(LoglikelihoodScorer)
+    return [actor.remote(str(folder), dtype=cfg.dtype, max_batch=cfg.max_batch) for _ in range(cfg.num_actors)]
+
+
+def scoring_calls(rows: list[dict], rows_per_call: int) -> list[list[int]]:
+    """Row indices in calls of about ``rows_per_call`` rows, longest context first. Rows with the same
+    context (one question's answers) stay in one call: the actor computes their context once."""
+    contexts = [tuple(r["tokens"][: len(r["tokens"]) - r["n_scored"]]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-len(contexts[i]), contexts[i]))
+    calls, current = [], []
+    for i in order:
+        if len(current) >= rows_per_call and contexts[i] != contexts[current[-1]]:
+            calls.append(current)
+            current = []
+        current.append(i)
+    return calls + [current] if current else calls
+
+
+def score_rows(scorers: list, rows: list[dict], cfg: ScorerConfig) -> list[dict]:
+    """Log-likelihood of every row, the calls handed to whichever actor is free."""
+    from ray.util import ActorPool
+
+    def call(actor, indices):
+        batch = {"id": indices, "tokens": [rows[i]["tokens"] for i in indices],
+                 "n_scored": [rows[i]["n_scored"] for i in indices]}
+        return actor.__call__.remote(batch)
+
     out = [None] * len(rows)
-    for r in scored:
-        out[int(r["id"])] = {"logprob": float(r["logprob"]), "is_greedy": bool(r["is_greedy"])}
+    for scored in ActorPool(scorers).map_unordered(call, scoring_calls(rows, cfg.rows_per_batch)):
+        for i, logprob, greedy in zip(scored["id"], scored["logprob"], scored["is_greedy"]):
+            out[int(i)] = {"logprob": float(logprob), "is_greedy": bool(greedy)}
     return out
 
 
@@ -230,18 +247,27 @@ def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: 
 
 # ---- one checkpoint ---------------------------------------------------------------------------
 def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]], config: Config) -> dict:
-    enc = Encoder(folder)
-    max_length = min(config.scorer.max_length or enc.max_length, enc.max_length)
-    rows, owner = [], []
-    for t, (ref, task) in enumerate(tasks):
-        if task.output_type != "generate_until":
-            task_rows = loglikelihood_rows(task, ref.num_fewshot, enc, max_length, config.scorer.stride)
-            rows += task_rows
-            owner += [t] * len(task_rows)
+    import ray
+
     start = time.perf_counter()
-    scores = score_rows(folder, rows, config.scorer) if rows else []
-    score_seconds = time.perf_counter() - start
-    print(f"raylm eval: {name}: scored {len(rows)} sequences in {score_seconds:.1f}s", flush=True)
+    scoring = any(task.output_type != "generate_until" for _, task in tasks)
+    scorers = start_scorers(folder, config.scorer) if scoring else []
+    try:
+        enc = Encoder(folder)
+        max_length = min(config.scorer.max_length or enc.max_length, enc.max_length)
+        rows, owner = [], []
+        for t, (ref, task) in enumerate(tasks):
+            if task.output_type != "generate_until":
+                task_rows = loglikelihood_rows(task, ref.num_fewshot, enc, max_length, config.scorer.stride)
+                rows += task_rows
+                owner += [t] * len(task_rows)
+        scores = score_rows(scorers, rows, config.scorer) if rows else []
+    finally:
+        for actor in scorers:  # their CPUs go to the generation engines next
+            ray.kill(actor)
+    if scoring:
+        print(f"raylm eval: {name}: tokenised and scored {len(rows)} sequences in {time.perf_counter() - start:.1f}s",
+              flush=True)
     results = {}
     for t, (ref, task) in enumerate(tasks):
         k = task.num_fewshot if ref.num_fewshot is None else ref.num_fewshot

@@ -2,10 +2,11 @@
 
 A scoring request is a token sequence and how many of its last tokens to score. Requests that share
 everything before their scored tokens (the answers of one multiple-choice question: one prompt, four
-answers) become one *prefix tree*: the prompt once, then each answer's tokens as a branch that sees
-the prompt and itself but no other branch, its positions continuing from the prompt's end. Trees
-are packed whole into rows of up to ``row_tokens`` tokens with a block mask, so a batch carries no
-padding inside rows and every prompt token is computed once, however many answers it has.
+answers) become one *prefix tree*: the prompt once, then the answers' tokens as a trie, so answers
+that begin alike (``os.path.join`` and ``os.path.split``) share those tokens too. Each trie token sees
+the prompt, its ancestors and itself, at the position it has in its own request. Trees are packed
+whole into rows of up to ``row_tokens`` tokens with a block mask, so a batch carries no padding
+inside rows and no token is computed twice, however many answers share it.
 
 The log-probabilities are the ones a separate forward pass per request gives (same positions, same
 visible keys); only the order of floating-point sums in the attention may differ.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from raylm.models.transformer import Transformer
@@ -23,22 +25,38 @@ from raylm.models.transformer import Transformer
 @dataclass
 class PrefixTree:
     prefix: list[int]
-    branches: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, scored tokens)
+    tokens: list[int] = field(default_factory=list)  # trie nodes after the prefix, parents first
+    parent: list[int] = field(default_factory=list)  # each node's parent node; -1: the prefix's last token
+    branches: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (request, scored tokens,
+    # the node whose output predicts each of them; -1: the prefix's last token)
+    _children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+
+    def add(self, request: int, scored: list[int]) -> None:
+        node, read = -1, [-1]
+        for token in scored[:-1]:  # the last scored token is only a target: nothing reads its output
+            child = self._children.get((node, token))
+            if child is None:
+                child = self._children[(node, token)] = len(self.tokens)
+                self.tokens.append(token)
+                self.parent.append(node)
+            node = child
+            read.append(node)
+        self.branches.append((request, scored, read))
 
     @property
     def n_tokens(self) -> int:
-        # The last token of each branch is only a target: nothing reads its output.
-        return len(self.prefix) + sum(len(tokens) - 1 for _, tokens in self.branches)
+        return len(self.prefix) + len(self.tokens)
 
 
 def build_trees(sequences: list[list[int]], n_scored: list[int]) -> list[PrefixTree]:
     trees: dict[tuple[int, ...], PrefixTree] = {}
     for i, (seq, n) in enumerate(zip(sequences, n_scored)):
-        if not 1 <= n < len(seq):
-            raise ValueError(f"request {i}: scores {n} of {len(seq)} tokens; need 1 <= n_scored < len(tokens)")
+        if not 0 <= n < len(seq):
+            raise ValueError(f"request {i}: scores {n} of {len(seq)} tokens; need 0 <= n_scored < len(tokens)")
+        if n == 0:  # an answer whose tokens all merged into the context's: nothing to score (lm_eval: 0, greedy)
+            continue
         prefix = tuple(seq[: len(seq) - n])
-        tree = trees.setdefault(prefix, PrefixTree(list(prefix)))
-        tree.branches.append((i, list(seq[len(seq) - n :])))
+        trees.setdefault(prefix, PrefixTree(list(prefix))).add(i, list(seq[len(seq) - n :]))
     return list(trees.values())
 
 
@@ -70,41 +88,35 @@ class PackedBatch:
 
 def pack_batch(rows: list[list[PrefixTree]]) -> PackedBatch:
     width = max(sum(t.n_tokens for t in row) for row in rows)
-    n_rows = len(rows)
-    tokens = torch.zeros(n_rows, width, dtype=torch.long)
-    positions = torch.zeros(n_rows, width, dtype=torch.long)
-    tree_id = torch.full((n_rows, width), -1, dtype=torch.long)  # -1: padding
-    branch_id = torch.zeros(n_rows, width, dtype=torch.long)  # 0: the shared prefix
+    tokens = np.zeros((len(rows), width), dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width, width), dtype=bool)
     read_at, targets, owner = [], [], []
     for b, row in enumerate(rows):
         at = 0
-        for t, tree in enumerate(row):
-            n_prefix = len(tree.prefix)
-            tokens[b, at : at + n_prefix] = torch.tensor(tree.prefix)
-            positions[b, at : at + n_prefix] = torch.arange(n_prefix)
-            tree_id[b, at : at + n_prefix] = t
-            last_prefix = b * width + at + n_prefix - 1
-            at += n_prefix
-            for j, (request, scored) in enumerate(tree.branches, start=1):
-                inputs = scored[:-1]
-                tokens[b, at : at + len(inputs)] = torch.tensor(inputs, dtype=torch.long)
-                positions[b, at : at + len(inputs)] = torch.arange(n_prefix, n_prefix + len(inputs))
-                tree_id[b, at : at + len(inputs)] = t
-                branch_id[b, at : at + len(inputs)] = j
-                # The first scored token is predicted by the prefix's last token, each next one by
-                # the branch token before it.
-                read_at += [last_prefix] + [b * width + at + k for k in range(len(inputs))]
+        for tree in row:
+            n_prefix, first = len(tree.prefix), at + len(tree.prefix)  # first: where the trie starts
+            tokens[b, at:first] = tree.prefix
+            positions[b, at:first] = np.arange(n_prefix)
+            mask[b, at:first, at:first] = np.tri(n_prefix, dtype=bool)
+            tokens[b, first : first + len(tree.tokens)] = tree.tokens
+            for node, parent in enumerate(tree.parent):
+                i = first + node
+                mask[b, i, at:first] = True  # the whole prefix
+                if parent >= 0:  # the parent's ancestors (earlier nodes only), then the parent itself
+                    mask[b, i, first:i] = mask[b, first + parent, first:i]
+                    positions[b, i] = positions[b, first + parent] + 1
+                else:
+                    positions[b, i] = n_prefix
+                mask[b, i, i] = True
+            for request, scored, read in tree.branches:
+                read_at += [b * width + (first - 1 if node < 0 else first + node) for node in read]
                 targets += scored
                 owner += [request] * len(scored)
-                at += len(inputs)
-    index = torch.arange(width)
-    causal = index[None, :] <= index[:, None]
-    same_tree = (tree_id[:, :, None] == tree_id[:, None, :]) & (tree_id[:, :, None] >= 0)
-    same_branch = (branch_id[:, None, :] == 0) | (branch_id[:, :, None] == branch_id[:, None, :])
-    mask = same_tree & same_branch & causal
-    mask |= torch.eye(width, dtype=torch.bool)  # padding sees itself: no empty softmax row
-    return PackedBatch(tokens, positions, mask[:, None], torch.tensor(read_at), torch.tensor(targets),
-                       torch.tensor(owner))
+            at += tree.n_tokens
+        mask[b, range(at, width), range(at, width)] = True  # padding sees itself: no empty softmax row
+    return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(mask)[:, None],
+                       torch.tensor(read_at), torch.tensor(targets), torch.tensor(owner))
 
 
 @torch.inference_mode()
@@ -117,7 +129,7 @@ def score_requests(model: Transformer, sequences: list[list[int]], n_scored: lis
     misses = torch.zeros(len(sequences), dtype=torch.long)
     rows = pack_rows(build_trees(sequences, n_scored), row_tokens)
     for tree in (t for row in rows for t in row):
-        longest = len(tree.prefix) + max(len(s) for _, s in tree.branches) - 1
+        longest = len(tree.prefix) + max(len(s) for _, s, _ in tree.branches) - 1
         if longest > model.config.max_seq_len:
             raise ValueError(f"a request of {longest + 1} tokens exceeds the model's max_seq_len "
                              f"({model.config.max_seq_len}): truncate it before scoring")

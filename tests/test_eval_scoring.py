@@ -1,4 +1,5 @@
-"""Prefix-tree scoring gives the log-likelihoods of one forward pass per request."""
+"""Prefix-tree scoring gives the log-likelihoods of one forward pass per request: answers that share
+tokens, answers tokenised against their context the way lm_eval does it, perplexity windows."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def reference(model, sequences, n_scored):
     out = []
     with torch.no_grad():
         for seq, n in zip(sequences, n_scored):
+            if n == 0:  # lm_eval's answer for an empty continuation: nothing scored
+                out.append((0.0, True))
+                continue
             tokens = torch.tensor([seq])
             logits = model(tokens[:, :-1]).float()[0, -n:]
             targets = tokens[0, -n:]
@@ -86,7 +90,72 @@ def test_answers_share_their_prompt_once():
 
 
 def test_bad_requests_are_refused(model):
-    with pytest.raises(ValueError, match="need 1 <= n_scored < len"):
+    with pytest.raises(ValueError, match="need 0 <= n_scored < len"):
         score_requests(model, [[1, 2, 3]], [3])
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         score_requests(model, [list(range(3, 300))], [1])
+
+
+def assert_same_as_reference(model, sequences, n_scored, **kwargs):
+    logprobs, greedy = score_requests(model, sequences, n_scored, **kwargs)
+    for (want_lp, want_greedy), lp, g in zip(reference(model, sequences, n_scored), logprobs, greedy):
+        assert lp == pytest.approx(want_lp, abs=2e-4)
+        assert g == want_greedy
+
+
+def test_answers_that_begin_alike_share_their_tokens(model):
+    context = [7, 8, 9, 10, 11]
+    answers = [
+        [40, 41, 42, 43], [40, 41, 42, 50], [40, 41], [40, 41, 42, 43],  # shared starts, one a prefix, a duplicate
+        [60], [61], [40],  # one-token answers: only the context's last output is read
+    ]
+    sequences, n_scored = [context + a for a in answers], [len(a) for a in answers]
+    (tree,) = build_trees(sequences, n_scored)
+    # Inputs are each answer without its last token: 40 41 42 / 40 41 42 / 40 / 40 41 42 / - / - / -.
+    assert tree.tokens == [40, 41, 42] and tree.n_tokens == len(context) + 3
+    for row_tokens in (8, 64):  # the tree alone in a row wider than asked, or beside padding
+        assert_same_as_reference(model, sequences, n_scored, row_tokens=row_tokens)
+    # Several questions per row, answers sharing tokens, perplexity-like requests beside them.
+    rng = random.Random(7)
+    sequences, n_scored = [], []
+    for _ in range(12):
+        context = [rng.randrange(3, 512) for _ in range(rng.randint(1, 40))]
+        stem = [rng.randrange(3, 512) for _ in range(rng.randint(0, 4))]
+        for _ in range(4):
+            answer = stem[: rng.randint(0, len(stem))] + [rng.randrange(3, 512) for _ in range(rng.randint(1, 4))]
+            sequences.append(context + answer)
+            n_scored.append(len(answer))
+    sequences.append([rng.randrange(3, 512) for _ in range(100)])
+    n_scored.append(99)
+    assert_same_as_reference(model, sequences, n_scored, row_tokens=128, batch_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    from test_eval_fixtures import build_checkpoint, build_tokenizer
+
+    from raylm.pipelines.eval import Encoder
+
+    root = tmp_path_factory.mktemp("eval-scoring")
+    return Encoder(str(build_checkpoint(root / "checkpoint", build_tokenizer(root / "tokenizer.json"), seed=0)))
+
+
+def test_answers_tokenised_across_the_context_boundary(model, encoder):
+    """lm_eval tokenises context + answer whole and gives the answer what follows the context's own
+    tokens: an answer can merge with the context's end, or vanish into it (then it scores 0)."""
+    pairs = [
+        ("Function: os.pa", ["th.join", "th.split", "th", "thlib.Path"]),  # merges with the context's "pa"
+        ("Answer: ", ["yes", "yes please", "no"]),  # the trailing space moves to the answers
+        ("return a lis", ["t", "ts", "t of values"]),  # "t" merges whole into the context: nothing to score
+        ("Docstring: Return the path.\nFunction:", [" os.path.join", " os.path.split", " os.getcwd"]),
+    ]
+    sequences, n_scored, merged, empty = [], [], 0, 0
+    for context, answers in pairs:
+        for answer in answers:
+            ctx, cont = encoder.encode_pair(context, answer)
+            merged += ctx + cont != encoder.encode(context + answer)
+            empty += not cont
+            sequences.append(ctx + cont)
+            n_scored.append(len(cont))
+    assert merged and empty  # the cases this test is about occur
+    assert_same_as_reference(model, sequences, n_scored)
