@@ -81,9 +81,11 @@ def sequence_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor) -> torc
 # ---- the frozen reference ----------------------------------------------------------------------------
 
 def reference_logprobs_chunk(checkpoint: str, pairs: list[dict], tokenizer_file: str, seq_len: int,
-                             batch_size: int, threads: int = 1, quantize: tuple[str, int] | None = None) -> torch.Tensor:
+                             batch_size: int, threads: int = 1,
+                             quantize: tuple[str, int, bool] | None = None) -> torch.Tensor:
     """[N, 2] summed log-probs (chosen, rejected) of ``pairs`` under the model at ``checkpoint``
-    (quantized first if ``quantize`` = (kind, block size): QLoRA's base with the adapters off)."""
+    (quantized first if ``quantize`` = (kind, block size, double quantization): QLoRA's base with
+    the adapters off)."""
     torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint).eval()
     if quantize is not None:
@@ -101,7 +103,8 @@ def reference_logprobs_chunk(checkpoint: str, pairs: list[dict], tokenizer_file:
 
 
 def reference_logprobs(checkpoint: str, pairs: list[dict], tokenizer_file: str, seq_len: int, batch_size: int,
-                       num_tasks: int, cpus_per_task: int = 1, quantize: tuple[str, int] | None = None) -> torch.Tensor:
+                       num_tasks: int, cpus_per_task: int = 1,
+                       quantize: tuple[str, int, bool] | None = None) -> torch.Tensor:
     """The reference model's log-probs of every pair, once, as ``num_tasks`` Ray tasks over slices."""
     import ray
 

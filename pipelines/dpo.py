@@ -89,12 +89,12 @@ def check(config: Config, config_path) -> None:
     check_peft(config, config_path, json.loads((Path(config.checkpoint) / "config.json").read_text()))
 
 
-def reference_quantization(config: Config) -> tuple[str, int] | None:
+def reference_quantization(config: Config) -> tuple[str, int, bool] | None:
     """QLoRA's frozen reference is the policy's own base with the adapters off: the starting
     checkpoint quantized as the policy's base is (unless a separate ``reference`` is given)."""
     peft = config.peft
     if config.reference is None and peft.method == "lora" and peft.quantize != "none":
-        return peft.quantize, peft.block_size
+        return peft.quantize, peft.block_size, peft.double_quant
     return None
 
 

@@ -133,6 +133,8 @@ def check_peft(config, config_path, hf: dict) -> None:
     if hf.get("model_type", "llama") != "llama" and mlp:
         raise ConfigError(f"{config_path}: peft.target_modules: {mlp} on a Mixture-of-Experts model (its experts "
                           "are not Linear layers); target the attention projections")
+    if peft.double_quant and peft.quantize != "nf4":
+        raise ConfigError(f"{config_path}: peft.double_quant quantizes NF4's scales: it needs peft.quantize: nf4")
     if peft.quantize == "nf4":
         dims = [hf.get("hidden_size", 0), hf.get("intermediate_size", 0)]
         if any(d * dims[0] % peft.block_size for d in dims):

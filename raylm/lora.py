@@ -30,9 +30,10 @@ from torch import nn
 from raylm.models.config import TransformerConfig
 from raylm.models.transformer import Transformer
 from raylm.peft_config import ALL_PROJECTIONS, PeftConfig
-from raylm.quantize import QuantizedLinear, dequantize, quantize_model
+from raylm.quantize import QuantizedLinear, dequantize, quantize_model, scales_of
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+QUANT_SCALE_KEYS = (".scales", ".scale_codes", ".scale_absmax", ".scale_offset")  # QuantizedLinear's buffers
 
 
 @dataclass
@@ -152,7 +153,7 @@ def apply_peft(model: Transformer, config: PeftConfig, seed: int = 0) -> Transfo
 
         return apply_prompt_tuning(model, config.num_virtual_tokens, seed)
     if config.quantize != "none":
-        quantize_model(model, config.quantize, config.block_size)
+        quantize_model(model, config.quantize, config.block_size, config.double_quant)
     return apply_lora(model, settings_of(config), seed)
 
 
@@ -177,12 +178,12 @@ def merged_state_dict(state: dict[str, torch.Tensor], cfg: TransformerConfig, se
     projections = fused_projections(cfg)
     out = {}
     for key, tensor in state.items():
-        if ".lora_A." in key or ".lora_B." in key or key.endswith(".scales"):
+        if ".lora_A." in key or ".lora_B." in key or key.endswith(QUANT_SCALE_KEYS):
             continue
         if key.endswith(".codes"):  # a quantized base: dequantize it
             prefix = key.removesuffix(".codes")
             plain = prefix.removesuffix(".base") + ".weight"
-            out[plain] = dequantize(tensor, state[prefix + ".scales"], _shape(cfg, plain, projections))
+            out[plain] = dequantize(tensor, scales_of(state, prefix), _shape(cfg, plain, projections))
         else:
             out[key.replace(".base.weight", ".weight")] = tensor
     for key in [k for k in state if ".lora_A." in k]:

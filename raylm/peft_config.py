@@ -26,7 +26,7 @@ NF4_BLOCK = 64
 
 # The keys that only mean something for one method: setting one for another method is an error.
 METHOD_KEYS = {
-    "lora": ("rank", "alpha", "dropout", "target_modules", "quantize", "block_size"),
+    "lora": ("rank", "alpha", "dropout", "target_modules", "quantize", "block_size", "double_quant"),
     "bottleneck": ("bottleneck", "adapter_where"),
     "prompt_tuning": ("num_virtual_tokens",),
 }
@@ -43,6 +43,7 @@ class PeftConfig(Section):
     target_modules: list[HFProjection] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
     quantize: Literal["none", "int8", "nf4"] = "none"  # of the frozen base (QLoRA with nf4); needs method: lora
     block_size: int = Field(default=NF4_BLOCK, ge=2)  # weights per NF4 scale
+    double_quant: bool = False  # NF4's scales quantized again to 8 bits (QLoRA's double quantization)
     # bottleneck
     bottleneck: int = Field(default=16, ge=1)  # the adapter's hidden width
     adapter_where: list[Literal["attention", "mlp"]] = Field(default_factory=lambda: ["attention", "mlp"], min_length=1)

@@ -1,6 +1,11 @@
 """Weight-only quantization of a frozen raylm ``Transformer``: int8 (per output row) and 4-bit NF4
 (QLoRA's NormalFloat levels, one absmax scale per block of 64 weights, two codes per byte).
 
+NF4 with double quantization (QLoRA's section 3) also quantizes the scales: their mean is
+subtracted and the rest stored as int8 with one float32 absmax per 256 scales, so a scale costs
+8 + 32 / 256 bits instead of 32 (0.127 instead of 0.5 bits per weight at blocks of 64). QLoRA uses
+8-bit floats for these; a linear int8 grid is used here (the centred scales are spread evenly).
+
 The projections inside the blocks become ``QuantizedLinear`` modules that keep only the codes and
 scales and dequantize on the fly, in forward and again in backward (so no full-precision copy of the
 weight is held between the two). Embeddings, norms and the output head stay in full precision, as in
@@ -49,6 +54,38 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = NF4_BLOCK) -> tuple[tor
     return (codes[0::2] << 4) | codes[1::2], scales
 
 
+SCALE_BLOCK = 256  # first-level scales per second-level (float32) scale, as in QLoRA
+
+
+def quantize_scales(scales: torch.Tensor, block_size: int = SCALE_BLOCK) -> dict[str, torch.Tensor]:
+    """Double quantization of NF4's float32 scales -> ``{"scale_codes": int8 [n], "scale_absmax":
+    float32 [ceil(n / block_size)], "scale_offset": float32 []}``: the scales minus their mean, in
+    blocks of ``block_size`` with one absmax each."""
+    offset = scales.float().mean()
+    centred = scales.float() - offset
+    pad = -len(centred) % block_size
+    blocks = F.pad(centred, (0, pad)).reshape(-1, block_size)
+    absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
+    codes = torch.round(blocks / absmax[:, None] * 127).to(torch.int8).flatten()[:len(scales)]
+    return {"scale_codes": codes, "scale_absmax": absmax, "scale_offset": offset}
+
+
+def dequantize_scales(scale_codes: torch.Tensor, scale_absmax: torch.Tensor, scale_offset: torch.Tensor,
+                      block_size: int = SCALE_BLOCK) -> torch.Tensor:
+    n = scale_codes.numel()
+    padded = F.pad(scale_codes.float(), (0, -n % block_size)).reshape(-1, block_size)
+    return (padded * (scale_absmax[:, None] / 127)).flatten()[:n] + scale_offset
+
+
+def scales_of(state: dict, prefix: str) -> torch.Tensor:
+    """The first-level scales of the quantized projection ``prefix`` in a state dict, plain or
+    double-quantized."""
+    if prefix + ".scales" in state:
+        return state[prefix + ".scales"]
+    return dequantize_scales(state[prefix + ".scale_codes"], state[prefix + ".scale_absmax"],
+                             state[prefix + ".scale_offset"])
+
+
 def dequantize_nf4(codes: torch.Tensor, scales: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
     values = _NF4_PAIRS.to(codes.device)[codes.int()].reshape(scales.shape[0], -1) * scales[:, None]
     return values.reshape(shape).to(dtype)
@@ -87,9 +124,10 @@ class _DequantizedMatmul(torch.autograd.Function):
 
 
 class QuantizedLinear(nn.Module):
-    """A frozen, bias-free ``nn.Linear`` stored as int8 or NF4 codes plus float32 scales."""
+    """A frozen, bias-free ``nn.Linear`` stored as int8 or NF4 codes plus float32 scales (NF4 with
+    ``double_quant``: the scales themselves as int8 codes, see ``quantize_scales``)."""
 
-    def __init__(self, linear: nn.Linear, kind: QuantKind, block_size: int = NF4_BLOCK):
+    def __init__(self, linear: nn.Linear, kind: QuantKind, block_size: int = NF4_BLOCK, double_quant: bool = False):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("QuantizedLinear: raylm's projections have no bias")
@@ -100,11 +138,19 @@ class QuantizedLinear(nn.Module):
             codes, scales = quantize_int8(linear.weight)
         else:
             raise ValueError(f"unknown quantization {kind!r} (int8, nf4)")
+        if double_quant and kind != "nf4":
+            raise ValueError("double_quant: only NF4's per-block scales are quantized again")
         self.register_buffer("codes", codes)
-        self.register_buffer("scales", scales)
+        if double_quant:
+            for name, tensor in quantize_scales(scales).items():
+                self.register_buffer(name, tensor)
+        else:
+            self.register_buffer("scales", scales)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize(self.codes, self.scales, (self.out_features, self.in_features), dtype)
+        scales = self.scales if hasattr(self, "scales") else dequantize_scales(
+            self.scale_codes, self.scale_absmax, self.scale_offset)
+        return dequantize(self.codes, scales, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
@@ -119,7 +165,8 @@ class QuantizedLinear(nn.Module):
 PROJECTIONS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 
 
-def quantize_model(model: nn.Module, kind: QuantKind, block_size: int = NF4_BLOCK) -> nn.Module:
+def quantize_model(model: nn.Module, kind: QuantKind, block_size: int = NF4_BLOCK,
+                   double_quant: bool = False) -> nn.Module:
     """Replace, in place, every block's attention and dense-MLP projection by a ``QuantizedLinear``
     and freeze the whole model (a quantized base is never trained; LoRA goes on top)."""
     model.requires_grad_(False)
@@ -129,7 +176,7 @@ def quantize_model(model: nn.Module, kind: QuantKind, block_size: int = NF4_BLOC
             parent = block.get_submodule(parent_path)
             linear = getattr(parent, name, None)
             if isinstance(linear, nn.Linear):
-                setattr(parent, name, QuantizedLinear(linear, kind, block_size))
+                setattr(parent, name, QuantizedLinear(linear, kind, block_size, double_quant))
     return model
 
 
