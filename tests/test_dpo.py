@@ -137,23 +137,30 @@ def test_raylm_dpo_raises_held_out_margin_and_accuracy(tmp_path, tmp_path_factor
 
 @pytest.fixture(scope="module")
 def dpo_base(tmp_path_factory):
-    """A random debug-size model (room for a soft prompt past 128 positions) with a tokenizer of the
-    built-in task's text; a local Ray shared by the module's peft runs."""
+    """A random debug-size model (room for a soft prompt past 128 positions), a tokenizer, and pair
+    files from 60 stdlib instructions (chosen: the function's docstring line, rejected: another
+    function's); a local Ray shared by the module's peft runs."""
     import ray
 
     from raylm.models.config import preset
     from raylm.models.hf_checkpoint import save_checkpoint
     from raylm.models.transformer import Transformer
-    from raylm.preference_data import stdlib_functions
+    from raylm.preference_data import write_jsonl
+    from raylm.sft_data import stdlib_instructions
     from raylm.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("peft-dpo")
-    train_tokenizer((i["prompt"] + "\n" + i["reference"] for i in stdlib_functions(200)), 512, folder / "tokenizer.json")
+    examples = stdlib_instructions(limit=60)
+    train_tokenizer((e["prompt"] + "\n" + e["response"] for e in examples), 512, folder / "tokenizer.json")
+    pairs = [{"prompt": e["prompt"], "chosen": e["response"], "rejected": examples[(i + 7) % len(examples)]["response"]}
+             for i, e in enumerate(examples)]
+    files = {"train": str(write_jsonl(pairs[:48], folder / "train.jsonl")),
+             "validation": str(write_jsonl(pairs[48:], folder / "validation.jsonl"))}
     base = Transformer(preset("debug", vocab_size=512, max_seq_len=256))
     base.init_weights(seed=0)
     save_checkpoint(base, folder / "base", tokenizer_file=str(folder / "tokenizer.json"))
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield folder / "base"
+    yield folder / "base", files, pairs[:48]
     ray.shutdown()
 
 
@@ -170,12 +177,12 @@ def dpo_losses(model, pairs, tokenizer, reference: torch.Tensor, beta: float) ->
     return torch.cat(losses).mean().item()
 
 
-# debug preset: dim 128, 2 layers, q 128 / kv 64 rows, ffn 384
+# debug preset: dim 128, 2 layers, q 128 / kv 64 rows, ffn 384. Bottleneck adapters through the CLI:
+# tests/test_lora.py (raylm sft); the export and loading code is the same.
 DPO_METHODS = {
-    "qlora": ({"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "quantize": "nf4"},
-              2 * 4 * ((128 + 128) + (128 + 64))),
-    "bottleneck": ({"method": "bottleneck", "bottleneck": 8, "adapter_where": ["attention"]},
-                   2 * (128 * 8 + 8 + 8 * 128 + 128)),
+    "qlora": ({"method": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+               "quantize": "nf4", "double_quant": True},
+              2 * 4 * ((128 + 128) + (128 + 64) + (384 + 128))),
     "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 4}, 4 * 128),
 }
 
@@ -185,8 +192,8 @@ DPO_METHODS = {
 def test_raylm_dpo_with_peft_trains_only_the_adapter(dpo_base, tmp_path, method):
     """`raylm dpo` with a peft: section: only the method's weights train (MLflow's parameter count and
     optimizer-state size), the DPO loss of the training pairs falls from the starting policy's, and
-    with QLoRA / adapters the frozen reference is the base with the adapters off (the quantized base
-    under QLoRA): the implicit reward margin is exactly 0 before the first step."""
+    with QLoRA the frozen reference is the base with the adapters off, quantized as the policy's
+    (NF4 with double quantization): the implicit reward margin is exactly 0 before the first step."""
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
@@ -195,18 +202,17 @@ def test_raylm_dpo_with_peft_trains_only_the_adapter(dpo_base, tmp_path, method)
     from raylm.models.hf_checkpoint import load_checkpoint
     from raylm.peft_config import PeftConfig
 
+    base, files, train_pairs = dpo_base
     peft, expected = DPO_METHODS[method]
     out = tmp_path / "out"
     config = tmp_path / "dpo.json"
     config.write_text(json.dumps({
         "output_dir": str(out), "seed": 0, "ray": {"num_cpus": 2},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "checkpoint": str(dpo_base),
-        "data": {"builtin": "stdlib-docstrings", "builtin_limit": 60, "negatives": "random",
-                 "validation_fraction": 0.2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "checkpoint": str(base), "data": files,
         "loss": {"beta": 0.1}, "peft": peft,
         "train": {"steps": 12, "batch_size": 8, "seq_len": 128, "log_every": 1, "eval_every": 12, "eval_batches": 1,
                   "checkpoint_every": 1000},
-        "optim": {"lr": 3e-2, "warmup_steps": 1},
+        "optim": {"lr": 1e-2 if method == "qlora" else 3e-2, "warmup_steps": 1},
         "parallel": {"num_workers": 1},
     }))
     assert cli.main(["dpo", str(config)]) == 0
@@ -216,20 +222,19 @@ def test_raylm_dpo_with_peft_trains_only_the_adapter(dpo_base, tmp_path, method)
     assert int(run.data.params["trainable_params"]) == run.data.metrics["trainable_params"] == expected
     assert 2 * expected * 4 <= run.data.metrics["optimizer_state_mb"] * 2**20 < 2 * expected * 4 + 4096
     assert run.data.metrics["memory_gb"] > 0
-    if method != "prompt_tuning":  # a soft prompt changes the policy from its first step
+    if method == "qlora":  # (a soft prompt changes the policy from its first step)
         (initial,) = [m for m in client.get_metric_history(run.info.run_id, "val_reward_margin") if m.step == 0]
         assert abs(initial.value) < 1e-5, initial.value
 
-    train_pairs = [json.loads(line) for line in (out / "pairs" / "train.jsonl").read_text().splitlines()]
     reference = load_file(out / "reference_logprobs.safetensors")["train"]
-    tokenizer = dpo_base / "tokenizer.json"
-    start = apply_peft(load_checkpoint(dpo_base), PeftConfig(**peft), seed=0)  # the policy before step 1
+    tokenizer = base / "tokenizer.json"
+    start = apply_peft(load_checkpoint(base), PeftConfig(**peft), seed=0)  # the policy before step 1
     if method == "qlora":
         final = load_checkpoint(out / "hf")  # the merged export
         assert (out / "hf" / "adapter" / "adapter_config.json").exists()
     else:
         assert not (out / "hf" / "config.json").exists()
-        final = load_peft(load_checkpoint(dpo_base), out / "hf" / "adapter")
+        final = load_peft(load_checkpoint(base), out / "hf" / "adapter")
     before, after = (dpo_losses(m, train_pairs, tokenizer, reference, 0.1) for m in (start, final))
     print(f"{method}: DPO loss of the training pairs {before:.4f} -> {after:.4f}")
     assert after < before - (0.005 if method == "prompt_tuning" else 0.02), (before, after)
