@@ -60,7 +60,8 @@ class LoglikelihoodScorer:
         if self.raylm_model is not None:
             from raylm.eval_scoring import score_requests
 
-            logprob, greedy = score_requests(self.raylm_model, sequences, n_scored, batch_tokens=self.max_tokens)
+            logprob, greedy = score_requests(self.raylm_model, sequences, n_scored, batch_tokens=self.max_tokens,
+                                             max_requests=self.max_batch)
             return {"id": batch["id"], "logprob": np.asarray(logprob, dtype=np.float64), "is_greedy": np.asarray(greedy)}
         return self._score_padded(batch["id"], sequences, n_scored)
 

@@ -144,10 +144,12 @@ def main() -> int:
                                             args.lm_eval_threads or args.actors) for b in dict.fromkeys(batches)]
         for round_ in range(args.repeat):
             for system in systems if round_ % 2 == 0 else systems[::-1]:
+                load = os.getloadavg()[0]
                 row = system()
                 row["items_per_s"] = row["items"] / row["seconds"]
                 runs.setdefault((row["system"], row["batch"]), []).append(row)
-                print(f"round {round_ + 1}: {row['system']} batch {row['batch']}: {row['items_per_s']:.1f} items/s", flush=True)
+                print(f"round {round_ + 1}: {row['system']} batch {row['batch']}: {row['items_per_s']:.1f} items/s "
+                      f"(load average {load:.1f} before)", flush=True)
     rows = [dict(rounds[0], items_per_s=statistics.median(r["items_per_s"] for r in rounds),
                  seconds=statistics.median(r["seconds"] for r in rounds)) for rounds in runs.values()]
     ours = rows[0]["items_per_s"]

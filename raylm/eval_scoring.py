@@ -119,9 +119,24 @@ def pack_batch(rows: list[list[PrefixTree]]) -> PackedBatch:
                        torch.tensor(read_at), torch.tensor(targets), torch.tensor(owner))
 
 
+def forward_batches(rows: list[list[PrefixTree]], batch_tokens: int, max_requests: int | None) -> list[list[list[PrefixTree]]]:
+    """Consecutive rows, as many to a forward pass as fit ``batch_tokens`` (rows padded to the widest)
+    and ``max_requests`` requests: a batch of 32 here scores at most 32 sequences, as lm_eval's does."""
+    batches, current, width, requests = [], [], 0, 0
+    for row in rows:
+        row_width, row_requests = sum(t.n_tokens for t in row), sum(len(t.branches) for t in row)
+        too_many = max_requests is not None and requests + row_requests > max_requests
+        if current and (max(width, row_width) * (len(current) + 1) > batch_tokens or too_many):
+            batches.append(current)
+            current, width, requests = [], 0, 0
+        current.append(row)
+        width, requests = max(width, row_width), requests + row_requests
+    return batches + [current] if current else batches
+
+
 @torch.inference_mode()
-def score_requests(model: Transformer, sequences: list[list[int]], n_scored: list[int],
-                   row_tokens: int = 256, batch_tokens: int = 2048) -> tuple[list[float], list[bool]]:
+def score_requests(model: Transformer, sequences: list[list[int]], n_scored: list[int], row_tokens: int = 256,
+                   batch_tokens: int = 2048, max_requests: int | None = None) -> tuple[list[float], list[bool]]:
     """For each sequence: the summed log-prob of its last ``n_scored`` tokens given the tokens before
     them, and whether every one of them was the model's greedy choice."""
     row_tokens = min(row_tokens, model.config.max_seq_len)
@@ -133,9 +148,8 @@ def score_requests(model: Transformer, sequences: list[list[int]], n_scored: lis
         if longest > model.config.max_seq_len:
             raise ValueError(f"a request of {longest + 1} tokens exceeds the model's max_seq_len "
                              f"({model.config.max_seq_len}): truncate it before scoring")
-    per_batch = max(1, batch_tokens // row_tokens)
-    for start in range(0, len(rows), per_batch):
-        batch = pack_batch(rows[start : start + per_batch])
+    for batch_rows in forward_batches(rows, batch_tokens, max_requests):
+        batch = pack_batch(batch_rows)
         hidden = model.hidden_states(batch.tokens, positions=batch.positions, attn_mask=batch.mask)
         logits = model.output(hidden.flatten(0, 1)[batch.read_at]).float()
         logp = logits.log_softmax(-1)
