@@ -29,7 +29,8 @@ from raylm.distributed.context_parallel import shard_sequence
 from raylm.distributed.expert_parallel import scale_expert_grads
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.distributed.parallelize import clean_state_dict_key, parallelize
-from raylm.distributed.pipeline_parallel import build_schedule, gather_stage_states, run_pipeline, split_stage
+from raylm.distributed.pipeline_parallel import (attach_aux_loss, build_schedule, gather_stage_states, run_pipeline,
+                                                 split_stage)
 from raylm.distributed.pipeline_parallel import clip_grad_norm_ as clip_pipeline_grad_norm_
 from raylm.distributed.tensor_parallel import clip_grad_norm_ as clip_mixed_grad_norm_
 from raylm.distributed.tensor_parallel import unpermute_state_dict
@@ -234,16 +235,36 @@ def evaluate(model, spec, dims, rank, device, autocast_dtype, pipeline=None, los
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def moe_metrics(model, expert_counts: list[torch.Tensor]) -> dict:
-    out = {}
-    layers = model.moe_layers()
-    if not layers:
-        return out
-    out["moe/load_balance_loss"] = sum(float(m.load_balance_loss) for m in layers) / len(layers)
-    out["moe/z_loss"] = sum(float(m.z_loss) for m in layers) / len(layers)
-    for i, counts in enumerate(expert_counts):
-        fractions = counts / counts.sum().clamp(min=1)
-        for e, fraction in enumerate(fractions.tolist()):
+MOE_COLUMNS = ("aux_loss", "load_balance_loss", "z_loss", "forwards")  # after the per-expert token counts
+
+
+def tally_moe(model, tally: torch.Tensor) -> None:
+    """Add the last forward's MoE statistics to ``tally`` [n_layers, n_experts + 4], a row per block
+    by its index in the whole model (a pipeline stage holds only some blocks)."""
+    n_experts = tally.shape[1] - len(MOE_COLUMNS)
+    for name, block in model.layers.items():  # (blocks may be wrapped for checkpointing or compile)
+        moe = next((m for m in block.modules() if hasattr(m, "tokens_per_expert")), None)
+        if moe is not None:
+            row = tally[int(name)]
+            row[:n_experts] += moe.tokens_per_expert.to(row)
+            row[n_experts:] += torch.tensor([float(moe.aux_loss), float(moe.load_balance_loss), float(moe.z_loss), 1.0],
+                                            dtype=row.dtype, device=row.device)
+
+
+def moe_metrics(tally: torch.Tensor) -> dict:
+    """From every rank's summed tally: each loss's mean per forward (aux summed over layers, the
+    others averaged), and each layer's share of tokens per expert."""
+    n_experts = tally.shape[1] - len(MOE_COLUMNS)
+    rows = [(i, row) for i, row in enumerate(tally) if row[-1] > 0]
+    if not rows:
+        return {}
+    per_forward = {i: row[n_experts:-1] / row[-1] for i, row in rows}
+    out = {"moe/aux_loss": sum(float(v[0]) for v in per_forward.values()),
+           "moe/load_balance_loss": sum(float(v[1]) for v in per_forward.values()) / len(rows),
+           "moe/z_loss": sum(float(v[2]) for v in per_forward.values()) / len(rows)}
+    for i, row in rows:
+        counts = row[:n_experts]
+        for e, fraction in enumerate((counts / counts.sum().clamp(min=1)).tolist()):
             out[f"moe/layer{i}/expert{e}_fraction"] = fraction
     return out
 
@@ -278,6 +299,8 @@ def train_loop(spec: dict) -> None:
 
         pipeline = build_schedule(model, pp_rank, dims.pp, dims.pp_mesh.get_group(), device,
                                   parallel["pp_microbatches"], pipeline_loss, parallel["pp_schedule"])
+        if cfg.is_moe:  # each micro-batch's auxiliary loss, averaged over the step's micro-batches
+            attach_aux_loss(model, {"value": 1.0 / (train["grad_accum"] * parallel["pp_microbatches"])})
     optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),
                                 optim_cfg["eps"], foreach=dims.tp == dims.ep == 1)  # foreach cannot mix DTensors and tensors
     scheduler = build_scheduler(optimizer, optim_cfg["warmup_steps"], train["steps"], optim_cfg["min_lr_ratio"])
@@ -305,6 +328,10 @@ def train_loop(spec: dict) -> None:
     if stage_run is not None:
         stage_run.log_params({"trainable_params": n_trainable})
     accum = train["grad_accum"]
+    moe_tally = None
+    if cfg.is_moe:  # every training forward's expert loads and auxiliary losses, summed over the step
+        moe_tally = torch.zeros(cfg.n_layers, cfg.n_experts + len(MOE_COLUMNS), dtype=torch.float64, device=device)
+        model.register_forward_hook(lambda module, args, output: tally_moe(module, moe_tally) if module.training else None)
     model.train()
     metrics: dict = {}
     timed_tokens, timed_seconds, first_step = 0, 0.0, step  # throughput after 2 warm-up steps
@@ -317,8 +344,8 @@ def train_loop(spec: dict) -> None:
         dist.all_reduce(n_tokens)
         n_tokens /= dims.tp * dims.cp * dims.pp  # tensor-, context- and pipeline-parallel peers hold the same batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        aux_sum = 0.0
-        expert_counts = [torch.zeros(cfg.n_experts, device=device) for _ in model.moe_layers()]
+        if moe_tally is not None:
+            moe_tally.zero_()
         for i, batch in enumerate(batches):
             tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(rank))
             if pipeline is not None:  # the schedule runs forward and backward over its micro-batches
@@ -335,11 +362,7 @@ def train_loop(spec: dict) -> None:
             # into the global mean.
             loss = ce * dims.grad_average_size / n_tokens.clamp(min=1)
             if cfg.is_moe:
-                aux = model.moe_aux_loss() / accum
-                loss = loss + aux
-                aux_sum += float(aux)
-                for counts, layer in zip(expert_counts, model.moe_layers()):
-                    counts += layer.tokens_per_expert.to(device).float()
+                loss = loss + model.moe_aux_loss() / accum
             loss.backward()
             loss_sum += ce.detach().double()
         if dims.ep > 1:
@@ -360,8 +383,8 @@ def train_loop(spec: dict) -> None:
         step += 1
         dist.all_reduce(loss_sum)
         loss_sum /= dims.tp
-        for counts in expert_counts:
-            dist.all_reduce(counts)
+        if moe_tally is not None:
+            dist.all_reduce(moe_tally)
         step_time = time.perf_counter() - start
         step_tokens = sum(b["tokens"].numel() for b in batches) * dims.dp_size
         tokens_per_s = step_tokens / step_time
@@ -378,9 +401,8 @@ def train_loop(spec: dict) -> None:
             "trainable_params": n_trainable,
             "optimizer_state_mb": optimizer_state_bytes(optimizer) / 2**20,
         }
-        if cfg.is_moe:
-            metrics["moe/aux_loss"] = aux_sum
-            metrics.update(moe_metrics(model, expert_counts))
+        if moe_tally is not None:
+            metrics.update(moe_metrics(moe_tally))
         if train["eval_every"] and (step % train["eval_every"] == 0 or step == train["steps"]):
             metrics["val_loss"] = evaluate(model, spec, dims, dims.dp_rank(rank), device, autocast_dtype,
                                            pipeline, loss_scale)

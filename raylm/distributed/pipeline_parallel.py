@@ -7,9 +7,11 @@ the rest; the first stage keeps the embeddings, the last the final norm and the 
 ``ModuleDict``, so a stage's parameters keep the names of the whole model and checkpoints and
 exports merge stage by stage.
 
-Scope: dense models with untied embeddings. The schedule passes one activation tensor from stage to
-stage; per-token positions and the attention mask (packed fine-tuning documents, a context-parallel
-chunk) are given to every stage, split into the same micro-batches.
+Scope: models with untied embeddings. The schedule passes one activation tensor from stage to stage;
+per-token positions and the attention mask (packed fine-tuning documents, a context-parallel chunk)
+are given to every stage, split into the same micro-batches. A Mixture-of-Experts stage's auxiliary
+(load-balancing and router z) losses join the objective where they arise: ``attach_aux_loss`` makes
+the stage's output carry their gradient back, as if they had been added to the last stage's loss.
 """
 
 from __future__ import annotations
@@ -44,6 +46,34 @@ def split_stage(model: nn.Module, pp: int, stage: int) -> nn.Module:
         model.norm = None
         model.output = None
     return model
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``out``; backward also gives ``aux`` the gradient ``scale`` (d loss / d aux)."""
+
+    @staticmethod
+    def forward(ctx, out, aux, scale):
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, ctx.scale), None
+
+
+def attach_aux_loss(stage: nn.Module, scale: dict) -> None:
+    """After each training forward of ``stage``, its MoE layers' summed ``aux_loss`` enters backward
+    with weight ``scale["value"]`` (set per step: 1 / the forwards the step averages over)."""
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        aux = module.moe_aux_loss()
+        return _AttachAuxLoss.apply(output, aux, scale["value"]) if torch.is_tensor(aux) else output
+
+    stage.register_forward_hook(hook)
 
 
 def build_schedule(stage_module: nn.Module, stage: int, pp: int, group, device, n_microbatches: int,
