@@ -15,7 +15,6 @@ Reported: held-out pairwise accuracy and mean reward margin, before training and
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -79,18 +78,9 @@ def check_preference_stage(config, config_path) -> None:
     """Checks of the starting checkpoint, the tokenizer and the data files, before any Ray work."""
     from raylm.preference_data import PreferenceDataError, read_preferences
 
-    hf_config = Path(config.checkpoint) / "config.json"
-    if not hf_config.exists():
-        raise ConfigError(f"{config_path}: checkpoint: {hf_config} not found (a Hugging Face folder, e.g. "
-                          "`raylm sft` output's hf/)")
-    hf = json.loads(hf_config.read_text())
-    if config.train.seq_len > hf.get("max_position_embeddings", config.train.seq_len):
-        raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds the checkpoint's "
-                          f"max_position_embeddings ({hf['max_position_embeddings']})")
-    n_layers = hf.get("num_hidden_layers")
-    if config.freeze.train_layers is not None and n_layers is not None and config.freeze.train_layers > n_layers:
-        raise ConfigError(f"{config_path}: freeze.train_layers: {config.freeze.train_layers} exceeds the "
-                          f"checkpoint's {n_layers} layers")
+    from raylm.pipelines.sft import check_start_checkpoint
+
+    check_start_checkpoint(config, config_path, "raylm sft")
     tokenizer = tokenizer_path(config)
     if not tokenizer.exists():
         raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")

@@ -73,11 +73,13 @@ class Config(StageConfig):
     samples: int = Field(default=4, ge=0)  # held-out prompts answered (greedy) by the final model, logged to MLflow
 
 
-def check(config: Config, config_path) -> None:
+def check_start_checkpoint(config, config_path, made_by: str) -> dict:
+    """The Hugging Face folder a fine-tuning stage starts from (``config.checkpoint``, e.g. the output
+    of ``made_by``) against ``train.seq_len`` and ``freeze.train_layers``; returns its config.json."""
     hf_config = Path(config.checkpoint) / "config.json"
     if not hf_config.exists():
         raise ConfigError(f"{config_path}: checkpoint: {hf_config} not found (a Hugging Face folder, e.g. "
-                          "`raylm pretrain` output's hf/)")
+                          f"`{made_by}` output's hf/)")
     hf = json.loads(hf_config.read_text())
     if config.train.seq_len > hf.get("max_position_embeddings", config.train.seq_len):
         raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds the checkpoint's "
@@ -86,6 +88,11 @@ def check(config: Config, config_path) -> None:
     if config.freeze.train_layers is not None and n_layers is not None and config.freeze.train_layers > n_layers:
         raise ConfigError(f"{config_path}: freeze.train_layers: {config.freeze.train_layers} exceeds the "
                           f"checkpoint's {n_layers} layers")
+    return hf
+
+
+def check(config: Config, config_path) -> None:
+    hf = check_start_checkpoint(config, config_path, "raylm pretrain")
     check_peft(config, config_path, hf)
     if tokenizer_path(config) is None or not tokenizer_path(config).exists():
         raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
