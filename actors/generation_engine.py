@@ -2,13 +2,20 @@
 cannot be installed, behind one method surface:
 
 - ``generate(prompts, max_new_tokens, temperature, top_p, top_k, seed, logprobs)`` -> one dict per
-  prompt: ``tokens`` (new tokens), ``logprobs`` (of those tokens, or None), ``policy_version``;
+  prompt: ``tokens`` (new tokens), ``logprobs`` (of those tokens, or None), ``policy_version``.
+  The log-probabilities are those of the distribution the tokens were sampled from:
+  softmax(logits / temperature) (vLLM's ``processed_logprobs``; with top-k / top-p also renormalised
+  over the kept tokens, which a trainer does not reproduce); greedy decoding gives softmax(logits).
+  ``seed``: one int for the whole batch, or one per prompt (a list), so a run can replay a step;
 - ``prompt_logprobs(sequences)`` -> log p(token | prefix) for every token after the first;
 - ``load_weights(hf_state, version)`` -> seconds: new policy weights (Hugging Face names), handed
   over as one object-store reference, so every engine reads the same single copy;
 - ``load_weight_buckets(bucket_refs, version)`` -> seconds: the same, as a list of object-store
   references to buckets (``pack_weight_buckets``: many tensors packed into one flat buffer each),
   loaded bucket by bucket inside one layerwise reload;
+- ``load_lora_buckets(bucket_refs, adapter_config, version)`` -> seconds: a LoRA policy's adapter
+  only (PEFT's tensor names, bucketed the same way), applied by vLLM's LoRA support on the
+  engine's unchanged base (an engine started with ``max_lora_rank``);
 - ``version()``: the policy version the engine currently serves.
 
 The vLLM engine runs in-process in the actor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights
@@ -148,10 +155,21 @@ def _eos_token_id(checkpoint_dir: str) -> int:
 @ray.remote
 class VLLMEngine:
     def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
-                 gpu_memory_utilization: float = 0.2, enforce_eager: bool = True):
+                 gpu_memory_utilization: float = 0.2, enforce_eager: bool = True, max_lora_rank: int | None = None):
+        """``max_lora_rank``: serve the policy as a LoRA adapter of at most this rank on the base
+        (``load_lora_buckets``); None: full weights only."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
+        lora = {}
+        if max_lora_rank is not None:
+            # vLLM takes a few fixed rank capacities; the smallest that holds the adapter.
+            capacity = next((r for r in (8, 16, 32, 64, 128, 256, 512) if r >= max_lora_rank), None)
+            if capacity is None:
+                raise ValueError(f"max_lora_rank {max_lora_rank}: vLLM serves LoRA ranks up to 512")
+            lora = dict(enable_lora=True, max_lora_rank=capacity, max_loras=1)
+        self.lora_request = None  # the adapter every generation applies, once one is loaded
+        self.lora_dir = None
         self.eos_token_id = _eos_token_id(checkpoint_dir)
         self.llm = LLM(
             model=checkpoint_dir,
@@ -162,6 +180,10 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,  # on CPU: the fraction of host RAM reserved
             enforce_eager=enforce_eager,
             worker_extension_cls=f"{__name__}.WeightReloadExtension",
+            # Log-probs of the tokens under the temperature-scaled distribution they were sampled from
+            # (vLLM's default, raw_logprobs, is before temperature): what PPO's ratios need.
+            logprobs_mode="processed_logprobs",
+            **lora,
         )
         self.policy_version = 0
 
@@ -175,19 +197,24 @@ class VLLMEngine:
         return self.policy_version
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | list[int] | None = None, logprobs: bool = False,
                  stop_token_ids: list[int] | None = None) -> list[dict]:
         """``stop_token_ids``: tokens that end a completion besides EOS (e.g. the chat's ``<|end|>``);
-        the stop token is kept as the completion's last token."""
+        the stop token is kept as the completion's last token. ``seed``: one for every prompt, or a
+        list with one per prompt (identical prompts with one seed would sample identical answers)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
+        seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        params = [SamplingParams(
             max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0,
-            seed=seed, logprobs=0 if logprobs else None, stop_token_ids=[self.eos_token_id, *(stop_token_ids or [])],
+            seed=s, logprobs=0 if logprobs else None, stop_token_ids=[self.eos_token_id, *(stop_token_ids or [])],
             detokenize=False,
-        )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        ) for s in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         results = []
         for out in outputs:
             completion = out.outputs[0]
@@ -203,7 +230,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False,
+                                    lora_request=self.lora_request)
         return [[step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:])] for out, seq in zip(outputs, sequences)]
 
     def load_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> float:
@@ -221,6 +249,35 @@ class VLLMEngine:
         for ref in bucket_refs:
             self.llm.collective_rpc("raylm_load_bucket", args=(unpack_weight_bucket(ray.get(ref, timeout=BUCKET_TIMEOUT_S)),))
         self.llm.collective_rpc("raylm_finish_reload")
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return time.perf_counter() - start
+
+    def load_lora_buckets(self, bucket_refs: list, adapter_config: dict, version: int) -> float:
+        """A LoRA policy's adapter (``pack_weight_buckets`` of PEFT-named A and B matrices), served from
+        now on in place of the previous one. vLLM reads an adapter from a folder, so it is written
+        to a local temporary one (the engine's own disk: nothing more crosses the network)."""
+        import json
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        tensors = dict(pair for ref in bucket_refs for pair in unpack_weight_bucket(ray.get(ref, timeout=BUCKET_TIMEOUT_S)))
+        folder = Path(tempfile.mkdtemp(prefix=f"raylm-lora-v{version}-"))
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+        # A fresh id per load (from 1, as vLLM wants): one version may be published twice.
+        lora_id = self.lora_request.lora_int_id + 1 if self.lora_request is not None else 1
+        request = LoRARequest(f"policy-{lora_id}-v{version}", lora_id, str(folder))
+        self.llm.llm_engine.add_lora(request)
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            shutil.rmtree(self.lora_dir, ignore_errors=True)
+        self.lora_request, self.lora_dir = request, folder
         self.llm.reset_prefix_cache()
         self.policy_version = version
         return time.perf_counter() - start
@@ -248,10 +305,14 @@ class TorchEngine:
         return self.policy_version
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, logprobs: bool = False,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | list[int] | None = None, logprobs: bool = False,
                  stop_token_ids: list[int] | None = None) -> list[dict]:
+        """As ``VLLMEngine.generate``; a list of seeds seeds the whole batch with its first one
+        (one generator samples the batch), which replays the same batch the same way."""
         from raylm.models.generate import SamplingParams, generate
 
+        if isinstance(seed, list):
+            seed = seed[0] if seed else None
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
         else:  # like vLLM without a per-request seed: one stream for the engine's life
@@ -261,7 +322,8 @@ class TorchEngine:
         if stop_token_ids:  # raylm's generator stops on EOS only: cut after the first stop token
             stops = set(stop_token_ids)
             completions = [c[:next((i + 1 for i, t in enumerate(c) if t in stops), len(c))] for c in completions]
-        token_logprobs = self.prompt_logprobs([p + c for p, c in zip(prompts, completions)]) if logprobs else None
+        scale = temperature if temperature > 0 else 1.0  # greedy: the unscaled distribution, as vLLM
+        token_logprobs = self.prompt_logprobs([p + c for p, c in zip(prompts, completions)], scale) if logprobs else None
         return [
             {"tokens": c, "logprobs": token_logprobs[i][len(prompts[i]) - 1 :] if logprobs else None,
              "policy_version": self.policy_version}
@@ -269,11 +331,11 @@ class TorchEngine:
         ]
 
     @torch.no_grad()
-    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+    def prompt_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[list[float]]:
         out = []
         for seq in sequences:
             tokens = torch.tensor([seq])
-            logp = self.model(tokens).float().log_softmax(-1)[0, :-1]
+            logp = (self.model(tokens).float() / temperature).log_softmax(-1)[0, :-1]
             out.append(logp.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist())
         return out
 

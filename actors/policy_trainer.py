@@ -7,7 +7,9 @@ rollouts as a dict of tensors: ``tokens`` [b, T] (prompt then response, right-pa
 
 ``publish_weights`` gathers the full weights once, converts them to Hugging Face names, packs
 them into a few buckets and puts each into the object store once; every rollout engine then
-loads the same buckets (``actors/generation_engine.py``).
+loads the same buckets (``actors/generation_engine.py``). With a ``peft:`` LoRA section the base
+is frozen and only the adapter trains: only the adapter's A and B matrices are gathered and
+published (PEFT's names), and the engines apply them as a vLLM LoRA adapter on their base.
 """
 
 from __future__ import annotations
@@ -55,8 +57,14 @@ class PolicyTrainer(ShardedTrainer):
     def build_model(self, checkpoint: str):
         from raylm.models.hf_checkpoint import load_checkpoint
 
+        self.base_checkpoint = checkpoint
         model = load_checkpoint(checkpoint, scalar_head=False)
         self.config = model.config
+        if self.peft is not None:
+            from raylm.lora import apply_peft
+            from raylm.peft_config import PeftConfig
+
+            apply_peft(model, PeftConfig(**self.peft), seed=self.seed)  # every rank: the same initial A
         return model
 
     def plain_model(self):
@@ -64,23 +72,43 @@ class PolicyTrainer(ShardedTrainer):
 
         return Transformer(self.config)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch["tokens"].to(self.device)
         index = response_index(batch["prompt_lens"].to(self.device), batch["response_mask"].shape[1], tokens.shape[1])
-        return response_logits_and_logprobs(self.model(tokens), tokens, index)
+        return response_logits_and_logprobs(self.model(tokens), tokens, index, temperature)
+
+    def save(self, folder: str, tokenizer_file: str | None = None) -> str | None:
+        """Collective: a Hugging Face checkpoint of the current policy from rank 0; a LoRA policy's
+        adapter goes to ``<folder>/adapter`` (PEFT's format) and the merged model to ``folder``."""
+        if self.peft is None:
+            return super().save(folder, tokenizer_file)
+        from raylm.lora import export_peft
+        from raylm.models.hf_checkpoint import save_checkpoint
+        from raylm.peft_config import PeftConfig
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        merged = export_peft(state, self.config, PeftConfig(**self.peft), f"{folder}/adapter", base=self.base_checkpoint)
+        plain = self.plain_model()
+        plain.load_state_dict(merged, strict=not self.config.tie_embeddings)
+        return str(save_checkpoint(plain, folder, tokenizer_file=tokenizer_file))
 
     @torch.no_grad()
-    def logprobs(self, batch: dict) -> torch.Tensor:
-        """[b, R] log-probabilities of the response tokens under the current policy (0 on padding)."""
+    def logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """[b, R] log-probabilities of the response tokens under the current policy sampled at
+        ``temperature`` (0 on padding)."""
         self.model.eval()
-        _, logprobs = self.forward(batch)
+        _, logprobs = self.forward(batch, temperature)
         self.model.train()
         return (logprobs * batch["response_mask"].to(logprobs.device)).cpu()
 
     def update(self, batch: dict, epochs: int, minibatches: int, clip_eps: float, entropy_coef: float = 0.0,
-               kl_loss_coef: float = 0.0, kl_estimator: str = "k3", step: int = 0) -> dict:
+               kl_loss_coef: float = 0.0, kl_estimator: str = "k3", step: int = 0, temperature: float = 1.0) -> dict:
         """``epochs`` passes over this rank's rollouts in ``minibatches`` optimizer steps each: PPO's
         clipped surrogate, minus the entropy bonus, plus the KL to the reference when it is a loss.
+        Log-probabilities and entropy are those of softmax(logits / temperature), the distribution
+        the rollouts were sampled from.
         Each rank's loss is the token mean of its own minibatch; FSDP2 averages the gradients."""
         generator = torch.Generator().manual_seed(self.seed * 100003 + step)
         stats = defaultdict(list)
@@ -89,7 +117,7 @@ class PolicyTrainer(ShardedTrainer):
             for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
                 mb = trim(batch, rows)
                 mask = mb["response_mask"].to(self.device)
-                logits, logprobs = self.forward(mb)
+                logits, logprobs = self.forward(mb, temperature)
                 out = clipped_policy_loss(logprobs, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
                                           mask, clip_eps)
                 loss = out.loss
@@ -111,16 +139,38 @@ class PolicyTrainer(ShardedTrainer):
         metrics["time/policy_update_s"] = time.perf_counter() - start
         return metrics
 
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the unsharded parameters that train (a LoRA policy: only the adapters), raylm
+        names, on every rank; the frozen base is not gathered."""
+        from raylm.distributed.parallelize import clean_state_dict_key
+
+        out = {}
+        for name, param in self.model.named_parameters():  # the same order on every rank
+            if param.requires_grad:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                out[clean_state_dict_key(name)] = full.detach().cpu()
+        return out
+
     def publish_weights(self, bucket_bytes: int) -> dict | None:
-        """Collective: gather the full weights; rank 0 packs them into buckets and puts each into the
-        object store once. -> on rank 0 ``{"buckets": [ObjectRef, ...], "seconds", "bytes"}``."""
+        """Collective: gather the full weights (a LoRA policy: its adapter only); rank 0 packs them
+        into buckets and puts each into the object store once. -> on rank 0 ``{"buckets":
+        [ObjectRef, ...], "seconds", "bytes"}``."""
         from raylm.models.hf_checkpoint import to_hf_state_dict
 
         start = time.perf_counter()
-        state = self.full_state_dict()
-        if self.rank != 0:
-            return None
-        buckets = pack_weight_buckets(to_hf_state_dict(self.config, state), bucket_bytes)
+        if self.peft is not None:
+            from raylm.lora import adapter_tensors
+
+            state = self.trained_state_dict()
+            if self.rank != 0:
+                return None
+            hf_state = adapter_tensors(state)  # PEFT's names, as vLLM reads an adapter
+        else:
+            state = self.full_state_dict()
+            if self.rank != 0:
+                return None
+            hf_state = to_hf_state_dict(self.config, state)
+        buckets = pack_weight_buckets(hf_state, bucket_bytes)
         refs = [ray.put(bucket) for bucket in buckets]
         return {"buckets": refs, "seconds": time.perf_counter() - start,
                 "bytes": sum(b["data"].nbytes for b in buckets)}

@@ -22,9 +22,10 @@ class ReferenceModel:
         return True
 
     @torch.no_grad()
-    def logprobs(self, batch: dict) -> torch.Tensor:
-        """[b, R] log-probabilities of the response tokens (same layout as the policy trainer's)."""
+    def logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """[b, R] log-probabilities of the response tokens (same layout as the policy trainer's),
+        under softmax(logits / temperature) as the policy's are."""
         tokens = batch["tokens"].to(self.device)
         index = response_index(batch["prompt_lens"].to(self.device), batch["response_mask"].shape[1], tokens.shape[1])
-        _, logprobs = response_logits_and_logprobs(self.model(tokens), tokens, index)
+        _, logprobs = response_logits_and_logprobs(self.model(tokens), tokens, index, temperature)
         return (logprobs * batch["response_mask"].to(self.device)).cpu()

@@ -52,8 +52,10 @@ class ShardedTrainer:
         raise NotImplementedError
 
     def setup(self, checkpoint: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
-              grad_clip: float = 1.0) -> int:
-        """Load the full weights on every rank, shard them with FSDP2, build AdamW. -> parameter count."""
+              grad_clip: float = 1.0, peft: dict | None = None) -> int:
+        """Load the full weights on every rank, shard them with FSDP2, build AdamW (over the
+        parameters that train: with ``peft``, a ``peft:`` section, only the adapters). -> parameter count."""
+        self.peft = peft
         model = self.build_model(checkpoint).to(self.device)
         n_params = sum(p.numel() for p in model.parameters())
         if hasattr(model, "score"):
@@ -98,6 +100,19 @@ class ShardedTrainer:
 
     def plain_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def save_state(self, folder: str) -> None:
+        """Collective: the model and optimizer shards (torch DCP, one file per rank) and this rank's
+        RNG states, as the pretrain stage checkpoints (``raylm.distributed.checkpoint``)."""
+        from raylm.distributed import checkpoint
+
+        checkpoint.save(folder, self.rank, self.model, self.optimizer, trainer_state={}, rank_state={})
+
+    def load_state(self, folder: str) -> None:
+        """Collective: the inverse of ``save_state``, into the model and optimizer built by ``setup``."""
+        from raylm.distributed import checkpoint
+
+        checkpoint.load(folder, self.rank, self.model, self.optimizer)
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -15,15 +15,31 @@ policy loss and value loss over ``ppo.epochs`` epochs of ``ppo.minibatches`` min
 weights are published once to the object store in buckets and every engine loads them. Every
 remote wait has a timeout (``timeouts``).
 
+Log-probabilities (policy, reference, entropy) are those of softmax(logits / rollout.temperature),
+the distribution the rollouts were sampled from; the engines report the same (vLLM's
+``processed_logprobs``). Each rollout has its own sampling seed (from the run's seed and the step).
+
+With ``peft.method: lora`` the policy trains LoRA adapters on its frozen base and each step only
+the adapter travels to the engines, which serve it with vLLM's LoRA support on their base.
+
+Every ``checkpoint.every`` steps the run writes ``<output_dir>/checkpoints/step_N``: policy and
+critic weights and optimizer states (torch DCP, each rank's RNG), and the driver's state (step,
+policy version, KL coefficient, reward moments, prompt sampler position and RNG); a rerun on the
+same output_dir resumes from the newest complete one. A rollout engine, reward scorer or reference
+actor that dies is replaced in its placement bundle (an engine gets the last published weights)
+and its work retried, at most ``faults.max_actor_restarts`` times per role.
+
 Before the first and after the last step, policy samples on fixed prompts are scored by the reward
 model and by the ground truth (word-overlap F1 with the function's real docstring line), with the
-KL to the reference; per-step metrics and the final policy (``<output_dir>/hf``) go to MLflow.
+KL to the reference; per-step metrics and the final policy (``<output_dir>/hf``; a LoRA policy
+merged, its adapter in ``hf/adapter``) go to MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +50,7 @@ import torch
 from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, Section, StageConfig
+from raylm.peft_config import PeftConfig
 from raylm.tracking import Progress, StageRun
 
 log = logging.getLogger("raylm.rlhf")
@@ -148,6 +165,20 @@ class PlacementConfig(Section):
         return self
 
 
+class CheckpointConfig(Section):
+    every: int = Field(default=10, ge=0)  # steps between checkpoints under <output_dir>/checkpoints (0: none)
+    keep: int = Field(default=2, ge=1)  # the newest ones kept
+    resume: bool = True  # a rerun on the same output_dir continues from the newest complete checkpoint
+
+
+class FaultConfig(Section):
+    # A rollout engine, reward scorer or reference actor that dies is replaced (same placement bundle;
+    # an engine gets the current published weights) and its work retried, at most this many times
+    # per role over the run.
+    max_actor_restarts: int = Field(default=3, ge=0)
+    stop_after_step: int | None = Field(default=None, ge=1)  # fault injection: end the run after this step, as if killed
+
+
 class TimeoutConfig(Section):
     remote_s: float = Field(default=600, gt=0)  # any single remote call (a rollout batch, an update)
     startup_s: float = Field(default=900, gt=0)  # actors and engines starting, placement groups
@@ -166,6 +197,11 @@ class Config(StageConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    # method lora: the policy trains as LoRA adapters on its frozen base; each step only the adapter
+    # travels to the engines, which serve it with vLLM's LoRA support. The reference is the base.
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -180,6 +216,10 @@ class Config(StageConfig):
         if self.data.builtin is None and self.data.prompts is None:
             raise ValueError("data: give prompts (a JSONL file) or builtin: stdlib")
         return self
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.peft.method == "lora"
 
     @property
     def uses_critic(self) -> bool:
@@ -223,6 +263,15 @@ def check(config: Config, config_path) -> None:
         if hf.get("vocab_size") != policy.get("vocab_size"):
             raise ConfigError(f"{config_path}: {key}: vocabulary {hf.get('vocab_size')} differs from the policy's "
                               f"{policy.get('vocab_size')} (the models must share a tokenizer)")
+    if config.peft.method not in ("none", "lora"):
+        raise ConfigError(f"{config_path}: peft.method: rlhf trains LoRA adapters (lora) or the whole policy (none); "
+                          f"{config.peft.method} adapters cannot be served by the vLLM rollout engines")
+    if config.peft.quantize != "none":
+        raise ConfigError(f"{config_path}: peft.quantize: a quantized policy base would differ from the engines' "
+                          "full-precision one, so their log-probs would not agree; use quantize: none")
+    if config.uses_lora and config.rollout.backend == "torch":
+        raise ConfigError(f"{config_path}: peft.method: lora needs rollout.backend vllm (raylm's own generator "
+                          "does not apply adapters)")
     if not config.tokenizer_file.exists():
         raise ConfigError(f"{config_path}: data.tokenizer: {config.tokenizer_file} not found")
     if config.data.prompts is not None and not Path(config.data.prompts).is_file():
@@ -307,6 +356,21 @@ class PromptSampler:
             self.position += 1
         return out
 
+    def state_dict(self) -> dict:
+        return {"order": self.order.tolist(), "position": self.position, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["order"]) != len(self.items):
+            raise ValueError(f"prompt sampler: the checkpoint shuffled {len(state['order'])} prompts, this run has "
+                             f"{len(self.items)} (data: changed since the checkpoint was written)")
+        self.order, self.position = np.array(state["order"]), int(state["position"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def rollout_seeds(seed: int, step: int, n: int) -> list[int]:
+    """One sampling seed per rollout of a step: a resumed run samples what the uninterrupted one did."""
+    return [(seed * 1_000_003 + step) * 100_003 + i for i in range(n)]
+
 
 # ---- the pools ----------------------------------------------------------------------------------
 
@@ -377,7 +441,10 @@ def split_evenly(items: list, n: int) -> list[list]:
 
 @dataclass
 class Pools:
-    """Every actor of the run, by role; methods fan work out over a pool and wait with a timeout."""
+    """Every actor of the run, by role; methods fan work out over a pool and wait with a timeout.
+    A rollout engine, reward scorer or reference actor that dies is replaced in its placement bundle
+    and its share of the work retried (``replace``); the trainer groups are not (a run that loses a
+    trainer rank resumes from its last checkpoint)."""
 
     config: Config
     policy: object  # TrainerGroup
@@ -387,15 +454,14 @@ class Pools:
     reference: list
     backend: str
     placement_groups: list = field(default_factory=list)
+    strategies: dict = field(default_factory=dict)  # role -> scheduling strategy per actor index
+    published: dict | None = None  # the last weights published to the engines: {"buckets", "version"}
+    replacements: list = field(default_factory=list)  # (role, index) of every actor replaced
 
     @classmethod
     def start(cls, config: Config) -> "Pools":
-        import ray
-
-        from raylm.actors.generation_engine import VLLMEngine, TorchEngine, vllm_available
+        from raylm.actors.generation_engine import vllm_available
         from raylm.actors.policy_trainer import PolicyTrainer
-        from raylm.actors.reference_model import ReferenceModel
-        from raylm.actors.reward_scorer import RewardScorer
         from raylm.actors.trainer_group import TrainerGroup
         from raylm.actors.value_trainer import ValueTrainer
 
@@ -407,41 +473,103 @@ class Pools:
                 log.warning(msg)
                 print(f"[rlhf] {msg}", flush=True)
         strategies, pgs = place_pools(config)
-        startup = config.timeouts.startup_s
-        ro, rw, rf = config.rollout, config.reward, config.reference
-        # One token of room beyond the longest rollout, so that prompt_logprobs can score whole rollouts.
-        positions = json.loads((Path(config.policy.checkpoint) / "config.json").read_text())["max_position_embeddings"]
-        max_len = min(positions, config.data.max_prompt_tokens + ro.max_new_tokens + 1)
-        engine_cls = VLLMEngine if backend == "vllm" else TorchEngine
-        engine_kwargs = dict(dtype="float32", max_model_len=max_len, seed=config.seed)
-        if backend == "vllm":
-            engine_kwargs.update(gpu_memory_utilization=ro.gpu_memory_utilization)
+        pools = cls(config, None, None, [], [], [], backend, pgs, strategies)
         # Slow starts (vLLM engines) first, so that they overlap with the others.
-        engines = [engine_cls.options(num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
-                                      scheduling_strategy=strategies["rollout"][i])
-                   .remote(str(Path(config.policy.checkpoint).resolve()), seed=config.seed + i,
-                           **{k: v for k, v in engine_kwargs.items() if k != "seed"})
-                   for i in range(ro.num_engines)]
-        reward = [RewardScorer.options(num_cpus=rw.cpus_per_actor, num_gpus=rw.gpus_per_actor,
-                                       scheduling_strategy=strategies["reward"][i])
-                  .remote(str(Path(rw.checkpoint).resolve()), threads=max(1, int(rw.cpus_per_actor)),
-                          use_gpu=rw.gpus_per_actor > 0)
-                  for i in range(rw.num_actors)]
-        reference = [ReferenceModel.options(num_cpus=rf.cpus_per_actor, num_gpus=rf.gpus_per_actor,
-                                            scheduling_strategy=strategies["reference"][i])
-                     .remote(str(Path(config.reference_checkpoint).resolve()), threads=max(1, int(rf.cpus_per_actor)),
-                             use_gpu=rf.gpus_per_actor > 0)
-                     for i in range(rf.num_actors)]
-        p = config.policy
-        policy = TrainerGroup("policy", PolicyTrainer, p.num_workers, strategies["policy"], p.cpus_per_worker,
-                              p.gpus_per_worker, startup, seed=config.seed)
-        critic = None
+        pools.engines = [pools.new_actor("rollout", i) for i in range(config.rollout.num_engines)]
+        pools.reward = [pools.new_actor("reward", i) for i in range(config.reward.num_actors)]
+        pools.reference = [pools.new_actor("reference", i) for i in range(config.reference.num_actors)]
+        startup, p = config.timeouts.startup_s, config.policy
+        pools.policy = TrainerGroup("policy", PolicyTrainer, p.num_workers, strategies["policy"], p.cpus_per_worker,
+                                    p.gpus_per_worker, startup, seed=config.seed)
         if config.uses_critic:
             c = config.critic
-            critic = TrainerGroup("critic", ValueTrainer, c.num_workers, strategies["critic"], c.cpus_per_worker,
-                                  c.gpus_per_worker, startup, seed=config.seed + 1)
-        wait([a.ready.remote() for a in engines + reward + reference], startup, "starting engines and models")
-        return cls(config, policy, critic, engines, reward, reference, backend, pgs)
+            pools.critic = TrainerGroup("critic", ValueTrainer, c.num_workers, strategies["critic"], c.cpus_per_worker,
+                                        c.gpus_per_worker, startup, seed=config.seed + 1)
+        wait([a.ready.remote() for a in pools.engines + pools.reward + pools.reference], startup,
+             "starting engines and models")
+        return pools
+
+    def new_actor(self, role: str, i: int):
+        """Start actor ``i`` of a rollout, reward or reference pool in its placement bundle."""
+        from raylm.actors.generation_engine import TorchEngine, VLLMEngine
+        from raylm.actors.reference_model import ReferenceModel
+        from raylm.actors.reward_scorer import RewardScorer
+
+        config = self.config
+        strategy = self.strategies[role][i]
+        if role == "rollout":
+            ro = config.rollout
+            # One token of room beyond the longest rollout, so that prompt_logprobs can score whole rollouts.
+            positions = json.loads((Path(config.policy.checkpoint) / "config.json").read_text())["max_position_embeddings"]
+            kwargs = dict(dtype="float32", max_model_len=min(positions, config.data.max_prompt_tokens + ro.max_new_tokens + 1),
+                          seed=config.seed + i)
+            if self.backend == "vllm":
+                kwargs.update(gpu_memory_utilization=ro.gpu_memory_utilization)
+                if config.uses_lora:
+                    kwargs.update(max_lora_rank=config.peft.rank)
+            elif config.uses_lora:
+                raise ConfigError("peft.method: lora needs the vLLM rollout backend, and vLLM is not installed here")
+            engine_cls = VLLMEngine if self.backend == "vllm" else TorchEngine
+            return engine_cls.options(num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
+                                      scheduling_strategy=strategy).remote(str(Path(config.policy.checkpoint).resolve()), **kwargs)
+        if role == "reward":
+            rw = config.reward
+            return RewardScorer.options(num_cpus=rw.cpus_per_actor, num_gpus=rw.gpus_per_actor,
+                                        scheduling_strategy=strategy).remote(
+                str(Path(rw.checkpoint).resolve()), threads=max(1, int(rw.cpus_per_actor)), use_gpu=rw.gpus_per_actor > 0)
+        if role == "reference":
+            rf = config.reference
+            return ReferenceModel.options(num_cpus=rf.cpus_per_actor, num_gpus=rf.gpus_per_actor,
+                                          scheduling_strategy=strategy).remote(
+                str(Path(config.reference_checkpoint).resolve()), threads=max(1, int(rf.cpus_per_actor)),
+                use_gpu=rf.gpus_per_actor > 0)
+        raise ValueError(f"new_actor: {role!r} is not a pool of single actors (rollout, reward, reference)")
+
+    def actors_of(self, role: str) -> list:
+        return {"rollout": self.engines, "reward": self.reward, "reference": self.reference}[role]
+
+    def replace(self, role: str, i: int, error: Exception) -> None:
+        """A fresh actor in the dead one's place (its bundle is free again); an engine then loads
+        the weights last published, so it serves the current policy version."""
+        import ray
+
+        limit = self.config.faults.max_actor_restarts
+        done = sum(1 for r, _ in self.replacements if r == role)
+        if done >= limit:
+            raise RuntimeError(f"{role} actor {i} died ({type(error).__name__}); {role} actors were already replaced "
+                               f"{done} times (faults.max_actor_restarts: {limit})") from error
+        msg = f"{role} actor {i} died ({type(error).__name__}): starting a replacement ({done + 1}/{limit})"
+        log.warning(msg)
+        print(f"[rlhf] {msg}", flush=True)
+        actors = self.actors_of(role)
+        ray.kill(actors[i])  # already dead, or unreachable: make sure it stays gone
+        actors[i] = self.new_actor(role, i)
+        wait(actors[i].ready.remote(), self.config.timeouts.startup_s, f"replacement {role} actor {i}")
+        if role == "rollout" and self.published is not None:
+            method, kwargs = self.engine_load(self.published["buckets"], self.published["version"])
+            wait(getattr(actors[i], method).remote(**kwargs), self.config.timeouts.remote_s,
+                 f"weight sync to the replacement engine {i}")
+        self.replacements.append((role, i))
+
+    def fan_out(self, role: str, method: str, shards: list[dict | None], what: str, **kwargs) -> list:
+        """Actor i of ``role`` runs ``method(**shards[i], **kwargs)`` (a None shard: nothing to do); an
+        actor that dies is replaced and its shard retried. -> the results, in shard order."""
+        import ray
+
+        actors = self.actors_of(role)
+        results = [None] * len(shards)
+        pending = {i: getattr(actors[i], method).remote(**shard, **kwargs) for i, shard in enumerate(shards)
+                   if shard is not None}
+        while pending:
+            retry = []
+            for i, ref in pending.items():
+                try:
+                    results[i] = wait(ref, self.config.timeouts.remote_s, f"{what} ({role} actor {i})")
+                except ray.exceptions.RayActorError as error:
+                    self.replace(role, i, error)
+                    retry.append(i)
+            pending = {i: getattr(actors[i], method).remote(**shards[i], **kwargs) for i in retry}
+        return results
 
     def shutdown(self) -> None:
         import ray
@@ -460,7 +588,9 @@ class Pools:
     def setup_trainers(self, config: Config) -> None:
         """(Re)load the policy and the critic from their starting checkpoints."""
         p = config.policy
-        futures = [a.setup.remote(str(Path(p.checkpoint).resolve()), p.lr, p.weight_decay, grad_clip=p.grad_clip)
+        peft = config.peft.model_dump() if config.uses_lora else None
+        futures = [a.setup.remote(str(Path(p.checkpoint).resolve()), p.lr, p.weight_decay, grad_clip=p.grad_clip,
+                                  peft=peft)
                    for a in self.policy.actors]
         if self.critic is not None:
             c = config.critic
@@ -468,31 +598,49 @@ class Pools:
                         for a in self.critic.actors]
         wait(futures, config.timeouts.startup_s, "loading the policy and critic")
 
-    def generate(self, prompts: list[list[int]], stop_ids: list[int], temperature: float, seed: int | None = None,
-                 max_new_tokens: int | None = None) -> list[dict]:
+    def generate(self, prompts: list[list[int]], stop_ids: list[int], temperature: float,
+                 seeds: list[int] | None = None, max_new_tokens: int | None = None) -> list[dict]:
+        """``seeds``: one per prompt (None: each engine's own stream)."""
         ro = self.config.rollout
-        chunks = split_evenly(prompts, len(self.engines))
-        futures = [e.generate.remote(chunk, max_new_tokens=max_new_tokens or ro.max_new_tokens, temperature=temperature,
-                                     top_p=ro.top_p, top_k=ro.top_k, seed=seed, logprobs=True, stop_token_ids=stop_ids)
-                   for e, chunk in zip(self.engines, chunks) if chunk]
-        return [r for part in wait(futures, self.config.timeouts.remote_s, "rollout") for r in part]
+        n = len(self.engines)
+        seed_chunks = split_evenly(seeds, n) if seeds is not None else [None] * n
+        shards = [{"prompts": c, "seed": s} if c else None for c, s in zip(split_evenly(prompts, n), seed_chunks)]
+        parts = self.fan_out("rollout", "generate", shards, "rollout",
+                             max_new_tokens=max_new_tokens or ro.max_new_tokens, temperature=temperature,
+                             top_p=ro.top_p, top_k=ro.top_k, logprobs=True, stop_token_ids=stop_ids)
+        return [r for part in parts if part is not None for r in part]
 
     def score(self, sequences: list[list[int]]) -> torch.Tensor:
-        chunks = split_evenly(sequences, len(self.reward))
-        futures = [a.score.remote(chunk) for a, chunk in zip(self.reward, chunks) if chunk]
-        return torch.tensor([s for part in wait(futures, self.config.timeouts.remote_s, "reward") for s in part])
+        shards = [{"sequences": c} if c else None for c in split_evenly(sequences, len(self.reward))]
+        parts = self.fan_out("reward", "score", shards, "reward")
+        return torch.tensor([s for part in parts if part is not None for s in part])
 
-    def reference_logprobs(self, batch: dict) -> torch.Tensor:
-        shards = shard_batch(batch, len(self.reference))
-        futures = [a.logprobs.remote(s) for a, s in zip(self.reference, shards)]
-        return cat_padded(wait(futures, self.config.timeouts.remote_s, "reference"))
+    def reference_logprobs(self, batch: dict, temperature: float) -> torch.Tensor:
+        shards = [{"batch": b} for b in shard_batch(batch, len(self.reference))]
+        parts = self.fan_out("reference", "logprobs", shards, "reference", temperature=temperature)
+        return cat_padded(parts)
+
+    def engine_load(self, buckets: list, version: int) -> tuple[str, dict]:
+        """The engine method (and its arguments) that loads published buckets: full weights, or a
+        LoRA policy's adapter."""
+        if not self.config.uses_lora:
+            return "load_weight_buckets", {"bucket_refs": buckets, "version": version}
+        from raylm.lora import adapter_config, settings_of
+
+        peft = self.config.peft
+        config = adapter_config(settings_of(peft), str(Path(self.config.policy.checkpoint).resolve()),
+                                list(peft.target_modules))
+        return "load_lora_buckets", {"bucket_refs": buckets, "adapter_config": config, "version": version}
 
     def publish(self, version: int) -> dict:
-        """The policy's weights, published once (bucketed) into the object store, loaded by every engine."""
+        """The policy's weights (a LoRA policy: its adapter), published once (bucketed) into the
+        object store, loaded by every engine."""
         bucket_bytes = int(self.config.rollout.bucket_mb * 2**20)
         published = self.policy.run("publish_weights", bucket_bytes)[0]
-        futures = [e.load_weight_buckets.remote(published["buckets"], version) for e in self.engines]
-        load_s = wait(futures, self.config.timeouts.remote_s, "weight sync")
+        # Kept (and with it the buckets in the object store) until the next publication, for a replacement engine.
+        self.published = {"buckets": published["buckets"], "version": version}
+        method, kwargs = self.engine_load(published["buckets"], version)
+        load_s = self.fan_out("rollout", method, [kwargs] * len(self.engines), "weight sync")
         versions = wait([e.version.remote() for e in self.engines], self.config.timeouts.remote_s, "engine versions")
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync: engines serve versions {versions}, expected {version}")
@@ -535,18 +683,19 @@ def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 
 # ---- evaluation ---------------------------------------------------------------------------------
 
-def evaluate(pools: Pools, task: Task, items: list[dict], samples: int, temperature: float) -> dict:
-    """Policy samples on fixed prompts: mean reward-model score, ground-truth score, KL to the
-    reference (k1 summed over each response, from the engines' log-probs), response length."""
+def evaluate(pools: Pools, task: Task, items: list[dict], samples: int, temperature: float, seed: int) -> dict:
+    """Policy samples on fixed prompts (with fixed seeds, so before and after are paired): mean
+    reward-model score, ground-truth score, KL to the reference (k1 summed over each response,
+    from the engines' log-probs), response length."""
     if not items:
         return {}
     prompts = [item["ids"] for item in items for _ in range(samples)]
     owners = [item for item in items for _ in range(samples)]
-    rollouts = pools.generate(prompts, task.stop_ids, temperature)
+    rollouts = pools.generate(prompts, task.stop_ids, temperature, seeds=rollout_seeds(seed, 0, len(prompts)))
     responses = [r["tokens"] for r in rollouts]
     scores = pools.score([task.reward_sequence(p, r) for p, r in zip(prompts, responses)])
     batch = make_batch(prompts, responses)
-    ref = pools.reference_logprobs(batch)
+    ref = pools.reference_logprobs(batch, temperature)
     policy_lp = pad_rows([r["logprobs"] for r in rollouts], batch["response_mask"].shape[1])
     kl = ((policy_lp - ref) * batch["response_mask"]).sum(-1)
     truth = [task.ground_truth(o, r) for o, r in zip(owners, responses)]
@@ -578,6 +727,7 @@ def ppo_step(config: Config, pools: Pools, task: Task, sampler: PromptSampler, s
     )
 
     ppo, kl_cfg, timeout = config.ppo, config.kl, config.timeouts.remote_s
+    temperature = config.rollout.temperature
     times, started = {}, time.perf_counter()
 
     # 1. sample prompts
@@ -587,7 +737,7 @@ def ppo_step(config: Config, pools: Pools, task: Task, sampler: PromptSampler, s
 
     # 2. rollouts, each stamped with the policy version that produced it
     t = time.perf_counter()
-    rollouts = pools.generate(prompts, task.stop_ids, config.rollout.temperature)
+    rollouts = pools.generate(prompts, task.stop_ids, temperature, seeds=rollout_seeds(config.seed, step, len(prompts)))
     times["time/rollout_s"] = time.perf_counter() - t
     versions = {r["policy_version"] for r in rollouts}
     if versions != {state.version}:
@@ -604,12 +754,13 @@ def ppo_step(config: Config, pools: Pools, task: Task, sampler: PromptSampler, s
     truth = [x for x in (task.ground_truth(o, r) for o, r in zip(owners, responses)) if x is not None]
 
     # 4. reference log-probs; the policy's own log-probs and the critic's values of the same tokens
+    # (log-probs of softmax(logits / temperature), the distribution the rollouts were sampled from)
     t = time.perf_counter()
-    ref_futures = [a.logprobs.remote(s) for a, s in zip(pools.reference, shard_batch(batch, len(pools.reference)))]
-    policy_futures = pools.policy.submit_sharded("logprobs", shard_batch(batch, pools.policy.world_size))
+    policy_futures = pools.policy.submit_sharded("logprobs", shard_batch(batch, pools.policy.world_size),
+                                                 temperature=temperature)
     critic_futures = (pools.critic.submit_sharded("values", shard_batch(batch, pools.critic.world_size))
                       if pools.critic is not None else [])
-    ref_logprobs = cat_padded(wait(ref_futures, timeout, "reference"))
+    ref_logprobs = pools.reference_logprobs(batch, temperature)
     old_logprobs = cat_padded(wait(policy_futures, timeout, "policy.logprobs"))
     values = cat_padded(wait(critic_futures, timeout, "critic.values")) if critic_futures else None
     times["time/logprobs_s"] = time.perf_counter() - t
@@ -638,7 +789,7 @@ def ppo_step(config: Config, pools: Pools, task: Task, sampler: PromptSampler, s
     policy_futures = pools.policy.submit_sharded(
         "update", shard_batch(train_batch, pools.policy.world_size), epochs=ppo.epochs, minibatches=ppo.minibatches,
         clip_eps=ppo.clip_eps, entropy_coef=ppo.entropy_coef, kl_loss_coef=kl_loss_coef,
-        kl_estimator=kl_cfg.estimator, step=step)
+        kl_estimator=kl_cfg.estimator, step=step, temperature=temperature)
     critic_futures = []
     if pools.critic is not None:
         critic_batch = {**batch, "old_values": values, "returns": returns}
@@ -680,6 +831,61 @@ def mean_dicts(parts: list[dict]) -> dict:
     return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
 
 
+# ---- checkpoints --------------------------------------------------------------------------------
+
+DRIVER_STATE = "driver_state.json"  # written last: a checkpoint folder without it is incomplete
+
+
+def checkpoint_root(config: Config) -> Path:
+    return config.output_path / "checkpoints"
+
+
+def latest_checkpoint(config: Config) -> Path | None:
+    done = sorted(p for p in checkpoint_root(config).glob("step_*") if (p / DRIVER_STATE).exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(config: Config, pools: Pools, state: RunState, sampler: PromptSampler, step: int,
+                    record: dict) -> Path:
+    """Policy and critic (weights and optimizer shards, torch DCP, and each rank's RNG) and the
+    driver's state (step, policy version, KL coefficient, reward moments, the prompt sampler's
+    position and RNG, ``record``: the before-training evaluation and the step history)."""
+    folder = checkpoint_root(config) / f"step_{step:06d}"
+    if folder.exists():
+        shutil.rmtree(folder)  # an incomplete one from a run that died while writing it
+    started = time.perf_counter()
+    pools.policy.run("save_state", str((folder / "policy").resolve()))
+    if pools.critic is not None:
+        pools.critic.run("save_state", str((folder / "critic").resolve()))
+    driver = {"step": step, "policy_version": state.version, "kl_coef": state.kl_ctl.value,
+              "reward_moments": state.moments.state_dict() if state.moments is not None else None,
+              "sampler": sampler.state_dict(), **record}
+    (folder / (DRIVER_STATE + ".tmp")).write_text(json.dumps(driver))
+    (folder / (DRIVER_STATE + ".tmp")).rename(folder / DRIVER_STATE)
+    complete = sorted(p for p in checkpoint_root(config).glob("step_*") if (p / DRIVER_STATE).exists())
+    for old in complete[:-config.checkpoint.keep]:
+        shutil.rmtree(old)
+    log.info("checkpoint %s written in %.1f s", folder, time.perf_counter() - started)
+    return folder
+
+
+def load_checkpoint(folder: Path, pools: Pools, state: RunState, sampler: PromptSampler) -> dict:
+    """Restore what ``save_checkpoint`` wrote into trainers already set up; -> the driver's state."""
+    driver = json.loads((folder / DRIVER_STATE).read_text())
+    if (pools.critic is not None) != (folder / "critic").exists():
+        raise ConfigError(f"{folder}: written by a run {'without' if pools.critic is not None else 'with'} a critic "
+                          "(ppo.advantage changed since); use another output_dir or checkpoint.resume: false")
+    pools.policy.run("load_state", str((folder / "policy").resolve()))
+    if pools.critic is not None:
+        pools.critic.run("load_state", str((folder / "critic").resolve()))
+    state.version = driver["policy_version"]
+    state.kl_ctl.value = driver["kl_coef"]
+    if state.moments is not None and driver["reward_moments"] is not None:
+        state.moments.load_state_dict(driver["reward_moments"])
+    sampler.load_state_dict(driver["sampler"])
+    return driver
+
+
 # ---- the stage ----------------------------------------------------------------------------------
 
 def run(config: Config, stage_run: StageRun) -> dict:
@@ -695,7 +901,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
 
 
 def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict:
-    """The whole run on pools that are already up (tests start the pools once and train twice)."""
+    """The whole run on pools that are already up (tests start the pools once and train twice).
+    Continues from the newest complete checkpoint under ``output_dir`` when there is one."""
     from raylm.ppo import AdaptiveKLController, FixedKLController, RunningMoments
 
     started = time.perf_counter()
@@ -707,29 +914,47 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
     state.kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
                     else FixedKLController(config.kl.coef))
     state.moments = RunningMoments() if config.reward.normalize else None
-    # Version 0 is the trainer's own copy of the starting weights: engines and trainer agree from the start.
-    initial_sync = pools.publish(0)
-    stage_run.log_metrics({f"initial_{k}": v for k, v in initial_sync.items()}, step=0)
+    sampler = PromptSampler(task.train, config.seed)
+    resume_from = latest_checkpoint(config) if config.checkpoint.resume else None
+    record = {}
+    if resume_from is not None:
+        record = load_checkpoint(resume_from, pools, state, sampler)
+        msg = (f"resuming from {resume_from} (step {record['step']}, policy version {state.version}, "
+               f"KL coef {state.kl_ctl.value:.4g}, prompt {sampler.position} of the epoch)")
+        log.info(msg)
+        print(f"[rlhf] {msg}", flush=True)
+        stage_run.set_tags({"raylm.resumed_from": str(resume_from)})
+    # The engines serve the trainer's own copy of the weights (the starting ones, or the checkpoint's).
+    initial_sync = pools.publish(state.version)
+    stage_run.log_metrics({f"initial_{k}": v for k, v in initial_sync.items()}, step=record.get("step", 0))
 
     eval_items = task.train[:config.eval.prompts]
     held_out = task.held_out[:config.eval.prompts]
-    before = evaluate(pools, task, eval_items, config.eval.samples_per_prompt, config.rollout.temperature)
-    before_held_out = evaluate(pools, task, held_out, config.eval.samples_per_prompt, config.rollout.temperature)
-    log_eval(stage_run, "before", before, before_held_out, step=0)
+    samples, temperature = config.eval.samples_per_prompt, config.rollout.temperature
+    if resume_from is None:
+        record = {"step": 0, "before": evaluate(pools, task, eval_items, samples, temperature, config.seed),
+                  "before_held_out": evaluate(pools, task, held_out, samples, temperature, config.seed), "history": []}
+        log_eval(stage_run, "before", record["before"], record["before_held_out"], step=0)
+    before, before_held_out, history = record["before"], record["before_held_out"], record["history"]
 
-    sampler = PromptSampler(task.train, config.seed)
     progress = Progress(config.ppo.steps, "rlhf")
-    history = []
-    for step in range(1, config.ppo.steps + 1):
+    for step in range(record["step"] + 1, config.ppo.steps + 1):
         metrics = ppo_step(config, pools, task, sampler, state, step)
-        history.append(metrics)
+        metrics["faults/actors_replaced"] = len(pools.replacements)
+        history.append({k: metrics[k] for k in HISTORY_KEYS})
         stage_run.log_metrics(metrics, step=step)
         progress.update(step, reward=metrics["reward/mean"], truth=metrics["ground_truth/mean"] or 0.0,
                         kl=metrics["kl/mean"], pg=metrics["policy/loss"], clip=metrics["policy/clip_fraction"],
                         sync_s=metrics["time/weight_sync_s"])
+        if config.checkpoint.every and (step % config.checkpoint.every == 0 or step == config.ppo.steps):
+            save_checkpoint(config, pools, state, sampler, step,
+                            {"before": before, "before_held_out": before_held_out, "history": history})
+        if step == config.faults.stop_after_step:
+            print(f"[rlhf] faults.stop_after_step: stopping after step {step}", flush=True)
+            return {"stopped_after_step": step, "policy_version": state.version, "steps": config.ppo.steps}
 
-    after = evaluate(pools, task, eval_items, config.eval.samples_per_prompt, config.rollout.temperature)
-    after_held_out = evaluate(pools, task, held_out, config.eval.samples_per_prompt, config.rollout.temperature)
+    after = evaluate(pools, task, eval_items, samples, temperature, config.seed)
+    after_held_out = evaluate(pools, task, held_out, samples, temperature, config.seed)
     log_eval(stage_run, "after", after, after_held_out, step=config.ppo.steps)
 
     export_dir = (config.output_path / "hf").resolve()
@@ -739,6 +964,8 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
     summary = {
         "checkpoint": str(export_dir), "steps": config.ppo.steps, "rollout_backend": pools.backend,
         "policy_version": state.version, "wall_s": wall,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "actors_replaced": [f"{role} {i}" for role, i in pools.replacements],
         "before": strip_samples(before), "after": strip_samples(after),
         "before_held_out": strip_samples(before_held_out), "after_held_out": strip_samples(after_held_out),
         "logprob_diff_vs_trainer": float(np.mean([m["rollout/logprob_diff_vs_trainer"] for m in history])),
@@ -755,6 +982,11 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
           f"{fmt(before.get('ground_truth'))} -> {fmt(after.get('ground_truth'))}, KL to reference "
           f"{fmt(after.get('kl'))}; wrote {export_dir}", flush=True)
     return summary
+
+
+# What the summary keeps of each step (and a checkpoint, for a resumed run's summary).
+HISTORY_KEYS = ("reward/mean", "ground_truth/mean", "kl/mean", "policy/loss", "policy/clip_fraction",
+                "rollout/logprob_diff_vs_trainer", "time/weight_sync_s")
 
 
 def fmt(x) -> str:

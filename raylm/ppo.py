@@ -57,11 +57,16 @@ def response_index(prompt_lens: torch.Tensor, width: int, seq_len: int) -> torch
     return (prompt_lens[:, None] - 1 + t).clamp(max=seq_len - 2)
 
 
-def response_logits_and_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-                                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logits_and_logprobs(logits: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor,
+                                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T, V] logits of [B, T] tokens -> ([B, R, V] logits at the response positions, [B, R]
-    log-probabilities of the response tokens), in float32."""
+    log-probabilities of the response tokens), in float32, both divided by ``temperature``: the
+    policy PPO optimises is the distribution the rollouts were sampled from, softmax(logits / T)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); greedy decoding has no log-probabilities to train on")
     picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])).float()
+    if temperature != 1.0:
+        picked = picked / temperature
     targets = tokens.gather(1, index + 1)
     return picked, picked.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
@@ -116,6 +121,9 @@ class RunningMoments:
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
 
 
 def normalise_scores(scores: torch.Tensor, moments: RunningMoments | None, clip: float | None) -> torch.Tensor:

@@ -142,3 +142,17 @@ def test_reward_normalisation_uses_running_moments_and_clips():
 def test_entropy():
     assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
     assert entropy_from_logits(torch.tensor([0.0, -1e9])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_response_logprobs_are_those_of_the_temperature_scaled_distribution():
+    from raylm.ppo import response_index, response_logits_and_logprobs
+
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 1.0]]])  # [B=1, T=3, V=3]
+    tokens = torch.tensor([[0, 1, 2]])
+    index = response_index(torch.tensor([1]), 2, 3)  # the response is tokens 1, 2: read at positions 0, 1
+    scaled, logprobs = response_logits_and_logprobs(logits, tokens, index, temperature=0.5)
+    # position 0 at T=0.5: logits (4, 0, 2), token 1: 0 - log(e^4 + 1 + e^2)
+    assert logprobs[0, 0].item() == pytest.approx(-math.log(math.exp(4) + 1 + math.exp(2)))
+    assert scaled[0, 1].tolist() == [0.0, 6.0, 0.0]
+    with pytest.raises(ValueError, match="temperature"):
+        response_logits_and_logprobs(logits, tokens, index, temperature=0.0)

@@ -47,7 +47,7 @@ def config_dict(built, out, **overrides) -> dict:
         "eval": {"prompts": 32, "samples_per_prompt": 8},
     }
     for key, value in overrides.items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return base
 
 
@@ -83,6 +83,8 @@ def test_bad_configs_exit_2_before_any_ray_work(built, tmp_path, capsys):
     assert "ppo.samples_per_prompt" in run(ppo={"advantage": "rloo"})
     assert "ppo: 30 rollouts" in run(ppo={"prompts_per_step": 30})
     assert "rollout.max_new_tokens" in run(rollout={"max_new_tokens": 150})
+    assert "peft.method" in run(peft={"method": "bottleneck"})
+    assert "peft.quantize" in run(peft={"method": "lora", "quantize": "nf4"})
     assert not ray.is_initialized()
 
 
@@ -114,6 +116,120 @@ def test_published_weights_reach_every_engine_and_logprobs_agree(setup, tmp_path
     theirs = pools.generate(prompts, task.stop_ids, temperature=0.0, max_new_tokens=24)
     assert [r["tokens"] for r in theirs] == ours
     assert all(r["policy_version"] == 2 for r in theirs)
+
+
+def test_logprobs_at_a_sampling_temperature_agree_with_the_engine(setup):
+    """Rollouts sampled at temperature 0.7: the policy's and the reference's log-probs are those of
+    softmax(logits / 0.7), as the engine's are (at version 0 all three hold the same weights)."""
+    from raylm.ppo import masked_mean
+
+    config, task, pools = setup
+    pools.setup_trainers(config)
+    pools.publish(0)
+    prompts = [item["ids"] for item in task.train[:8]]
+    rollouts = pools.generate(prompts, task.stop_ids, temperature=0.7, seeds=rlhf.rollout_seeds(0, 1, len(prompts)))
+    batch = rlhf.make_batch(prompts, [r["tokens"] for r in rollouts])
+    mask = batch["response_mask"]
+    engine = rlhf.pad_rows([r["logprobs"] for r in rollouts], mask.shape[1])
+    policy = rlhf.cat_padded(pools.policy.run_sharded("logprobs", rlhf.shard_batch(batch, pools.policy.world_size),
+                                                      temperature=0.7))
+    reference = pools.reference_logprobs(batch, temperature=0.7)
+    unscaled = pools.reference_logprobs(batch, temperature=1.0)
+    diffs = {name: masked_mean((engine - x).abs(), mask).item()
+             for name, x in (("policy", policy), ("reference", reference), ("unscaled", unscaled))}
+    print(f"mean |logprob - vLLM's| at temperature 0.7: {diffs}")
+    assert diffs["policy"] < 1e-3 and diffs["reference"] < 1e-3
+    assert diffs["unscaled"] > 1e-2  # what the trainer computed before temperature was applied
+
+
+def test_dead_rollout_reward_and_reference_actors_are_replaced(setup):
+    """Kill one actor of each replaceable pool between two PPO steps: the step completes, served by
+    replacements, and the new engine serves the weights published after the first step."""
+    config, task, pools = setup
+    config = config.model_copy(update={"ppo": config.ppo.model_copy(update={"prompts_per_step": 8, "epochs": 1})})
+    pools.setup_trainers(config)
+    pools.publish(0)
+    state = rlhf.RunState(version=0, kl_ctl=FixedKLController(0.05), moments=None)
+    sampler = rlhf.PromptSampler(task.train, seed=0)
+    rlhf.ppo_step(config, pools, task, sampler, state, step=1)
+    dead = [pools.engines[0], pools.reward[0], pools.reference[0]]
+    for actor in dead:
+        ray.kill(actor)
+    before = len(pools.replacements)
+    metrics = rlhf.ppo_step(config, pools, task, sampler, state, step=2)
+    assert sorted(pools.replacements[before:]) == [("reference", 0), ("reward", 0), ("rollout", 0)]
+    assert not any(new is old for new, old in zip([pools.engines[0], pools.reward[0], pools.reference[0]], dead))
+    # The step's rollouts came from the replacement engine at version 1 (ppo_step checks the
+    # version), with the trainer's weights: log-probs agree.
+    assert metrics["rollout/policy_version"] == 1 and metrics["rollout/logprob_diff_vs_trainer"] < 1e-3
+    assert ray.get(pools.engines[0].version.remote(), timeout=60) == 2
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(setup, built, tmp_path):
+    """Two steps straight, against one step, a stop (faults.stop_after_step) and a rerun on the same
+    output_dir: the rerun resumes from step 1's checkpoint and ends in the same state."""
+    from safetensors.torch import load_file
+
+    _, task, pools = setup
+    small = dict(ppo={"steps": 2, "prompts_per_step": 8, "epochs": 1, "minibatches": 2},
+                 eval={"prompts": 0}, checkpoint={"every": 1, "keep": 5}, kl={"adaptive": True, "target": 0.5})
+
+    def train(out, **faults):
+        config = rlhf.Config.model_validate(config_dict(built, out, faults=faults, **small))
+        run = start_run(config.tracking.uri, "raylm", "rlhf", config.output_dir)
+        return config, rlhf.train(config, run, pools, task)
+
+    straight, straight_summary = train(tmp_path / "straight")
+    stopped, stopped_summary = train(tmp_path / "stopped", stop_after_step=1)
+    assert stopped_summary == {"stopped_after_step": 1, "policy_version": 1, "steps": 2}
+    assert rlhf.latest_checkpoint(stopped).name == "step_000001"
+    resumed, resumed_summary = train(tmp_path / "stopped")
+    assert resumed_summary["resumed_from"].endswith("step_000001") and resumed_summary["policy_version"] == 2
+    assert straight_summary["resumed_from"] is None
+
+    ends = [json.loads((rlhf.latest_checkpoint(c) / rlhf.DRIVER_STATE).read_text()) for c in (straight, resumed)]
+    for key in ("step", "policy_version", "kl_coef", "reward_moments", "sampler"):
+        assert ends[0][key] == ends[1][key], key
+    assert ends[0]["kl_coef"] != 0.05  # the adaptive controller moved, and its state was carried over
+    assert resumed_summary["history"] == straight_summary["history"]
+    weights = [load_file(str(c.output_path / "hf" / "model.safetensors")) for c in (straight, resumed)]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_policy_publishes_only_its_adapter_and_the_engine_applies_it(setup, built, tmp_path):
+    """peft: lora. The policy trains adapters on its frozen base; each publication carries the
+    adapter's tensors only, and the engine (vLLM LoRA on its base) then samples with log-probs equal
+    to the trainer's, which have moved away from the base's."""
+    from raylm.lora import LoRASettings, apply_lora, count_parameters
+
+    _, task, main_pools = setup
+    config = rlhf.Config.model_validate(config_dict(
+        built, tmp_path, policy={"lr": 1e-2}, peft={"method": "lora", "rank": 8, "alpha": 16},
+        ppo={"steps": 2, "prompts_per_step": 4, "samples_per_prompt": 2, "advantage": "grpo", "epochs": 1},
+        rollout={"temperature": 0.7}, eval={"prompts": 0}))
+    rlhf.check(config, "test")
+    pools = rlhf.Pools.start(config)
+    try:
+        pools.setup_trainers(config)
+        pools.publish(0)
+        state = rlhf.RunState(version=0, kl_ctl=FixedKLController(0.0), moments=None)
+        sampler = rlhf.PromptSampler(task.train, seed=0)
+        steps = [rlhf.ppo_step(config, pools, task, sampler, state, step) for step in (1, 2)]
+        adapter_params, total = count_parameters(apply_lora(load_checkpoint(built["sft"]), LoRASettings(8, 16)))
+        for metrics in steps:
+            print(f"LoRA publication: {metrics['weight_sync/bytes']} bytes (the full model: {total * 4}); "
+                  f"mean |logprob(trainer) - logprob(vLLM)| = {metrics['rollout/logprob_diff_vs_trainer']:.2e}; "
+                  f"KL to the base {metrics['kl/mean']:.3f}")
+            assert metrics["weight_sync/bytes"] == adapter_params * 4 < total * 4 / 10
+            assert metrics["rollout/logprob_diff_vs_trainer"] < 1e-3
+        # Step 2's rollouts come from the adapter published after step 1, and the policy has moved.
+        assert steps[1]["rollout/policy_version"] == 1 and abs(steps[1]["kl/mean"]) > 1e-2
+        pools.policy.run("save", str(tmp_path / "hf"))
+        assert (tmp_path / "hf" / "adapter" / "adapter_model.safetensors").exists()
+        assert load_checkpoint(tmp_path / "hf").config.vocab_size == 512  # the merged policy
+    finally:
+        pools.shutdown()
 
 
 def test_ppo_raises_the_reward_with_bounded_kl(setup, built):
