@@ -10,7 +10,7 @@ sampling (temperature, top-p, no top-k), the same number of new tokens and the s
 engine actor's CPUs = transformers' torch threads). The checkpoint's EOS is made unreachable
 (its logit is held far below the others), so neither system stops early: every completion has
 exactly ``--new-tokens`` tokens (checked). Timings are the median of ``--repeats`` runs after one
-warm-up run each.
+warm-up run each, the two systems alternating.
 
 Weight sync is the path of ``Pools.publish`` in pipelines/rlhf.py without the trainer group:
 the Hugging Face state packed into buckets, each ``ray.put`` once, and the engine's
@@ -61,52 +61,42 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return torch.randint(3, vocab, (n, length), generator=generator).tolist()
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median seconds of ``repeats`` calls after one warm-up call, and the last call's result."""
-    fn()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
-
-
-def run_raylm(checkpoint: Path, prompts, args) -> dict:
+def raylm_rollout(engine, prompts, args):
+    """One batch of rollouts from the engine actor, through Ray -> number of new tokens per prompt."""
     import ray
 
-    from raylm.actors.generation_engine import make_generation_engine
-
-    engine = make_generation_engine(checkpoint, backend="vllm", num_cpus=args.cpus, max_model_len=args.max_seq_len,
-                                    gpu_memory_utilization=args.gpu_memory_utilization)
-    ray.get(engine.ready.remote(), timeout=600)
-
-    def call():
-        return ray.get(engine.generate.remote(prompts, max_new_tokens=args.new_tokens, temperature=args.temperature,
-                                              top_p=args.top_p, seed=None), timeout=600)
-
-    seconds, results = timed(call, args.repeats)
-    lengths = {len(r["tokens"]) for r in results}
-    return {"system": f"raylm VLLMEngine actor ({args.cpus} CPUs)", "seconds": seconds, "lengths": lengths,
-            "engine": engine}
+    results = ray.get(engine.generate.remote(prompts, max_new_tokens=args.new_tokens, temperature=args.temperature,
+                                             top_p=args.top_p, seed=None), timeout=600)
+    return [len(r["tokens"]) for r in results]
 
 
-def run_transformers(checkpoint: Path, prompts, args) -> dict:
+def transformers_rollout(model, input_ids, args):
+    """The same batch from transformers' ``generate`` in this process -> new tokens per prompt."""
+    with torch.no_grad():
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                                temperature=args.temperature, top_p=args.top_p, top_k=0,
+                                max_new_tokens=args.new_tokens, pad_token_id=0)
+    return [output.shape[1] - input_ids.shape[1]] * len(input_ids)
+
+
+def compare(engine, checkpoint: Path, prompts, args) -> dict:
+    """One warm-up call each, then ``repeats`` rounds of one call each, alternating (the engine
+    actor idles while transformers runs in the driver): load that comes and goes hits both."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(args.cpus)
     model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     input_ids = torch.tensor(prompts)
-
-    def call():
-        with torch.no_grad():
-            return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                                  temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                  max_new_tokens=args.new_tokens, pad_token_id=0)
-
-    seconds, output = timed(call, args.repeats)
-    return {"system": f"transformers generate ({args.cpus} threads)", "seconds": seconds,
-            "lengths": {output.shape[1] - input_ids.shape[1]}}
+    calls = {"raylm": lambda: raylm_rollout(engine, prompts, args),
+             "transformers": lambda: transformers_rollout(model, input_ids, args)}
+    seconds = {name: [] for name in calls}
+    lengths = {name: set(call()) for name, call in calls.items()}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            lengths[name] |= set(call())
+            seconds[name].append(time.perf_counter() - start)
+    return {"seconds": seconds, "lengths": lengths}
 
 
 def weight_sync_seconds(engine, checkpoint: Path, repeats: int, bucket_mb: float) -> tuple[float, int]:
@@ -179,32 +169,39 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
+    from raylm.actors.generation_engine import make_generation_engine
+
     with tempfile.TemporaryDirectory(prefix="raylm-bench-rollout-") as tmp:
         checkpoint = build_checkpoint(Path(tmp) / "checkpoint", args.preset, args.vocab, args.max_seq_len)
         prompts = make_prompts(args.prompts, args.prompt_tokens, args.vocab)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
-            ours = run_raylm(checkpoint, prompts, args)
-            sync_s, sync_bytes = weight_sync_seconds(ours.pop("engine"), checkpoint, args.repeats, args.bucket_mb)
+            engine = make_generation_engine(checkpoint, backend="vllm", num_cpus=args.cpus,
+                                            max_model_len=args.max_seq_len,
+                                            gpu_memory_utilization=args.gpu_memory_utilization)
+            ray.get(engine.ready.remote(), timeout=600)
+            result = compare(engine, checkpoint, prompts, args)
+            sync_s, sync_bytes = weight_sync_seconds(engine, checkpoint, args.repeats, args.bucket_mb)
         finally:
             ray.shutdown()
-        theirs = run_transformers(checkpoint, prompts, args)
 
-    expected = {args.new_tokens}
-    for row in (ours, theirs):
-        if row["lengths"] != expected:
-            print(f"{row['system']}: completions of {row['lengths']} tokens, expected {expected}: void", file=sys.stderr)
+    for name, lengths in result["lengths"].items():
+        if lengths != {args.new_tokens}:
+            print(f"{name}: completions of {sorted(lengths)} tokens, expected {args.new_tokens}: void", file=sys.stderr)
             return 1
-        row["tokens_per_s"] = args.prompts * args.new_tokens / row["seconds"]
-    ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    tokens = args.prompts * args.new_tokens
+    ours, theirs = result["seconds"]["raylm"], result["seconds"]["transformers"]
+    ratios = [t / o for o, t in zip(ours, theirs)]
     print(f"\n{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, temperature "
           f"{args.temperature}, top-p {args.top_p}; {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f} at the end; median of {args.repeats}\n")
+          f"{os.getloadavg()[0]:.1f} at the end; {args.repeats} alternating rounds, medians\n")
     print("| system | seconds | new tokens/s |")
     print("|---|---|---|")
-    for row in (ours, theirs):
-        print(f"| {row['system']} | {row['seconds']:.2f} | {row['tokens_per_s']:.0f} |")
-    print(f"\nraylm / transformers: {ratio:.2f}x")
+    for system, seconds in ((f"raylm VLLMEngine actor ({args.cpus} CPUs), through Ray", ours),
+                            (f"transformers generate ({args.cpus} threads)", theirs)):
+        print(f"| {system} | {statistics.median(seconds):.2f} | {tokens / statistics.median(seconds):.0f} |")
+    print(f"\nraylm / transformers: {statistics.median(theirs) / statistics.median(ours):.2f}x "
+          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
 
     print(f"\nweight sync (pack + ray.put + engine reload): {sync_s * 1000:.1f} ms for {sync_bytes / 2**20:.1f} MiB")
     demo = demo_ppo_step(args.mlflow)
