@@ -366,7 +366,8 @@ def train_loop(spec: dict) -> None:
             loss.backward()
             loss_sum += ce.detach().double()
         if dims.ep > 1:
-            scale_expert_grads([p for m in model.moe_layers() for p in (m.experts.w13, m.experts.w2)], dims.dp_size)
+            scale_expert_grads([p for m in model.moe_layers() for p in (m.experts.w13, m.experts.w2)], dims.dp_size,
+                               dims.cp_mesh.get_group() if dims.cp > 1 else None, dims.cp)
         max_norm = optim_cfg["grad_clip"] or math.inf
         if dims.pp > 1:
             grad_norm = clip_pipeline_grad_norm_(trainable, max_norm, dims.pp_mesh.get_group())

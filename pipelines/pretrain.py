@@ -73,9 +73,6 @@ def check_parallel(config, config_path, model=None, model_key: str = "model") ->
         for key, problem in problems:
             if problem:
                 raise ConfigError(f"{config_path}: {key}: {problem} (parallel.pp={parallel.pp})")
-    if parallel.cp > 1 and parallel.ep > 1:
-        raise ConfigError(f"{config_path}: parallel.ep: expert parallelism with context parallelism (cp="
-                          f"{parallel.cp}) is not supported; use one of them")
 
 
 def training_spec(config, stage: str, stage_run: StageRun) -> dict:

@@ -72,9 +72,15 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Parameter]:
     return expert_params
 
 
-def scale_expert_grads(expert_params: list[nn.Parameter], dp_size: int) -> None:
-    """Every rank scales its loss by dp_size for FSDP2's gradient average; expert gradients arrive
-    summed over ranks by the all-to-all instead of averaged, so they are divided here."""
+def scale_expert_grads(expert_params: list[nn.Parameter], dp_size: int, cp_group=None, cp: int = 1) -> None:
+    """Every rank scales its loss by dp_size x cp for FSDP2's gradient average; expert gradients
+    arrive summed over the ep ranks by the all-to-all instead of averaged (and, with context
+    parallelism, each cp rank's experts saw only its chunk's tokens: summed over the cp group here),
+    so they are divided here."""
     for param in expert_params:
-        if param.grad is not None:
-            param.grad.div_(dp_size)
+        if param.grad is None:
+            continue
+        grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+        if cp_group is not None:
+            dist.all_reduce(grad, group=cp_group)
+        grad.div_(dp_size * cp)

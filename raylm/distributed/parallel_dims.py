@@ -47,9 +47,9 @@ class ParallelDims:
         if self.dp_shard < 1 or self.dp_shard * others != self.world_size:
             raise ValueError(f"pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x "
                              f"cp={self.cp} x tp={self.tp} != world size {self.world_size}")
-        if self.ep not in (1, self.dp_shard) or (self.ep > 1 and (self.dp_replicate > 1 or self.cp > 1)):
+        if self.ep not in (1, self.dp_shard) or (self.ep > 1 and self.dp_replicate > 1):
             raise ValueError(f"ep: expert parallelism borrows the dp_shard ranks: ep must be 1 or "
-                             f"dp_shard ({self.dp_shard}), with dp_replicate 1 and cp 1")
+                             f"dp_shard ({self.dp_shard}), with dp_replicate 1")
 
     @property
     def dp_size(self) -> int:
