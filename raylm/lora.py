@@ -13,6 +13,11 @@ RoPE uses the same half-rotation layout in raylm and Hugging Face, so no row is 
 
 The base under LoRA may be a full-precision ``nn.Linear`` or a ``raylm.quantize.QuantizedLinear``
 (QLoRA). Only the A and B matrices require gradients.
+
+The stages' ``peft:`` section goes through here for every method: ``apply_peft`` (LoRA, or
+``raylm.bottleneck_adapter`` / ``raylm.prompt_tuning``), ``export_peft`` (the trained weights to
+``hf/adapter``, plus the merged state where the method merges) and ``load_peft`` (any of those
+folders back onto its base).
 """
 
 from __future__ import annotations
