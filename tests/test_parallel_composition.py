@@ -35,6 +35,11 @@ def ray_four_workers():
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return build_shards(tmp_path_factory.mktemp("shards"), n_documents=400)
+
+
+@pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
@@ -44,6 +49,7 @@ def assert_same_run(ours_dir, ours_run, theirs_dir, theirs_run, steps, rtol=1e-4
     assert sorted(ours) == list(range(1, steps + 1))
     for step in ours:
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-5), step
+    assert history(ours_run, "grad_norm")[1] == pytest.approx(history(theirs_run, "grad_norm")[1], rel=max(rtol, 1e-4))
     assert history(ours_run, "val_loss")[steps] == pytest.approx(history(theirs_run, "val_loss")[steps], rel=1e-5)
     ours_w, theirs_w = load_file(ours_dir / "hf" / "model.safetensors"), load_file(theirs_dir / "hf" / "model.safetensors")
     assert set(ours_w) == set(theirs_w)
@@ -51,11 +57,10 @@ def assert_same_run(ours_dir, ours_run, theirs_dir, theirs_run, steps, rtol=1e-4
         torch.testing.assert_close(ours_w[name], theirs_w[name], rtol=rtol, atol=atol, msg=name)
 
 
-def test_pipeline_stages_times_context_parallel_ranks_match_one_process(tmp_path_factory, ray_four_workers,
+def test_pipeline_stages_times_context_parallel_ranks_match_one_process(data_dir, ray_four_workers,
                                                                       tracking_uri, tmp_path):
     """4 ranks: 2 stages x 2 context-parallel ranks (each 64-token sequence split 32 + 32, FSDP2
     over the cp ranks of a stage), 1F1B over 2 micro-batches."""
-    data_dir = build_shards(tmp_path_factory.mktemp("shards"), n_documents=400)
     common = {"model.tie_embeddings": "false", "train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3}
     _, composed = run_stage(pretrain_config(data_dir, tmp_path / "pp_cp", **common, **{
         "parallel.num_workers": 4, "parallel.pp": 2, "parallel.cp": 2, "parallel.pp_microbatches": 2}), tracking_uri)
@@ -64,12 +69,11 @@ def test_pipeline_stages_times_context_parallel_ranks_match_one_process(tmp_path
     assert_same_run(tmp_path / "pp_cp", composed, tmp_path / "one", one, 3)
 
 
-def test_moe_pipeline_stages_match_one_process(tmp_path_factory, ray_four_workers, tracking_uri, tmp_path):
+def test_moe_pipeline_stages_match_one_process(data_dir, ray_four_workers, tracking_uri, tmp_path):
     """moe-debug's 2 MoE blocks as 2 stages, with each stage's router z-loss in the objective through
     the stage output's backward (the load-balancing loss is off: a product of per-batch statistics,
     its micro-batch average is not the one-process value; the z-loss, a mean, is). The one-process
     run sees the same micro-batches as grad_accum 2 of half the batch."""
-    data_dir = build_shards(tmp_path_factory.mktemp("shards"), n_documents=400)
     common = {"model.preset": "moe-debug", "model.tie_embeddings": "false", "model.load_balance_coef": 0.0,
               "train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3}
     _, staged = run_stage(pretrain_config(data_dir, tmp_path / "pp", **common, **{
@@ -84,13 +88,12 @@ def test_moe_pipeline_stages_match_one_process(tmp_path_factory, ray_four_worker
     assert history(staged, "moe/z_loss")[3] == pytest.approx(history(one, "moe/z_loss")[3], rel=1e-5)
 
 
-def test_expert_parallel_times_context_parallel_ranks_match_one_process(tmp_path_factory, ray_four_workers,
+def test_expert_parallel_times_context_parallel_ranks_match_one_process(data_dir, ray_four_workers,
                                                                         tracking_uri, tmp_path):
     """4 ranks: moe-debug's experts split 2 + 2 over the 2 data-parallel ranks (tokens exchanged
     all-to-all), each sequence split 32 + 32 over 2 context-parallel ranks; expert gradients summed
     over the cp ranks that hold the same experts. Load-balancing loss off (a product of per-batch
     statistics), router z-loss on (a mean: the same over chunks)."""
-    data_dir = build_shards(tmp_path_factory.mktemp("shards"), n_documents=400)
     common = {"model.preset": "moe-debug", "model.load_balance_coef": 0.0, "train.steps": 3, "train.eval_every": 3,
               "train.checkpoint_every": 3}
     _, composed = run_stage(pretrain_config(data_dir, tmp_path / "ep_cp", **common, **{
@@ -132,11 +135,12 @@ def run_sft(config, uri):
 
 def test_sft_packed_documents_through_pipeline_stages_match_one_process(sft_start, ray_four_workers, tracking_uri,
                                                                         tmp_path):
-    """Packed examples (no attention across them, positions restarting) with the prompt masked: the
-    document mask and positions reach both stages' blocks in every micro-batch."""
+    """Packed examples (no attention across them, positions restarting) with the prompt masked, GPipe
+    schedule: the document mask and positions reach both stages' blocks in every micro-batch."""
     start, splits = sft_start
     staged = run_sft(sft_config(start, splits, tmp_path / "pp", **{
-        "parallel.num_workers": 2, "parallel.pp": 2, "parallel.pp_microbatches": 2}), tracking_uri)
+        "parallel.num_workers": 2, "parallel.pp": 2, "parallel.pp_microbatches": 2, "parallel.pp_schedule": "gpipe"}),
+        tracking_uri)
     one = run_sft(sft_config(start, splits, tmp_path / "one", **{"parallel.num_workers": 1}), tracking_uri)
     assert_same_run(tmp_path / "pp", staged, tmp_path / "one", one, 3)
 

@@ -203,29 +203,6 @@ def test_context_parallel_matches_one_process(data_dir, ray_local, tracking_uri,
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("schedule", ["1f1b"])
-def test_pipeline_parallel_matches_one_process(data_dir, ray_local, tracking_uri, tmp_path, schedule):
-    """The debug model's 2 blocks as 2 pipeline stages (1F1B over 2 micro-batches, untied embeddings)
-    against one process on the same batches: same losses, validation loss and final weights."""
-    common = {"model.tie_embeddings": "false", "train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4}
-    _, pp_run = run_stage(pretrain_config(data_dir, tmp_path / "pp", **common, **{
-        "parallel.pp": 2, "parallel.pp_schedule": schedule, "parallel.pp_microbatches": 2}), tracking_uri)
-    _, one_run = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{"parallel.num_workers": 1}),
-                           tracking_uri)
-    pp, one = history(pp_run, "loss"), history(one_run, "loss")
-    assert sorted(pp) == [1, 2, 3, 4]
-    for step in pp:
-        assert pp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), step
-    assert history(pp_run, "grad_norm")[1] == pytest.approx(history(one_run, "grad_norm")[1], rel=1e-4)
-    assert history(pp_run, "val_loss")[4] == pytest.approx(history(one_run, "val_loss")[4], rel=1e-5)
-    ours, theirs = load_file(tmp_path / "pp" / "hf" / "model.safetensors"), load_file(tmp_path / "one" / "hf" / "model.safetensors")
-    assert set(ours) == set(theirs)
-    for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
 def test_rerun_resumes_from_the_latest_checkpoint(data_dir, ray_local, tracking_uri, tmp_path):
     run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 3, "train.eval_every": 0}), tracking_uri)
     summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 5, "train.eval_every": 0}),
