@@ -59,7 +59,7 @@ def lm_eval_task_copy(out: Path) -> tuple[Path, str]:
     files = spec["dataset_kwargs"]["data_files"]
     spec["dataset_kwargs"]["data_files"] = {split: str(TASK.parent / f) for split, f in files.items()}
     spec["task"] = name = spec["task"] + "_bench"
-    del spec["num_fewshot"]  # lm_eval ignores --num_fewshot for a task whose YAML says 0
+    spec.pop("num_fewshot", None)  # lm_eval ignores --num_fewshot for a task whose YAML sets one
     folder = out / "lm_eval_tasks"
     folder.mkdir()
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

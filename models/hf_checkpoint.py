@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import TransformerConfig
-from .transformer import Transformer, TransformerWithScalarHead, rope_tables
+from .transformer import Transformer, TransformerWithScalarHead
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -325,6 +326,23 @@ def load_config(path) -> tuple[TransformerConfig, bool]:
     return config_from_hf(hf), scalar_head
 
 
+@contextmanager
+def skipped_init():
+    """Module constructors skip ``torch.nn.init``'s random filling, for a model whose parameters are
+    replaced at once: its parameters are allocated but never written. (Building on the meta device
+    instead costs ~1 s per process: torch's meta ``normal_`` and ``arange`` import torch._dynamo.)"""
+    names = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_", "zeros_", "ones_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_checkpoint(path, scalar_head: bool | None = None, device="cpu", dtype=torch.float32):
     """Load a Hugging Face folder as a raylm ``Transformer`` (or ``TransformerWithScalarHead``).
 
@@ -338,13 +356,10 @@ def load_checkpoint(path, scalar_head: bool | None = None, device="cpu", dtype=t
         tensors = {**tensors, "score.weight": torch.zeros(1, cfg.dim)}
     if not want_scalar and is_scalar:
         raise ValueError(f"{path}: a scalar-head checkpoint has no language-model head")
-    with torch.device("meta"):
+    with skipped_init():  # RoPE tables (not saved) are built here; every parameter is assigned below
         model = TransformerWithScalarHead(cfg) if want_scalar else Transformer(cfg)
     state = from_hf_state_dict(cfg, tensors, want_scalar)
     model.load_state_dict(state, strict=True, assign=True)
     if not want_scalar and cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    backbone = model.model if want_scalar else model
-    # RoPE tables are not saved: build them (the meta-device model has none).
-    backbone.rope_cos, backbone.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     return model.to(device=device, dtype=dtype)
