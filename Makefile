@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.raylm-installed
+# One stamp per checkout: the editable install points at a checkout's folders, so a virtual
+# environment reused from another checkout (e.g. CI's cached one) is installed again for this one.
+STAMP := $(VENV)/.raylm-installed-$(shell echo '$(CURDIR)' | sha256sum | cut -c1-12)
 
 .PHONY: demo test test-fast install clean
 
