@@ -183,6 +183,10 @@ class VLLMEngine:
             # Log-probs of the tokens under the temperature-scaled distribution they were sampled from
             # (vLLM's default, raw_logprobs, is before temperature): what PPO's ratios need.
             logprobs_mode="processed_logprobs",
+            # No partial prefills: vLLM rewinds a seeded request's generator after one, and CPU
+            # generators cannot rewind ("CPU Generator does not use offset"); a prompt that does
+            # not fit the step's token budget waits for the next step instead.
+            enable_chunked_prefill=False,
             **lora,
         )
         self.policy_version = 0

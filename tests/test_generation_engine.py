@@ -78,6 +78,15 @@ def test_vllm_greedy_and_logprobs_equal_raylm(tmp_path, ray_local, family):
             results = ray.get(engine.generate.remote(PROMPTS, max_new_tokens=24), timeout=600)
             assert [r["tokens"] for r in results] == expected
             assert all(r["policy_version"] == 1 for r in results)
+            # Seeded sampling of more prompt tokens than one engine step takes (the RLHF evaluation's
+            # shape): no partial prefill, whose generator rewind CPU torch cannot do, and the same
+            # seeds give the same samples.
+            long_prompts = [[(7 * i + j) % 500 + 1 for j in range(100)] for i in range(96)]
+            seeds = list(range(96))
+            first, again = (ray.get(engine.generate.remote(long_prompts, max_new_tokens=16, temperature=1.0,
+                                                           seed=seeds, logprobs=True), timeout=600) for _ in range(2))
+            assert [r["tokens"] for r in first] == [r["tokens"] for r in again]
+            assert len({tuple(r["tokens"]) for r in first}) > 48
     finally:
         ray.kill(engine)
 
