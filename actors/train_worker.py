@@ -247,8 +247,9 @@ def tally_moe(model, tally: torch.Tensor) -> None:
         if moe is not None:
             row = tally[int(name)]
             row[:n_experts] += moe.tokens_per_expert.to(row)
-            row[n_experts:] += torch.tensor([float(moe.aux_loss), float(moe.load_balance_loss), float(moe.z_loss), 1.0],
-                                            dtype=row.dtype, device=row.device)
+            # detached tensors, not float(): no host-device sync per layer and micro-batch
+            losses = (moe.aux_loss, moe.load_balance_loss, moe.z_loss, torch.ones(()))
+            row[n_experts:] += torch.stack([torch.as_tensor(v).detach().to(row) for v in losses])
 
 
 def moe_metrics(tally: torch.Tensor) -> dict:
