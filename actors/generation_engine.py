@@ -16,6 +16,10 @@ cannot be installed, behind one method surface:
 - ``load_lora_buckets(bucket_refs, adapter_config, version)`` -> seconds: a LoRA policy's adapter
   only (PEFT's tensor names, bucketed the same way), applied by vLLM's LoRA support on the
   engine's unchanged base (an engine started with ``max_lora_rank``);
+- ``load_adapter_buckets(bucket_refs, version)`` -> seconds: the trained weights of a bottleneck or
+  prompt-tuning policy (raylm's names). vLLM serves a soft prompt (prompt tuning) as input
+  embeddings before each prompt's own (an engine started with ``soft_prompt_tokens``); raylm's
+  generator applies either method as the trainer does (an engine started with ``peft``);
 - ``version()``: the policy version the engine currently serves.
 
 The vLLM engine runs in-process in the actor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the weights
@@ -124,6 +128,11 @@ class WeightReloadExtension:
             finalize_layerwise_reload(model, self.model_config)
         self._retie_output_head()
 
+    def raylm_token_embeddings(self) -> torch.Tensor:
+        """The embedding of every vocabulary entry (in-process engine: the tensor itself)."""
+        with torch.no_grad():
+            return self.model_runner.model.embed_input_ids(torch.arange(self.model_config.get_vocab_size())).clone()
+
     def _retie_output_head(self) -> None:
         """With tied embeddings no tensor names the output head, so the layerwise reload skips it
         ("ParallelLMHead: Failed to load weights") and the head keeps what it derived from the old
@@ -155,9 +164,12 @@ def _eos_token_id(checkpoint_dir: str) -> int:
 @ray.remote
 class VLLMEngine:
     def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
-                 gpu_memory_utilization: float = 0.2, enforce_eager: bool = True, max_lora_rank: int | None = None):
+                 gpu_memory_utilization: float = 0.2, enforce_eager: bool = True, max_lora_rank: int | None = None,
+                 soft_prompt_tokens: int = 0):
         """``max_lora_rank``: serve the policy as a LoRA adapter of at most this rank on the base
-        (``load_lora_buckets``); None: full weights only."""
+        (``load_lora_buckets``); None: full weights only. ``soft_prompt_tokens``: serve a
+        prompt-tuned policy (``load_adapter_buckets``): the prompts go in as embeddings, the soft
+        prompt's before the tokens' own (vLLM's prompt-embeds input)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
@@ -170,6 +182,9 @@ class VLLMEngine:
             lora = dict(enable_lora=True, max_lora_rank=capacity, max_loras=1)
         self.lora_request = None  # the adapter every generation applies, once one is loaded
         self.lora_dir = None
+        self.soft_prompt_tokens = soft_prompt_tokens
+        self.soft_prompt = None  # [n, dim]: the prompt-tuned policy's soft prompt, once one is loaded
+        self.token_embeddings = None  # the base's embedding matrix (frozen under prompt tuning), read once
         self.eos_token_id = _eos_token_id(checkpoint_dir)
         self.llm = LLM(
             model=checkpoint_dir,
@@ -187,6 +202,7 @@ class VLLMEngine:
             # generators cannot rewind ("CPU Generator does not use offset"); a prompt that does
             # not fit the step's token budget waits for the next step instead.
             enable_chunked_prefill=False,
+            enable_prompt_embeds=soft_prompt_tokens > 0,
             **lora,
         )
         self.policy_version = 0
@@ -217,8 +233,7 @@ class VLLMEngine:
             seed=s, logprobs=0 if logprobs else None, stop_token_ids=[self.eos_token_id, *(stop_token_ids or [])],
             detokenize=False,
         ) for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
-                                    lora_request=self.lora_request)
+        outputs = self.llm.generate(self._inputs(prompts), params, use_tqdm=False, lora_request=self.lora_request)
         results = []
         for out in outputs:
             completion = out.outputs[0]
@@ -229,10 +244,23 @@ class VLLMEngine:
             results.append({"tokens": tokens, "logprobs": token_logprobs, "policy_version": self.policy_version})
         return results
 
+    def _inputs(self, prompts: list[list[int]]) -> list:
+        """Token prompts, or with a soft prompt loaded, embeddings: the soft prompt's, then the tokens'."""
+        from vllm.inputs import TokensPrompt
+
+        if self.soft_prompt is None:
+            return [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        if self.token_embeddings is None:
+            self.token_embeddings = self.llm.collective_rpc("raylm_token_embeddings")[0]
+        return [{"prompt_embeds": torch.cat([self.soft_prompt, self.token_embeddings[torch.tensor(p, dtype=torch.long)]])}
+                for p in prompts]
+
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.soft_prompt is not None:
+            raise NotImplementedError("prompt_logprobs: not with a soft prompt (vLLM scores prompt tokens, not embeddings)")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False,
                                     lora_request=self.lora_request)
@@ -287,14 +315,43 @@ class VLLMEngine:
         return time.perf_counter() - start
 
 
+    def load_adapter_buckets(self, bucket_refs: list, version: int) -> float:
+        """A prompt-tuned policy's soft prompt (``tok_embeddings.prompt``), put before every prompt
+        from now on. Other adapters (bottleneck) change the model's layers, which vLLM cannot."""
+        start = time.perf_counter()
+        tensors = dict(pair for ref in bucket_refs for pair in unpack_weight_bucket(ray.get(ref, timeout=BUCKET_TIMEOUT_S)))
+        if set(tensors) != {"tok_embeddings.prompt"} or not self.soft_prompt_tokens:
+            raise ValueError(f"load_adapter_buckets: the vLLM engine serves a soft prompt only (an engine started with "
+                             f"soft_prompt_tokens), not {sorted(tensors)[:3]}")
+        prompt = tensors["tok_embeddings.prompt"]
+        if prompt.shape[0] != self.soft_prompt_tokens:
+            raise ValueError(f"load_adapter_buckets: a soft prompt of {prompt.shape[0]} tokens; the engine was "
+                             f"started for {self.soft_prompt_tokens}")
+        self.soft_prompt = prompt.float()
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+        return time.perf_counter() - start
+
+
 @ray.remote
 class TorchEngine:
-    """raylm's own KV-cache generator behind the same interface (used where vLLM is missing)."""
+    """raylm's own KV-cache generator behind the same interface (used where vLLM is missing, and for
+    policies whose adapters vLLM cannot serve). ``peft``: a ``peft:`` section (bottleneck adapters
+    or prompt tuning) applied to the model as the policy trainer applies it; a soft prompt is
+    generated without a KV cache (the prompt-tuning hooks prepend it to whole sequences)."""
 
-    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0, **_):
+    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
+                 peft: dict | None = None, **_):
         from raylm.models.hf_checkpoint import load_checkpoint
 
         self.model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
+        self.use_cache = True
+        if peft is not None:
+            from raylm.lora import apply_peft
+            from raylm.peft_config import PeftConfig
+
+            apply_peft(self.model, PeftConfig(**peft))
+            self.use_cache = peft["method"] != "prompt_tuning"
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.policy_version = 0
@@ -322,7 +379,7 @@ class TorchEngine:
         else:  # like vLLM without a per-request seed: one stream for the engine's life
             generator = self.generator
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        completions = generate(self.model, prompts, params, generator)
+        completions = generate(self.model, prompts, params, generator, use_cache=self.use_cache)
         if stop_token_ids:  # raylm's generator stops on EOS only: cut after the first stop token
             stops = set(stop_token_ids)
             completions = [c[:next((i + 1 for i, t in enumerate(c) if t in stops), len(c))] for c in completions]
@@ -356,6 +413,19 @@ class TorchEngine:
         start = time.perf_counter()
         hf_state = dict(pair for ref in bucket_refs for pair in unpack_weight_bucket(ray.get(ref, timeout=BUCKET_TIMEOUT_S)))
         self.load_weights(hf_state, version)
+        return time.perf_counter() - start
+
+    def load_adapter_buckets(self, bucket_refs: list, version: int) -> float:
+        """The trained weights of a bottleneck or prompt-tuning policy (raylm's names): exactly the
+        model's trainable tensors (an engine started with the same ``peft``)."""
+        start = time.perf_counter()
+        state = dict(pair for ref in bucket_refs for pair in unpack_weight_bucket(ray.get(ref, timeout=BUCKET_TIMEOUT_S)))
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if set(state) != trainable:
+            raise ValueError(f"load_adapter_buckets: tensors {sorted(set(state) ^ trainable)[:4]} are not the engine "
+                             "model's adapter weights (was the engine started with the policy's peft section?)")
+        self.model.load_state_dict(state, strict=False)
+        self.policy_version = version
         return time.perf_counter() - start
 
 

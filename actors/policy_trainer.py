@@ -7,9 +7,11 @@ rollouts as a dict of tensors: ``tokens`` [b, T] (prompt then response, right-pa
 
 ``publish_weights`` gathers the full weights once, converts them to Hugging Face names, packs
 them into a few buckets and puts each into the object store once; every rollout engine then
-loads the same buckets (``actors/generation_engine.py``). With a ``peft:`` LoRA section the base
-is frozen and only the adapter trains: only the adapter's A and B matrices are gathered and
-published (PEFT's names), and the engines apply them as a vLLM LoRA adapter on their base.
+loads the same buckets (``actors/generation_engine.py``). With a ``peft:`` section the base is
+frozen and only the adapter trains, and only the adapter is gathered and published: LoRA's A and
+B matrices in PEFT's names (the engines apply them as a vLLM LoRA adapter on their base), a soft
+prompt or bottleneck adapters in raylm's names. With a ``freeze:`` section (train only some
+blocks) the full weights are published as without one.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class PolicyTrainer(ShardedTrainer):
         self.base_checkpoint = checkpoint
         model = load_checkpoint(checkpoint, scalar_head=False)
         self.config = model.config
+        if self.freeze is not None:
+            from raylm.actors.train_worker import freeze_by_depth
+
+            freeze_by_depth(model, self.freeze["train_layers"], self.freeze["train_from"])
         if self.peft is not None:
             from raylm.lora import apply_peft
             from raylm.peft_config import PeftConfig
@@ -79,7 +85,8 @@ class PolicyTrainer(ShardedTrainer):
 
     def save(self, folder: str, tokenizer_file: str | None = None) -> str | None:
         """Collective: a Hugging Face checkpoint of the current policy from rank 0; a LoRA policy's
-        adapter goes to ``<folder>/adapter`` (PEFT's format) and the merged model to ``folder``."""
+        adapter goes to ``<folder>/adapter`` (PEFT's format) and the merged model to ``folder``;
+        bottleneck adapters and a soft prompt, which do not merge, to ``<folder>/adapter`` only."""
         if self.peft is None:
             return super().save(folder, tokenizer_file)
         from raylm.lora import export_peft
@@ -90,6 +97,8 @@ class PolicyTrainer(ShardedTrainer):
         if self.rank != 0:
             return None
         merged = export_peft(state, self.config, PeftConfig(**self.peft), f"{folder}/adapter", base=self.base_checkpoint)
+        if merged is None:
+            return f"{folder}/adapter"
         plain = self.plain_model()
         plain.load_state_dict(merged, strict=not self.config.tie_embeddings)
         return str(save_checkpoint(plain, folder, tokenizer_file=tokenizer_file))
@@ -135,8 +144,12 @@ class PolicyTrainer(ShardedTrainer):
                 stats["policy/clip_fraction"].append(float(out.clip_fraction))
                 stats["policy/approx_kl"].append(float(out.approx_kl))
                 stats["policy/entropy"].append(entropy.item())
+        from raylm.actors.train_worker import memory_gb, optimizer_state_bytes
+
         metrics = {k: sum(v) / len(v) for k, v in stats.items()}
         metrics["time/policy_update_s"] = time.perf_counter() - start
+        metrics["policy/memory_gb"] = memory_gb(self.device)  # this rank's peak
+        metrics["policy/optimizer_state_mb"] = optimizer_state_bytes(self.optimizer) / 2**20  # this rank's shard
         return metrics
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
@@ -152,8 +165,8 @@ class PolicyTrainer(ShardedTrainer):
         return out
 
     def publish_weights(self, bucket_bytes: int) -> dict | None:
-        """Collective: gather the full weights (a LoRA policy: its adapter only); rank 0 packs them
-        into buckets and puts each into the object store once. -> on rank 0 ``{"buckets":
+        """Collective: gather the full weights (a ``peft`` policy: its adapter only); rank 0 packs
+        them into buckets and puts each into the object store once. -> on rank 0 ``{"buckets":
         [ObjectRef, ...], "seconds", "bytes"}``."""
         from raylm.models.hf_checkpoint import to_hf_state_dict
 
@@ -164,7 +177,8 @@ class PolicyTrainer(ShardedTrainer):
             state = self.trained_state_dict()
             if self.rank != 0:
                 return None
-            hf_state = adapter_tensors(state)  # PEFT's names, as vLLM reads an adapter
+            # LoRA: PEFT's names, as vLLM reads an adapter; a soft prompt or bottleneck adapters: raylm's
+            hf_state = adapter_tensors(state) if self.peft["method"] == "lora" else state
         else:
             state = self.full_state_dict()
             if self.rank != 0:

@@ -52,12 +52,14 @@ class ShardedTrainer:
         raise NotImplementedError
 
     def setup(self, checkpoint: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
-              grad_clip: float = 1.0, peft: dict | None = None) -> int:
+              grad_clip: float = 1.0, peft: dict | None = None, freeze: dict | None = None) -> dict:
         """Load the full weights on every rank, shard them with FSDP2, build AdamW (over the
-        parameters that train: with ``peft``, a ``peft:`` section, only the adapters). -> parameter count."""
-        self.peft = peft
+        parameters that train: with ``peft``, a ``peft:`` section, only the adapters; with
+        ``freeze``, a ``freeze:`` section, only some blocks). -> ``{"params", "trainable_params"}``."""
+        self.peft, self.freeze = peft, freeze
         model = self.build_model(checkpoint).to(self.device)
-        n_params = sum(p.numel() for p in model.parameters())
+        counts = {"params": sum(p.numel() for p in model.parameters()),
+                  "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         if hasattr(model, "score"):
             # A scalar-head model keeps its transformer in .model and runs it through hidden_states(),
             # not forward(): the blocks are FSDP2 units, the root unit is the whole model (embeddings,
@@ -71,7 +73,7 @@ class ShardedTrainer:
         self.optimizer = build_optimizer(self.model, lr, weight_decay, tuple(betas), eps)
         self.grad_clip = grad_clip
         self.model.train()
-        return n_params
+        return counts
 
     def optimizer_step(self) -> float:
         """Clip the gradients (global norm across ranks), step, zero. -> the norm before clipping."""

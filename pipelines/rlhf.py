@@ -19,8 +19,12 @@ Log-probabilities (policy, reference, entropy) are those of softmax(logits / rol
 the distribution the rollouts were sampled from; the engines report the same (vLLM's
 ``processed_logprobs``). Each rollout has its own sampling seed (from the run's seed and the step).
 
-With ``peft.method: lora`` the policy trains LoRA adapters on its frozen base and each step only
-the adapter travels to the engines, which serve it with vLLM's LoRA support on their base.
+With a ``peft:`` method the policy trains adapters on its frozen base and each step only the
+adapter travels to the engines: LoRA, which vLLM serves with its LoRA support on its base; a soft
+prompt (``prompt_tuning``), which vLLM takes as input embeddings before each prompt's own; or
+bottleneck adapters, which vLLM cannot serve, so the rollout pool is raylm's own generator with the
+same adapters. ``freeze.train_layers`` trains only some blocks of the policy (full weights are
+published).
 
 Every ``checkpoint.every`` steps the run writes ``<output_dir>/checkpoints/step_N``: policy and
 critic weights and optimizer states (torch DCP, each rank's RNG), and the driver's state (step,
@@ -51,6 +55,7 @@ from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, Section, StageConfig
 from raylm.peft_config import PeftConfig
+from raylm.pipelines.sft import FreezeConfig
 from raylm.tracking import Progress, StageRun
 
 log = logging.getLogger("raylm.rlhf")
@@ -198,9 +203,10 @@ class Config(StageConfig):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    # method lora: the policy trains as LoRA adapters on its frozen base; each step only the adapter
-    # travels to the engines, which serve it with vLLM's LoRA support. The reference is the base.
+    # A peft method trains adapters on the policy's frozen base; each step only the adapter travels
+    # to the engines. The reference is the base (reference.checkpoint unset).
     peft: PeftConfig = Field(default_factory=PeftConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)  # train only some of the policy's blocks
     faults: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
@@ -220,6 +226,15 @@ class Config(StageConfig):
     @property
     def uses_lora(self) -> bool:
         return self.peft.method == "lora"
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Bottleneck adapters or a soft prompt: published in raylm's names (LoRA goes in PEFT's)."""
+        return self.peft.method in ("bottleneck", "prompt_tuning")
+
+    @property
+    def soft_prompt_tokens(self) -> int:
+        return self.peft.num_virtual_tokens if self.peft.method == "prompt_tuning" else 0
 
     @property
     def uses_critic(self) -> bool:
@@ -263,9 +278,16 @@ def check(config: Config, config_path) -> None:
         if hf.get("vocab_size") != policy.get("vocab_size"):
             raise ConfigError(f"{config_path}: {key}: vocabulary {hf.get('vocab_size')} differs from the policy's "
                               f"{policy.get('vocab_size')} (the models must share a tokenizer)")
-    if config.peft.method not in ("none", "lora"):
-        raise ConfigError(f"{config_path}: peft.method: rlhf trains LoRA adapters (lora) or the whole policy (none); "
-                          f"{config.peft.method} adapters cannot be served by the vLLM rollout engines")
+    if config.peft.method == "bottleneck" and config.rollout.backend == "vllm":
+        raise ConfigError(f"{config_path}: rollout.backend: vLLM cannot serve bottleneck adapters (peft.method); "
+                          "use backend torch or auto (raylm's own generator applies them)")
+    if config.freeze.train_layers is not None:
+        if config.peft.method != "none":
+            raise ConfigError(f"{config_path}: freeze.train_layers and peft.method: {config.peft.method} both set; "
+                              f"{config.peft.method} already freezes the whole base: choose one")
+        if config.freeze.train_layers > policy.get("num_hidden_layers", 10**9):
+            raise ConfigError(f"{config_path}: freeze.train_layers: {config.freeze.train_layers} exceeds the policy's "
+                              f"{policy['num_hidden_layers']} layers")
     if config.peft.quantize != "none":
         raise ConfigError(f"{config_path}: peft.quantize: a quantized policy base would differ from the engines' "
                           "full-precision one, so their log-probs would not agree; use quantize: none")
@@ -276,9 +298,11 @@ def check(config: Config, config_path) -> None:
         raise ConfigError(f"{config_path}: data.tokenizer: {config.tokenizer_file} not found")
     if config.data.prompts is not None and not Path(config.data.prompts).is_file():
         raise ConfigError(f"{config_path}: data.prompts: {config.data.prompts} is not a file")
-    if config.data.max_prompt_tokens + config.rollout.max_new_tokens > policy.get("max_position_embeddings", 10**9):
-        raise ConfigError(f"{config_path}: rollout.max_new_tokens: data.max_prompt_tokens + max_new_tokens exceeds "
-                          f"the policy's max_position_embeddings ({policy['max_position_embeddings']})")
+    if (config.data.max_prompt_tokens + config.soft_prompt_tokens + config.rollout.max_new_tokens
+            > policy.get("max_position_embeddings", 10**9)):
+        raise ConfigError(f"{config_path}: rollout.max_new_tokens: data.max_prompt_tokens + max_new_tokens "
+                          f"(+ peft.num_virtual_tokens) exceeds the policy's max_position_embeddings "
+                          f"({policy['max_position_embeddings']})")
 
 
 # ---- the task: prompts, chat format, ground truth -----------------------------------------------
@@ -467,9 +491,11 @@ class Pools:
 
         backend = config.rollout.backend
         if backend == "auto":
-            backend = "vllm" if vllm_available() else "torch"
+            backend = "vllm" if vllm_available() and config.peft.method != "bottleneck" else "torch"
             if backend == "torch":
-                msg = "vLLM is not installed here: the rollout pool uses raylm's own KV-cache generator"
+                why = ("vLLM cannot serve bottleneck adapters" if config.peft.method == "bottleneck"
+                       else "vLLM is not installed here")
+                msg = f"{why}: the rollout pool uses raylm's own KV-cache generator"
                 log.warning(msg)
                 print(f"[rlhf] {msg}", flush=True)
         strategies, pgs = place_pools(config)
@@ -501,14 +527,17 @@ class Pools:
             ro = config.rollout
             # One token of room beyond the longest rollout, so that prompt_logprobs can score whole rollouts.
             positions = json.loads((Path(config.policy.checkpoint) / "config.json").read_text())["max_position_embeddings"]
-            kwargs = dict(dtype="float32", max_model_len=min(positions, config.data.max_prompt_tokens + ro.max_new_tokens + 1),
-                          seed=config.seed + i)
+            longest = config.data.max_prompt_tokens + config.soft_prompt_tokens + ro.max_new_tokens + 1
+            kwargs = dict(dtype="float32", max_model_len=min(positions, longest), seed=config.seed + i)
             if self.backend == "vllm":
                 kwargs.update(gpu_memory_utilization=ro.gpu_memory_utilization)
                 if config.uses_lora:
                     kwargs.update(max_lora_rank=config.peft.rank)
+                kwargs.update(soft_prompt_tokens=config.soft_prompt_tokens)
             elif config.uses_lora:
                 raise ConfigError("peft.method: lora needs the vLLM rollout backend, and vLLM is not installed here")
+            elif config.uses_adapter:
+                kwargs.update(peft=config.peft.model_dump())
             engine_cls = VLLMEngine if self.backend == "vllm" else TorchEngine
             return engine_cls.options(num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
                                       scheduling_strategy=strategy).remote(str(Path(config.policy.checkpoint).resolve()), **kwargs)
@@ -585,18 +614,21 @@ class Pools:
 
     # -- what each pool does --
 
-    def setup_trainers(self, config: Config) -> None:
-        """(Re)load the policy and the critic from their starting checkpoints."""
+    def setup_trainers(self, config: Config) -> dict:
+        """(Re)load the policy and the critic from their starting checkpoints. -> the policy's
+        parameter counts (all, and those that train)."""
         p = config.policy
-        peft = config.peft.model_dump() if config.uses_lora else None
+        peft = config.peft.model_dump() if config.peft.method != "none" else None
+        freeze = config.freeze.model_dump() if config.freeze.train_layers is not None else None
         futures = [a.setup.remote(str(Path(p.checkpoint).resolve()), p.lr, p.weight_decay, grad_clip=p.grad_clip,
-                                  peft=peft)
+                                  peft=peft, freeze=freeze)
                    for a in self.policy.actors]
         if self.critic is not None:
             c = config.critic
             futures += [a.setup.remote(str(Path(config.critic_checkpoint).resolve()), c.lr, grad_clip=c.grad_clip)
                         for a in self.critic.actors]
-        wait(futures, config.timeouts.startup_s, "loading the policy and critic")
+        counts = wait(futures, config.timeouts.startup_s, "loading the policy and critic")[0]
+        return {f"policy/{k}": v for k, v in counts.items()}
 
     def generate(self, prompts: list[list[int]], stop_ids: list[int], temperature: float,
                  seeds: list[int] | None = None, max_new_tokens: int | None = None) -> list[dict]:
@@ -621,8 +653,10 @@ class Pools:
         return cat_padded(parts)
 
     def engine_load(self, buckets: list, version: int) -> tuple[str, dict]:
-        """The engine method (and its arguments) that loads published buckets: full weights, or a
-        LoRA policy's adapter."""
+        """The engine method (and its arguments) that loads published buckets: full weights, a LoRA
+        policy's adapter, or another method's adapter weights."""
+        if self.config.uses_adapter:
+            return "load_adapter_buckets", {"bucket_refs": buckets, "version": version}
         if not self.config.uses_lora:
             return "load_weight_buckets", {"bucket_refs": buckets, "version": version}
         from raylm.lora import adapter_config, settings_of
@@ -909,7 +943,10 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
     stage_run.set_tags({"raylm.rollout_backend": pools.backend})
     print(f"[rlhf] rollout backend: {pools.backend}; {len(task.train)} training prompts, "
           f"{len(task.held_out)} held out", flush=True)
-    pools.setup_trainers(config)
+    counts = pools.setup_trainers(config)
+    stage_run.log_metrics(counts)
+    print(f"[rlhf] policy: {counts['policy/trainable_params']:,} of {counts['policy/params']:,} parameters train",
+          flush=True)
     state = RunState()
     state.kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
                     else FixedKLController(config.kl.coef))

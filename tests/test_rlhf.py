@@ -83,7 +83,9 @@ def test_bad_configs_exit_2_before_any_ray_work(built, tmp_path, capsys):
     assert "ppo.samples_per_prompt" in run(ppo={"advantage": "rloo"})
     assert "ppo: 30 rollouts" in run(ppo={"prompts_per_step": 30})
     assert "rollout.max_new_tokens" in run(rollout={"max_new_tokens": 150})
-    assert "peft.method" in run(peft={"method": "bottleneck"})
+    assert "rollout.backend" in run(peft={"method": "bottleneck"})  # vLLM cannot serve bottleneck adapters
+    assert "freeze.train_layers" in run(freeze={"train_layers": 3})  # the policy has 2 blocks
+    assert "freeze.train_layers" in run(freeze={"train_layers": 1}, peft={"method": "lora"})
     assert "peft.quantize" in run(peft={"method": "lora", "quantize": "nf4"})
     assert not ray.is_initialized()
 
@@ -232,6 +234,59 @@ def test_lora_policy_publishes_only_its_adapter_and_the_engine_applies_it(setup,
         pools.shutdown()
 
 
+def test_policy_frozen_by_depth_trains_only_its_last_block(setup, built, tmp_path):
+    """freeze.train_layers: 1 of the policy's 2 blocks trains (with the final norm and the head);
+    the full weights are published and the engine's log-probs still agree with the trainer's."""
+    _, task, pools = setup
+    config = rlhf.Config.model_validate(config_dict(built, tmp_path, policy={"lr": 1e-3}, freeze={"train_layers": 1},
+                                                    ppo={"steps": 1, "prompts_per_step": 8, "epochs": 1}))
+    rlhf.check(config, "test")
+    counts = pools.setup_trainers(config)
+    base = load_checkpoint(built["sft"])
+    expected = sum(p.numel() for name, p in base.named_parameters() if not name.startswith("layers.0."))
+    assert counts == {"policy/params": sum(p.numel() for p in base.parameters()), "policy/trainable_params": expected}
+    pools.publish(0)
+    state = rlhf.RunState(version=0, kl_ctl=FixedKLController(0.05), moments=None)
+    metrics = rlhf.ppo_step(config, pools, task, rlhf.PromptSampler(task.train, seed=0), state, step=1)
+    assert metrics["rollout/logprob_diff_vs_trainer"] < 1e-3
+    assert metrics["policy/optimizer_state_mb"] > 0 and metrics["policy/memory_gb"] > 0
+    trained = trainer_weights(pools, tmp_path / "policy").state_dict()
+    for name, before in base.state_dict().items():
+        if name.startswith("layers.0."):
+            assert torch.equal(trained[name], before), name
+    assert any(not torch.equal(trained[n], p) for n, p in base.state_dict().items() if n.startswith("layers.1."))
+    # Greedy: the engine serves the published (partly trained) weights.
+    prompts = [item["ids"] for item in task.train[:4]]
+    ours = generate(load_checkpoint(tmp_path / "policy").eval(), prompts, SamplingParams(max_new_tokens=16, temperature=0.0))
+    ours = [o[:o.index(task.stop_ids[0]) + 1] if task.stop_ids[0] in o else o for o in ours]
+    assert [r["tokens"] for r in pools.generate(prompts, task.stop_ids, 0.0, max_new_tokens=16)] == ours
+
+
+def test_prompt_tuned_policy_is_served_by_vllm_as_input_embeddings(setup, built, tmp_path, capsys):
+    """peft: prompt_tuning through the CLI. Each step publishes only the soft prompt; the vLLM engine
+    puts it before each prompt's token embeddings, and its log-probs agree with the trainer's."""
+    from raylm import cli
+
+    out = tmp_path / "prompt-tuning"
+    cfg = config_dict(built, out, policy={"lr": 1e-2}, peft={"method": "prompt_tuning", "num_virtual_tokens": 4},
+                      ppo={"steps": 2, "prompts_per_step": 4, "samples_per_prompt": 2, "advantage": "grpo",
+                           "epochs": 1},
+                      rollout={"temperature": 0.7}, eval={"prompts": 2, "samples_per_prompt": 2})
+    path = tmp_path / "rlhf.json"
+    path.write_text(json.dumps(cfg))
+    assert cli.main(["rlhf", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "rollout backend: vllm" in printed and "policy: 512 of" in printed  # 4 virtual tokens x dim 128
+    summary = json.loads(printed[printed.index('{\n  "command"'):])
+    assert summary["policy_version"] == 2 and summary["logprob_diff_vs_trainer"] < 1e-3
+    print(f"soft prompt: KL to the base {summary['before']['kl']:.3f} -> {summary['after']['kl']:.3f}")
+    assert summary["after"]["kl"] > 1e-2  # the engine's samples come from the prompted policy, not the base
+    from raylm.lora import load_peft
+
+    prompted = load_peft(load_checkpoint(built["sft"]), out / "hf" / "adapter")
+    assert prompted.tok_embeddings.prompt.shape == (4, 128)
+
+
 def test_ppo_raises_the_reward_with_bounded_kl(setup, built):
     config, task, pools = setup
     run = start_run(config.tracking.uri, "raylm", "rlhf", config.output_dir)
@@ -259,22 +314,30 @@ def test_ppo_raises_the_reward_with_bounded_kl(setup, built):
     assert (config.output_path / "hf" / "tokenizer.json").exists() and final.config.vocab_size == 512
 
 
-def test_grpo_through_the_cli_with_the_fallback_generator(setup, built, tmp_path, capsys):
-    """Critic-free GRPO, KL as a k3 loss, adaptive KL, raylm's own generator behind the engine interface."""
+def test_grpo_with_bottleneck_adapters_through_the_cli_on_the_fallback_generator(setup, built, tmp_path, capsys):
+    """Critic-free GRPO, KL as a k3 loss, adaptive KL, a policy training bottleneck adapters: vLLM
+    cannot serve them, so rollout backend auto picks raylm's own generator, which applies the
+    adapters published each step as the trainer does."""
     from raylm import cli
 
     out = tmp_path / "grpo"
     out.mkdir()
-    cfg = config_dict(built, out, rollout={"backend": "torch"}, ppo={"steps": 2, "prompts_per_step": 4,
-                                                                    "samples_per_prompt": 4, "advantage": "grpo"},
+    cfg = config_dict(built, out, rollout={"backend": "auto"}, ppo={"steps": 2, "prompts_per_step": 4,
+                                                                   "samples_per_prompt": 4, "advantage": "grpo"},
+                      policy={"lr": 1e-2}, peft={"method": "bottleneck", "bottleneck": 8},
                       kl={"estimator": "k3", "mode": "loss", "coef": 0.05, "adaptive": True, "target": 2.0},
                       eval={"prompts": 4, "samples_per_prompt": 2})
     path = tmp_path / "rlhf.json"
     path.write_text(json.dumps(cfg))
     assert cli.main(["rlhf", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "rollout backend: torch" in printed
+    assert "vLLM cannot serve bottleneck adapters" in printed and "rollout backend: torch" in printed
+    # 2 blocks x (attention, mlp) x (128 x 8 + 8 + 8 x 128 + 128)
+    assert "policy: 8,736 of" in printed
     summary = json.loads(printed[printed.index('{\n  "command"'):])
     assert summary["steps"] == 2 and summary["policy_version"] == 2 and summary["rollout_backend"] == "torch"
     assert summary["logprob_diff_vs_trainer"] < 1e-3
-    assert (out / "hf" / "model.safetensors").exists()
+    from raylm.lora import load_peft
+
+    adapted = load_peft(load_checkpoint(built["sft"]), out / "hf" / "adapter")
+    assert any(p.abs().sum() > 0 for n, p in adapted.named_parameters() if n.endswith("up.weight"))  # trained
