@@ -1,4 +1,4 @@
-"""The ``peft:`` config section (parameter-efficient fine-tuning) of `raylm sft` and `raylm dpo`, kept
+"""The ``peft:`` config section (parameter-efficient fine-tuning) of `raylm sft`, `dpo` and `rlhf`, kept
 free of torch so that stage configs load and validate without importing it; ``raylm.lora.apply_peft``
 applies it. Methods:
 
