@@ -314,7 +314,6 @@ class VLLMEngine:
         self.policy_version = version
         return time.perf_counter() - start
 
-
     def load_adapter_buckets(self, bucket_refs: list, version: int) -> float:
         """A prompt-tuned policy's soft prompt (``tok_embeddings.prompt``), put before every prompt
         from now on. Other adapters (bottleneck) change the model's layers, which vLLM cannot."""
