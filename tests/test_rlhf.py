@@ -298,8 +298,9 @@ def test_ppo_raises_the_reward_with_bounded_kl(setup, built):
     assert after["reward"] > before["reward"] + 0.1
     assert abs(before["kl"]) < 1e-3 and 0 < after["kl"] < 10
     assert summary["logprob_diff_vs_trainer"] < 1e-3
-    # The ground truth is measured and logged; at this scale PPO moves it by about its noise (see README).
-    assert after["ground_truth"] > before["ground_truth"] - 0.1
+    # PPO raises the ground truth, not only the reward model's score: by +0.02 to +0.06 in 8 of 8
+    # seeds of this setup (benchmarks/rlhf_ground_truth.py, README).
+    assert after["ground_truth"] > before["ground_truth"]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(config.tracking.uri)
