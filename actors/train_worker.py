@@ -210,7 +210,8 @@ def set_determinism(spec: dict, rank: int) -> None:
 def evaluate(model, spec, dims, rank, device, autocast_dtype, pipeline=None, loss_scale=None) -> float:
     """Mean token loss over the first ``eval_batches`` batches of every rank's validation slice."""
     dataset = build_dataset(spec, "validation", rank, dims.dp_size, training=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=spec["train"]["batch_size"])
+    # Pipeline stages exchange activations of one fixed micro-batch shape: no short last batch.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=spec["train"]["batch_size"], drop_last=pipeline is not None)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     model.eval()
     with torch.no_grad():
@@ -299,7 +300,10 @@ def train_loop(spec: dict) -> None:
                                    reduction="sum") * loss_scale["value"]
 
         pipeline = build_schedule(model, pp_rank, dims.pp, dims.pp_mesh.get_group(), device,
-                                  parallel["pp_microbatches"], pipeline_loss, parallel["pp_schedule"])
+                                  parallel["pp_microbatches"], pipeline_loss,
+                                  microbatch=(train["batch_size"] // parallel["pp_microbatches"],
+                                              train["seq_len"] // dims.cp),
+                                  dim=cfg.dim, vocab_size=cfg.vocab_size, kind=parallel["pp_schedule"])
         if cfg.is_moe:  # each micro-batch's auxiliary loss, averaged over the step's micro-batches
             attach_aux_loss(model, {"value": 1.0 / (train["grad_accum"] * parallel["pp_microbatches"])})
     optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),

@@ -64,8 +64,6 @@ def check_parallel(config, config_path, model=None, model_key: str = "model") ->
             (field("tie_embeddings"), model.tie_embeddings and "tied embeddings would span the first and last stage; "
                                                               "pretrain with model.tie_embeddings=false"),
             (field("n_layers"), model.n_layers < parallel.pp and f"{model.n_layers} blocks for {parallel.pp} stages"),
-            # On gloo the stages' p2p transfers and a stage's expert all-to-all deadlock.
-            ("parallel.ep", parallel.ep > 1 and "pipeline with expert parallelism is not supported"),
             ("train.batch_size", config.train.batch_size % parallel.pp_microbatches
                                 and f"{config.train.batch_size} is not divisible by parallel.pp_microbatches "
                                     f"({parallel.pp_microbatches})"),

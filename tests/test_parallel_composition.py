@@ -1,7 +1,8 @@
 """Parallelisms composed, each against one process on the same batches (same losses, validation loss
-and final weights): pipeline stages x context-parallel ranks, the blocks of a Mixture-of-Experts
-model in stages with their auxiliary loss, expert-parallel x context-parallel ranks (pretraining),
-and packed fine-tuning documents through pipeline stages (SFT)."""
+and final weights): pipeline stages x context-parallel ranks, expert-parallel x context-parallel
+ranks, the blocks of a Mixture-of-Experts model in pipeline stages x expert-parallel ranks, with
+each stage's auxiliary loss (pretraining), and packed fine-tuning documents through pipeline
+stages (SFT)."""
 
 from __future__ import annotations
 
@@ -69,25 +70,6 @@ def test_pipeline_stages_times_context_parallel_ranks_match_one_process(data_dir
     assert_same_run(tmp_path / "pp_cp", composed, tmp_path / "one", one, 3)
 
 
-def test_moe_pipeline_stages_match_one_process(data_dir, ray_four_workers, tracking_uri, tmp_path):
-    """moe-debug's 2 MoE blocks as 2 stages, with each stage's router z-loss in the objective through
-    the stage output's backward (the load-balancing loss is off: a product of per-batch statistics,
-    its micro-batch average is not the one-process value; the z-loss, a mean, is). The one-process
-    run sees the same micro-batches as grad_accum 2 of half the batch."""
-    common = {"model.preset": "moe-debug", "model.tie_embeddings": "false", "model.load_balance_coef": 0.0,
-              "train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3}
-    _, staged = run_stage(pretrain_config(data_dir, tmp_path / "pp", **common, **{
-        "parallel.num_workers": 2, "parallel.pp": 2, "parallel.pp_microbatches": 2}), tracking_uri)
-    _, one = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{
-        "parallel.num_workers": 1, "train.batch_size": 1, "train.grad_accum": 2, "train.eval_batches": 4}), tracking_uri)
-    assert_same_run(tmp_path / "pp", staged, tmp_path / "one", one, 3)
-    for layer in (0, 1):  # each stage's expert loads reach the metrics under their whole-model index
-        fractions = [history(staged, f"moe/layer{layer}/expert{e}_fraction")[3] for e in range(4)]
-        theirs = [history(one, f"moe/layer{layer}/expert{e}_fraction")[3] for e in range(4)]
-        assert fractions == pytest.approx(theirs, abs=1e-6)
-    assert history(staged, "moe/z_loss")[3] == pytest.approx(history(one, "moe/z_loss")[3], rel=1e-5)
-
-
 def test_expert_parallel_times_context_parallel_ranks_match_one_process(data_dir, ray_four_workers,
                                                                         tracking_uri, tmp_path):
     """4 ranks: moe-debug's experts split 2 + 2 over the 2 data-parallel ranks (tokens exchanged
@@ -103,6 +85,28 @@ def test_expert_parallel_times_context_parallel_ranks_match_one_process(data_dir
     # Adam divides by sqrt(v): an expert that saw few tokens moves by float rounding of the exchange
     # order (see test_train_pretrain's expert-parallel test); a wrong shard or sum moves whole updates.
     assert_same_run(tmp_path / "ep_cp", composed, tmp_path / "one", one, 3, rtol=1e-3, atol=1e-3)
+
+
+def test_pipeline_stages_times_expert_parallel_ranks_match_one_process(data_dir, ray_four_workers,
+                                                                     tracking_uri, tmp_path):
+    """4 ranks: moe-debug's 2 MoE blocks as 2 stages, each stage's experts split 2 + 2 over its 2
+    data-parallel ranks (tokens exchanged all-to-all inside the stage), 1F1B over 2 micro-batches,
+    each stage's router z-loss in the objective. The one-process run sees the same 4 sequences a step
+    and the same 8 validation windows."""
+    common = {"model.preset": "moe-debug", "model.tie_embeddings": "false", "model.load_balance_coef": 0.0,
+              "train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3}
+    _, composed = run_stage(pretrain_config(data_dir, tmp_path / "pp_ep", **common, **{
+        "parallel.num_workers": 4, "parallel.pp": 2, "parallel.ep": 2, "parallel.pp_microbatches": 2}),
+        tracking_uri)
+    _, one = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{
+        "parallel.num_workers": 1, "train.batch_size": 4}), tracking_uri)
+    # As in the expert-parallel tests: the exchange order moves rarely-used experts by float rounding.
+    assert_same_run(tmp_path / "pp_ep", composed, tmp_path / "one", one, 3, rtol=1e-3, atol=1e-3)
+    for layer in (0, 1):  # each stage's expert loads, summed over its ranks, under the whole-model index
+        fractions = [history(composed, f"moe/layer{layer}/expert{e}_fraction")[3] for e in range(4)]
+        theirs = [history(one, f"moe/layer{layer}/expert{e}_fraction")[3] for e in range(4)]
+        assert fractions == pytest.approx(theirs, abs=1e-6)
+    assert history(composed, "moe/z_loss")[3] == pytest.approx(history(one, "moe/z_loss")[3], rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -77,12 +77,25 @@ def attach_aux_loss(stage: nn.Module, scale: dict) -> None:
 
 
 def build_schedule(stage_module: nn.Module, stage: int, pp: int, group, device, n_microbatches: int,
-                   loss_fn, kind: Schedule = "1f1b"):
+                   loss_fn, microbatch: tuple[int, int], dim: int, vocab_size: int, kind: Schedule = "1f1b"):
     """The schedule that runs this rank's stage. Gradients are not divided by the number of
-    micro-batches (``loss_fn`` carries the step's exact normalisation)."""
+    micro-batches (``loss_fn`` carries the step's exact normalisation).
+
+    ``microbatch`` (rows, tokens), ``dim`` and ``vocab_size`` give every stage its input and output
+    shapes up front (token ids into the first stage, the residual stream between stages, logits out
+    of the last). Left to infer them, the schedule runs a forward and backward per stage in turn at
+    the first step, with blocking object exchanges between stages; the collectives inside a stage
+    (the experts' all-to-alls, FSDP2's all-gathers) then interleave with those exchanges differently
+    on the ranks of one stage, and pipeline x expert parallelism deadlocked."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    pipeline_stage = PipelineStage(stage_module, stage, pp, device, group=group)
+    rows, tokens = microbatch
+    hidden = torch.empty(rows, tokens, dim, device="meta", requires_grad=True)  # its gradient travels back
+    first_input = torch.empty(rows, tokens, dtype=torch.long, device="meta")
+    logits = torch.empty(rows, tokens, vocab_size, device="meta", requires_grad=True)
+    pipeline_stage = PipelineStage(stage_module, stage, pp, device, group=group,
+                                   input_args=first_input if stage == 0 else hidden,
+                                   output_args=logits if stage == pp - 1 else hidden)
     schedule_cls = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[kind]
     return schedule_cls(pipeline_stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
