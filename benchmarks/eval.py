@@ -66,13 +66,13 @@ def lm_eval_task_copy(out: Path) -> tuple[Path, str]:
     return folder, name
 
 
-def run_raylm(checkpoint: Path, num_fewshot: int, limit: int, actors: int, max_batch: int) -> dict:
+def run_raylm(checkpoint: Path, num_fewshot: int, limit: int, actors: int, max_batch: int, dtype: str) -> dict:
     from raylm.eval_tasks import load_task
     from raylm.pipelines.eval import Config, ScorerConfig, TaskRef, evaluate_checkpoint, result_key
 
     ref = TaskRef(path=str(TASK), num_fewshot=num_fewshot, limit=limit)
     config = Config(checkpoints={"bench": str(checkpoint)}, tasks=[ref],
-                    scorer=ScorerConfig(num_actors=actors, max_batch=max_batch))
+                    scorer=ScorerConfig(num_actors=actors, max_batch=max_batch, dtype=dtype))
     start = time.perf_counter()
     tasks = [(ref, load_task(ref.path, ref.limit))]
     results = evaluate_checkpoint("bench", str(checkpoint), tasks, config)
@@ -83,7 +83,7 @@ def run_raylm(checkpoint: Path, num_fewshot: int, limit: int, actors: int, max_b
 
 
 def run_lm_eval(checkpoint: Path, task_dir: Path, task_name: str, num_fewshot: int, limit: int, batch: int,
-                threads: int) -> dict:
+                threads: int, dtype: str) -> dict:
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
@@ -91,7 +91,7 @@ def run_lm_eval(checkpoint: Path, task_dir: Path, task_name: str, num_fewshot: i
     torch.set_num_threads(threads)
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={checkpoint},dtype=float32", tasks=[task_name],
+        model="hf", model_args=f"pretrained={checkpoint},dtype={dtype}", tasks=[task_name],
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         num_fewshot=num_fewshot, limit=limit, batch_size=batch, device="cpu", log_samples=False,
     )
@@ -124,6 +124,8 @@ def main() -> int:
     parser.add_argument("--lm-eval-threads", type=int, default=None,
                         help="torch threads for lm_eval (default: --actors, the cores raylm's actors get)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds, the systems taking turns")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and compute of both systems")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -140,9 +142,10 @@ def main() -> int:
         out = Path(tmp)
         checkpoint = build_checkpoint(out, args.preset, args.init_std)
         task_dir, task_name = lm_eval_task_copy(out)
-        systems = [lambda: run_raylm(checkpoint, args.num_fewshot, args.limit, args.actors, args.batch)]
+        systems = [lambda: run_raylm(checkpoint, args.num_fewshot, args.limit, args.actors, args.batch, args.dtype)]
         systems += [lambda b=b: run_lm_eval(checkpoint, task_dir, task_name, args.num_fewshot, args.limit, b,
-                                            args.lm_eval_threads or args.actors) for b in dict.fromkeys(batches)]
+                                            args.lm_eval_threads or args.actors, args.dtype)
+                    for b in dict.fromkeys(batches)]
         for round_ in range(args.repeat):
             for system in systems if round_ % 2 == 0 else systems[::-1]:
                 load = os.getloadavg()[0]
@@ -155,7 +158,7 @@ def main() -> int:
                  seconds=statistics.median(r["seconds"] for r in rounds)) for rounds in runs.values()]
     ours = rows[0]["items_per_s"]
     print(f"\n{args.limit} items of stdlib_docstring_mc, {args.num_fewshot}-shot, preset {args.preset}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, "
+          f"{args.dtype}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, "
           f"median of {args.repeat} round{'s' if args.repeat > 1 else ''}\n")
     print("| system | batch | items/s | seconds | acc | acc_norm | raylm speed-up |")
     print("|---|---|---|---|---|---|---|")
