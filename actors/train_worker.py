@@ -290,7 +290,8 @@ def train_loop(spec: dict) -> None:
     cfg = model.config
     if dims.pp > 1:  # this rank's blocks of the whole (identically initialised) model
         split_stage(model, dims.pp, pp_rank)
-    parallelize(model, dims, train["activation_checkpointing"], train["compile"])
+    parallelize(model, dims, train["activation_checkpointing"], train["compile"],
+                reshard_after_forward=parallel.get("fsdp_reshard_after_forward", True))
     pipeline = loss_scale = None
     if dims.pp > 1:
         loss_scale = {"value": 1.0}  # set per step: the schedule calls the loss once per micro-batch

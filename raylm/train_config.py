@@ -57,6 +57,11 @@ class ParallelConfig(Section):
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     dp_shard: int = -1  # FSDP2 shard degree; -1: num_workers / dp_replicate
     dp_replicate: int = Field(default=1, ge=1)  # HSDP replica groups
+    # True: ZeRO-3 (each block's parameters are gathered for its forward and again for its backward).
+    # False: ZeRO-2-style: they stay gathered from forward to backward (one all-gather per block and
+    # step instead of two, for whole parameters in memory during the step); gradients and optimizer
+    # state stay sharded either way.
+    fsdp_reshard_after_forward: bool = True
     tp: int = Field(default=1, ge=1)  # tensor-parallel degree (attention heads, MLP hidden units)
     ep: int = Field(default=1, ge=1)  # expert-parallel degree for MoE: 1 or dp_shard (experts over the dp ranks)
     cp: int = Field(default=1, ge=1)  # context-parallel degree: each sequence split over cp ranks

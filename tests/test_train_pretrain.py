@@ -159,6 +159,27 @@ def test_tensor_parallel_matches_data_parallel(reference, data_dir, tracking_uri
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_zero2_style_sharding_matches_zero3(reference, data_dir, tracking_uri, tmp_path):
+    """parallel.fsdp_reshard_after_forward=false (parameters stay gathered from forward to backward)
+    against the ZeRO-3 reference: the same computation with fewer all-gathers, so the same losses
+    and weights, and sharded DCP checkpoints all the same."""
+    ref_out, _, ref_run = reference
+    config = pretrain_config(data_dir, tmp_path, **{"parallel.fsdp_reshard_after_forward": "false"})
+    assert config.parallel.fsdp_reshard_after_forward is False
+    _, run = run_stage(config, tracking_uri)
+    ours, theirs = history(run, "loss"), history(ref_run, "loss")
+    assert sorted(ours) == list(range(1, 9))
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-6, abs=1e-6), step
+    ours_w, theirs_w = load_file(tmp_path / "hf" / "model.safetensors"), load_file(ref_out / "hf" / "model.safetensors")
+    for name in theirs_w:
+        torch.testing.assert_close(ours_w[name], theirs_w[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (tmp_path / "ray_train" / "pretrain" /
+                                                                  "checkpoint_00000008").iterdir()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_expert_parallel_matches_one_process(data_dir, ray_local, tracking_uri, tmp_path):
     """moe-debug with its 4 experts split 2 + 2 over 2 workers (tokens exchanged all-to-all) against
     one process on the same global batch. The load-balancing loss is off: it is a product of

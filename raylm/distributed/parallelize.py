@@ -66,7 +66,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: ActivationCheckpointing = "off",
-                compile: bool = False) -> nn.Module:
+                compile: bool = False, reshard_after_forward: bool = True) -> nn.Module:
     if dims.tp > 1:
         apply_tp(model, dims.tp_mesh)
     if dims.cp > 1:
@@ -76,7 +76,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: 
     if compile:
         apply_compile(model)
     if dims.grad_average_size > 1 or dims.tp == 1:  # pure tensor parallelism has nothing for FSDP to shard over
-        apply_fsdp(model, dims, ignored_params=set(expert_params) or None)
+        apply_fsdp(model, dims, reshard_after_forward, ignored_params=set(expert_params) or None)
     return model
 
 
