@@ -135,19 +135,20 @@ def build_model(spec: dict):
     return model
 
 
-def shard_model(model, dims: ParallelDims, train: dict) -> None:
+def shard_model(model, dims: ParallelDims, train: dict, reshard_after_forward: bool) -> None:
     """Pretraining's parallelize on the backbone. A reward model's backbone is entered through
     ``hidden_states`` (not ``forward``), so FSDP2 is told to hook that method too, and the outer
     module (the score head) is sharded last as the root."""
-    if isinstance(model, Transformer):
-        parallelize(model, dims, train["activation_checkpointing"], train["compile"])
+    backbone = model if isinstance(model, Transformer) else model.model
+    parallelize(backbone, dims, train["activation_checkpointing"], train["compile"], reshard_after_forward)
+    if backbone is model:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    parallelize(model.model, dims, train["activation_checkpointing"], train["compile"])
     if dims.dp_size > 1 or dims.tp == 1:
         register_fsdp_forward_method(model.model, "hidden_states")
-        fully_shard(model, mesh=dims.fsdp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32))
+        fully_shard(model, mesh=dims.fsdp_mesh, mp_policy=MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32),
+                    reshard_after_forward=reshard_after_forward)
 
 
 def export_model(spec: dict, model, rank: int, tp: int) -> None:
@@ -261,7 +262,7 @@ def preference_loop(spec: dict) -> None:
     dims.build_mesh(device.type)
 
     model = build_model(spec).to(device)
-    shard_model(model, dims, train)
+    shard_model(model, dims, train, parallel["fsdp_reshard_after_forward"])
     optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),
                                 optim_cfg["eps"], foreach=dims.tp == 1)
     scheduler = build_scheduler(optimizer, optim_cfg["warmup_steps"], train["steps"], optim_cfg["min_lr_ratio"])

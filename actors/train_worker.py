@@ -291,7 +291,7 @@ def train_loop(spec: dict) -> None:
     if dims.pp > 1:  # this rank's blocks of the whole (identically initialised) model
         split_stage(model, dims.pp, pp_rank)
     parallelize(model, dims, train["activation_checkpointing"], train["compile"],
-                reshard_after_forward=parallel.get("fsdp_reshard_after_forward", True))
+                reshard_after_forward=parallel["fsdp_reshard_after_forward"])
     pipeline = loss_scale = None
     if dims.pp > 1:
         loss_scale = {"value": 1.0}  # set per step: the schedule calls the loss once per micro-batch
