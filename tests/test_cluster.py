@@ -10,6 +10,7 @@ the autoscaler would start one: Ray Train must resume from the last checkpoint a
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import secrets
@@ -244,9 +245,18 @@ def test_submit_runs_on_the_cluster_where_resources_say_and_survives_a_dead_node
     client = MlflowClient(mlflow_server)
     checkpoints = tmp_path / "out" / "pretrain" / "ray_train" / "pretrain"
     deadline = time.time() + 300
-    # Kill the node once the second checkpoint is being written: the first is then registered with
-    # Ray Train, and most of the run is still ahead.
-    while len(list(checkpoints.glob("checkpoint_*"))) < 2:
+    # Kill the node once Ray Train has registered a checkpoint (its manager's snapshot lists it; a
+    # checkpoint folder on disk alone is not yet one a restart resumes from), with most of the run
+    # still ahead.
+    snapshot = checkpoints / "checkpoint_manager_snapshot.json"
+
+    def registered_checkpoints() -> int:
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+            return 0
+
+    while registered_checkpoints() < 1:
         status = str(jobs.get_job_status(job_id).value)
         assert status not in ("FAILED", "STOPPED", "SUCCEEDED"), jobs.get_job_logs(job_id)[-5000:]
         assert time.time() < deadline, "no checkpoint in time:\n" + jobs.get_job_logs(job_id)[-5000:]
