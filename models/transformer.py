@@ -31,10 +31,17 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos, sin: [T, D] or [B, 1, T, D]."""
+    """x: [B, H, T, D]; cos, sin: [T, D] or [B, 1, T, D], each half of D the same angles.
+
+    ``x * cos + rotate_half(x) * sin``, as transformers' Llama writes it, with rotate_half(x) =
+    (-x2, x1) for the halves x1, x2 of x. Here the second term is added into each half of the first
+    in place, with no rotated copy of x: the same products and sums (up to rounding), in three passes over x where the
+    ``cat``/``neg`` form takes five, which made it a tenth of a small model's forward on CPU."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 class KVCache:
@@ -76,8 +83,9 @@ class Attention(nn.Module):
         # Head counts are read off the weights so that tensor parallelism can shard them.
         qkv = self.wqkv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         n_kv = qkv.shape[1] * self.n_kv_heads // (self.n_heads + 2 * self.n_kv_heads)
-        q, k, v = qkv.split([qkv.shape[1] - 2 * n_kv, n_kv, n_kv], dim=1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n_q = qkv.shape[1] - 2 * n_kv
+        q, k = apply_rope(qkv[:, : n_q + n_kv], cos, sin).split([n_q, n_kv], dim=1)  # both in one pass
+        v = qkv[:, n_q + n_kv :]
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = self.sdpa(q, k, v, attn_mask)

@@ -180,10 +180,16 @@ def start_scorers(folder: str, cfg: ScorerConfig) -> list:
 
 
 def scoring_calls(rows: list[dict], rows_per_call: int) -> list[list[int]]:
-    """Row indices in calls of about ``rows_per_call`` rows, longest context first. Rows with the same
-    context (one question's answers) stay in one call: the actor computes their context once."""
+    """Row indices in calls of about ``rows_per_call`` rows. Rows with the same context (one question's
+    answers) stay in one call: the actor computes their context once, then the answers as a trie. The
+    questions go largest first by what the actor will compute for them (the context plus its answers'
+    tokens, an upper bound on the trie), so the trees of one call, and of one forward pass, are of
+    about one size and their rows need little padding."""
     contexts = [tuple(r["tokens"][: len(r["tokens"]) - r["n_scored"]]) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: (-len(contexts[i]), contexts[i]))
+    tree_size: dict[tuple, int] = {}
+    for context, row in zip(contexts, rows):
+        tree_size[context] = tree_size.get(context, len(context)) + row["n_scored"] - 1
+    order = sorted(range(len(rows)), key=lambda i: (-tree_size[contexts[i]], contexts[i]))
     calls, current = [], []
     for i in order:
         if len(current) >= rows_per_call and contexts[i] != contexts[current[-1]]:

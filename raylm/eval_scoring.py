@@ -135,14 +135,22 @@ def forward_batches(rows: list[list[PrefixTree]], batch_tokens: int, max_request
 
 
 @torch.inference_mode()
-def score_requests(model: Transformer, sequences: list[list[int]], n_scored: list[int], row_tokens: int = 256,
+def score_requests(model: Transformer, sequences: list[list[int]], n_scored: list[int], row_tokens: int | None = None,
                    batch_tokens: int = 2048, max_requests: int | None = None) -> tuple[list[float], list[bool]]:
     """For each sequence: the summed log-prob of its last ``n_scored`` tokens given the tokens before
-    them, and whether every one of them was the model's greedy choice."""
-    row_tokens = min(row_tokens, model.config.max_seq_len)
+    them, and whether every one of them was the model's greedy choice.
+
+    ``row_tokens`` defaults to the longest tree: shorter trees share a row only where they fit beside
+    each other in that width, so no row is wider than it must be. Wider rows pad less when trees vary
+    in size but cost more attention, which spans the whole row (a row of two trees of 100 tokens
+    attends over 200 keys per query, where two rows of one tree attend over 100)."""
     logprob = torch.zeros(len(sequences), dtype=torch.float64)
     misses = torch.zeros(len(sequences), dtype=torch.long)
-    rows = pack_rows(build_trees(sequences, n_scored), row_tokens)
+    trees = build_trees(sequences, n_scored)
+    if not trees:
+        return logprob.tolist(), (misses == 0).tolist()
+    row_tokens = min(row_tokens or max(t.n_tokens for t in trees), model.config.max_seq_len)
+    rows = pack_rows(trees, row_tokens)
     for tree in (t for row in rows for t in row):
         longest = len(tree.prefix) + max(len(s) for _, s, _ in tree.branches) - 1
         if longest > model.config.max_seq_len:
