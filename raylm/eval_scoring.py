@@ -151,6 +151,7 @@ def score_requests(model: Transformer, sequences: list[list[int]], n_scored: lis
         return logprob.tolist(), (misses == 0).tolist()
     row_tokens = min(row_tokens or max(t.n_tokens for t in trees), model.config.max_seq_len)
     rows = pack_rows(trees, row_tokens)
+    dtype = model.output.weight.dtype
     for tree in (t for row in rows for t in row):
         longest = len(tree.prefix) + max(len(s) for _, s, _ in tree.branches) - 1
         if longest > model.config.max_seq_len:
@@ -158,7 +159,9 @@ def score_requests(model: Transformer, sequences: list[list[int]], n_scored: lis
                              f"({model.config.max_seq_len}): truncate it before scoring")
     for batch_rows in forward_batches(rows, batch_tokens, max_requests):
         batch = pack_batch(batch_rows)
-        hidden = model.hidden_states(batch.tokens, positions=batch.positions, attn_mask=batch.mask)
+        # Additive rather than boolean: attention would turn a boolean mask into this in every layer.
+        bias = torch.zeros(batch.mask.shape, dtype=dtype).masked_fill_(~batch.mask, float("-inf"))
+        hidden = model.hidden_states(batch.tokens, positions=batch.positions, attn_mask=bias)
         logits = model.output(hidden.flatten(0, 1)[batch.read_at]).float()
         logp = logits.log_softmax(-1)
         token_logp = logp.gather(-1, batch.targets[:, None]).squeeze(-1).double()
