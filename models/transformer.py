@@ -100,8 +100,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, output_rows=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer)
+        if output_rows is not None:  # only these positions' outputs are wanted: [1, rows, dim] from here
+            x = x.flatten(0, 1)[output_rows][None]
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -173,14 +175,20 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         return cos.to(dtype), sin.to(dtype)
 
-    def hidden_states(self, tokens, positions=None, attn_mask=None, cache: KVCache | None = None):
+    def hidden_states(self, tokens, positions=None, attn_mask=None, cache: KVCache | None = None,
+                      output_rows: torch.Tensor | None = None):
+        """Final hidden states [B, T, dim]. With ``output_rows`` (flat indices b * T + t), those
+        positions' alone, as [1, len(output_rows), dim]: the last block's feed-forward runs on them
+        only, its attention still on every position, as they read every position's key and value.
+        Scoring that reads a few positions of long contexts skips most of a block this way."""
         # A pipeline stage past the first has no embeddings: its input is the previous stage's output.
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
         offset = cache.length if cache is not None and positions is None else 0
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         cos, sin = self.rope_for(positions, tokens.shape[1], offset, dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers.values()):
-            h = layer(h, cos, sin, attn_mask, cache, i)
+            h = layer(h, cos, sin, attn_mask, cache, i, output_rows if i == last else None)
         if cache is not None:
             cache.length += tokens.shape[1]
         return h if self.norm is None else self.norm(h)

@@ -161,8 +161,9 @@ def score_requests(model: Transformer, sequences: list[list[int]], n_scored: lis
         batch = pack_batch(batch_rows)
         # Additive rather than boolean: attention would turn a boolean mask into this in every layer.
         bias = torch.zeros(batch.mask.shape, dtype=dtype).masked_fill_(~batch.mask, float("-inf"))
-        hidden = model.hidden_states(batch.tokens, positions=batch.positions, attn_mask=bias)
-        logits = model.output(hidden.flatten(0, 1)[batch.read_at]).float()
+        rows, row_of_target = batch.read_at.unique(return_inverse=True)  # answers share trie nodes' outputs
+        hidden = model.hidden_states(batch.tokens, positions=batch.positions, attn_mask=bias, output_rows=rows)
+        logits = model.output(hidden[0][row_of_target]).float()
         logp = logits.log_softmax(-1)
         token_logp = logp.gather(-1, batch.targets[:, None]).squeeze(-1).double()
         hit = logits.argmax(-1) == batch.targets
