@@ -161,12 +161,14 @@ def score_requests(model: Transformer, sequences: list[list[int]], n_scored: lis
         batch = pack_batch(batch_rows)
         # Additive rather than boolean: attention would turn a boolean mask into this in every layer.
         bias = torch.zeros(batch.mask.shape, dtype=dtype).masked_fill_(~batch.mask, float("-inf"))
-        rows, row_of_target = batch.read_at.unique(return_inverse=True)  # answers share trie nodes' outputs
-        hidden = model.hidden_states(batch.tokens, positions=batch.positions, attn_mask=bias, output_rows=rows)
-        logits = model.output(hidden[0][row_of_target]).float()
-        logp = logits.log_softmax(-1)
+        # The positions read, each once: a question's answers all read its prompt's last token, and
+        # answers that begin alike read their shared trie nodes.
+        read_rows, row_of_target = batch.read_at.unique(return_inverse=True)
+        hidden = model.hidden_states(batch.tokens, positions=batch.positions, attn_mask=bias, output_rows=read_rows)
+        logits = model.output(hidden[0]).float()
+        logp = logits.log_softmax(-1)[row_of_target]
         token_logp = logp.gather(-1, batch.targets[:, None]).squeeze(-1).double()
-        hit = logits.argmax(-1) == batch.targets
+        hit = logits.argmax(-1)[row_of_target] == batch.targets
         logprob.index_add_(0, batch.owner, token_logp)
         misses.index_add_(0, batch.owner, (~hit).long())
     return logprob.tolist(), (misses == 0).tolist()
