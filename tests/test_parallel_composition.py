@@ -70,38 +70,46 @@ def test_pipeline_stages_times_context_parallel_ranks_match_one_process(data_dir
     assert_same_run(tmp_path / "pp_cp", composed, tmp_path / "one", one, 3)
 
 
-def test_expert_parallel_times_context_parallel_ranks_match_one_process(data_dir, ray_four_workers,
-                                                                        tracking_uri, tmp_path):
+MOE_COMMON = {"model.preset": "moe-debug", "model.tie_embeddings": "false", "model.load_balance_coef": 0.0,
+              "train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3}
+
+
+@pytest.fixture(scope="module")
+def moe_one_process(data_dir, ray_four_workers, tracking_uri, tmp_path_factory):
+    """The reference of the two expert-parallel compositions: moe-debug in one process on the same 4
+    sequences a step (their 2 data-parallel ranks x 2 each) and the same 8 validation windows.
+    Untied embeddings, as pipeline stages need; load-balancing loss off (a product of per-batch
+    statistics, which a chunked batch does not reproduce), router z-loss on (a mean: the same over
+    chunks)."""
+    out = tmp_path_factory.mktemp("moe_one")
+    _, run = run_stage(pretrain_config(data_dir, out, **MOE_COMMON, **{
+        "parallel.num_workers": 1, "train.batch_size": 4}), tracking_uri)
+    return out, run
+
+
+def test_expert_parallel_times_context_parallel_ranks_match_one_process(data_dir, ray_four_workers, tracking_uri,
+                                                                        moe_one_process, tmp_path):
     """4 ranks: moe-debug's experts split 2 + 2 over the 2 data-parallel ranks (tokens exchanged
     all-to-all), each sequence split 32 + 32 over 2 context-parallel ranks; expert gradients summed
-    over the cp ranks that hold the same experts. Load-balancing loss off (a product of per-batch
-    statistics), router z-loss on (a mean: the same over chunks)."""
-    common = {"model.preset": "moe-debug", "model.load_balance_coef": 0.0, "train.steps": 3, "train.eval_every": 3,
-              "train.checkpoint_every": 3}
-    _, composed = run_stage(pretrain_config(data_dir, tmp_path / "ep_cp", **common, **{
+    over the cp ranks that hold the same experts."""
+    _, composed = run_stage(pretrain_config(data_dir, tmp_path / "ep_cp", **MOE_COMMON, **{
         "parallel.num_workers": 4, "parallel.ep": 2, "parallel.cp": 2}), tracking_uri)
-    _, one = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{
-        "parallel.num_workers": 1, "train.batch_size": 4}), tracking_uri)  # the same 8 validation windows
     # Adam divides by sqrt(v): an expert that saw few tokens moves by float rounding of the exchange
     # order (see test_train_pretrain's expert-parallel test); a wrong shard or sum moves whole updates.
-    assert_same_run(tmp_path / "ep_cp", composed, tmp_path / "one", one, 3, rtol=1e-3, atol=1e-3)
+    assert_same_run(tmp_path / "ep_cp", composed, *moe_one_process, 3, rtol=1e-3, atol=1e-3)
 
 
-def test_pipeline_stages_times_expert_parallel_ranks_match_one_process(data_dir, ray_four_workers,
-                                                                     tracking_uri, tmp_path):
+def test_pipeline_stages_times_expert_parallel_ranks_match_one_process(data_dir, ray_four_workers, tracking_uri,
+                                                                     moe_one_process, tmp_path):
     """4 ranks: moe-debug's 2 MoE blocks as 2 stages, each stage's experts split 2 + 2 over its 2
     data-parallel ranks (tokens exchanged all-to-all inside the stage), 1F1B over 2 micro-batches,
-    each stage's router z-loss in the objective. The one-process run sees the same 4 sequences a step
-    and the same 8 validation windows."""
-    common = {"model.preset": "moe-debug", "model.tie_embeddings": "false", "model.load_balance_coef": 0.0,
-              "train.steps": 3, "train.eval_every": 3, "train.checkpoint_every": 3}
-    _, composed = run_stage(pretrain_config(data_dir, tmp_path / "pp_ep", **common, **{
+    each stage's router z-loss in the objective."""
+    _, composed = run_stage(pretrain_config(data_dir, tmp_path / "pp_ep", **MOE_COMMON, **{
         "parallel.num_workers": 4, "parallel.pp": 2, "parallel.ep": 2, "parallel.pp_microbatches": 2}),
         tracking_uri)
-    _, one = run_stage(pretrain_config(data_dir, tmp_path / "one", **common, **{
-        "parallel.num_workers": 1, "train.batch_size": 4}), tracking_uri)
+    one = moe_one_process[1]
     # As in the expert-parallel tests: the exchange order moves rarely-used experts by float rounding.
-    assert_same_run(tmp_path / "pp_ep", composed, tmp_path / "one", one, 3, rtol=1e-3, atol=1e-3)
+    assert_same_run(tmp_path / "pp_ep", composed, *moe_one_process, 3, rtol=1e-3, atol=1e-3)
     for layer in (0, 1):  # each stage's expert loads, summed over its ranks, under the whole-model index
         fractions = [history(composed, f"moe/layer{layer}/expert{e}_fraction")[3] for e in range(4)]
         theirs = [history(one, f"moe/layer{layer}/expert{e}_fraction")[3] for e in range(4)]
