@@ -146,13 +146,11 @@ def score_requests(model: Transformer, sequences: list[list[int]], n_scored: lis
     attends over 200 keys per query, where two rows of one tree attend over 100)."""
     logprob = torch.zeros(len(sequences), dtype=torch.float64)
     misses = torch.zeros(len(sequences), dtype=torch.long)
-    trees = build_trees(sequences, n_scored)
-    if not trees:
-        return logprob.tolist(), (misses == 0).tolist()
-    row_tokens = min(row_tokens or max(t.n_tokens for t in trees), model.config.max_seq_len)
+    trees = build_trees(sequences, n_scored)  # none when every answer merged into its context
+    row_tokens = min(row_tokens or max((t.n_tokens for t in trees), default=1), model.config.max_seq_len)
     rows = pack_rows(trees, row_tokens)
     dtype = model.output.weight.dtype
-    for tree in (t for row in rows for t in row):
+    for tree in trees:
         longest = len(tree.prefix) + max(len(s) for _, s, _ in tree.branches) - 1
         if longest > model.config.max_seq_len:
             raise ValueError(f"a request of {longest + 1} tokens exceeds the model's max_seq_len "
