@@ -35,10 +35,13 @@ class LoglikelihoodScorer:
     one question share one pass over the question: ``raylm.eval_scoring``); any other causal LM
     through transformers, in padded batches of similar length."""
 
-    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_batch: int = 32, max_tokens: int = 8192):
+    def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_batch: int = 32, max_tokens: int = 8192,
+                 num_threads: int | None = None):
         import json
         from pathlib import Path
 
+        if num_threads is not None:  # torch sizes its thread pool once, when first used, from OMP_NUM_THREADS, which
+            torch.set_num_threads(num_threads)  # Ray sets too late for a worker that had torch imported at start
         model_type = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("model_type")
         self.raylm_model = None
         if model_type in RAYLM_MODEL_TYPES:

@@ -5,15 +5,20 @@ in one run: the same multiple-choice task, the same documents, the same checkpoi
     .venv/bin/python benchmarks/eval.py --preset tiny --num-fewshot 3 --limit 100
 
 raylm's side is `raylm eval`'s path for one checkpoint (pipelines.eval.evaluate_checkpoint: the
-scorer actors start, Python, torch and the model loading in each, while the driver tokenises; then
-the actors score); lm_eval's is `lm_eval.simple_evaluate` with `model="hf"` (loading the model and
-the task's data, tokenising, scoring), run at its default batch size 1 and at raylm's batch size.
-What is timed for both: everything from the call to the accuracy, after the Python packages both
-use are imported in this process (transformers, datasets, lm_eval) and Ray is started; starting
-Ray itself (a few seconds, once per `raylm eval` run) is not timed. With ``--repeat`` the systems
-take turns, the order reversed every round, and the table shows each one's median; the speed-up of
-every round is printed too (on a machine shared with other jobs the ratio within a round is steadier
-than either rate). Both must report the same accuracy, or the benchmark fails.
+scorer actors start on Ray's workers and load the model while the driver tokenises; then the actors
+score); lm_eval's is `lm_eval.simple_evaluate` with `model="hf"` (loading the model and the task's
+data, tokenising, scoring), run at its default batch size 1 and at raylm's batch size.
+
+What is timed for both: everything from the call to the accuracy. Not timed: what each does once
+per process before that. For lm_eval, importing the Python packages it uses (torch, transformers,
+datasets, lm_eval) in this process; for raylm, starting Ray as `raylm eval` starts it
+(raylm.ray_init: a local Ray whose first workers import torch as they start, `--preload-modules`).
+Ray is started afresh before every raylm round, so each round's scorers start as a `raylm eval`
+run's do, and every timed run of either system begins once the machine is idle again. With
+``--repeat`` the systems take turns, the order reversed every round, and the table shows each
+one's median; the speed-up of every round is printed too (on a machine shared with other jobs the
+ratio within a round is steadier than either rate). Both must report the same accuracy, or the
+benchmark fails.
 """
 
 from __future__ import annotations
@@ -102,6 +107,34 @@ def run_lm_eval(checkpoint: Path, task_dir: Path, task_name: str, num_fewshot: i
             "acc": res["acc,none"], "acc_norm": res["acc_norm,none"]}
 
 
+def start_ray(cpus: int, preload_modules: list[str]) -> None:
+    """A fresh local Ray, started as `raylm eval` starts it."""
+    import ray
+
+    from raylm.config import RayConfig
+    from raylm.ray_init import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(RayConfig(num_cpus=cpus, preload_modules=preload_modules))
+
+
+def wait_until_idle(max_seconds: float = 30.0) -> None:
+    """Until the CPUs were at least 90% idle over half a second (Ray's workers done importing, the last
+    run's processes gone), or ``max_seconds``."""
+    def idle_and_total() -> tuple[int, int]:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        idle0, total0 = idle_and_total()
+        time.sleep(0.5)
+        idle1, total1 = idle_and_total()
+        if idle1 - idle0 >= 0.9 * (total1 - total0):
+            return
+
+
 def import_packages() -> None:
     """What both sides import lazily on their first call, imported before either is timed."""
     import datasets  # noqa: F401  lm_eval's task data
@@ -126,15 +159,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="rounds, the systems taking turns")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights and compute of both systems")
+    parser.add_argument("--preload-modules", default=None,
+                        help="comma-separated modules Ray's workers import as they start (default: what `raylm eval` "
+                             "has them import, pipelines.eval.WORKER_MODULES; '' for none)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import_packages()
-    import ray
+    from raylm.pipelines.eval import WORKER_MODULES
 
-    ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
+    preload = list(WORKER_MODULES) if args.preload_modules is None else [m for m in args.preload_modules.split(",") if m]
 
     batches = [args.batch if b.strip() == "batch" else int(b) for b in args.lm_eval_batches.split(",")]
     runs = {}  # system label -> the rows of its rounds
@@ -142,10 +178,18 @@ def main() -> int:
         out = Path(tmp)
         checkpoint = build_checkpoint(out, args.preset, args.init_std)
         task_dir, task_name = lm_eval_task_copy(out)
-        systems = [lambda: run_raylm(checkpoint, args.num_fewshot, args.limit, args.actors, args.batch, args.dtype)]
-        systems += [lambda b=b: run_lm_eval(checkpoint, task_dir, task_name, args.num_fewshot, args.limit, b,
-                                            args.lm_eval_threads or args.actors, args.dtype)
-                    for b in dict.fromkeys(batches)]
+
+        def raylm_round():
+            start_ray(args.actors, preload)
+            wait_until_idle()
+            return run_raylm(checkpoint, args.num_fewshot, args.limit, args.actors, args.batch, args.dtype)
+
+        def lm_eval_round(batch):
+            wait_until_idle()
+            return run_lm_eval(checkpoint, task_dir, task_name, args.num_fewshot, args.limit, batch,
+                               args.lm_eval_threads or args.actors, args.dtype)
+
+        systems = [raylm_round] + [lambda b=b: lm_eval_round(b) for b in dict.fromkeys(batches)]
         for round_ in range(args.repeat):
             for system in systems if round_ % 2 == 0 else systems[::-1]:
                 load = os.getloadavg()[0]
@@ -158,7 +202,8 @@ def main() -> int:
                  seconds=statistics.median(r["seconds"] for r in rounds)) for rounds in runs.values()]
     ours = rows[0]["items_per_s"]
     print(f"\n{args.limit} items of stdlib_docstring_mc, {args.num_fewshot}-shot, preset {args.preset}, "
-          f"{args.dtype}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, "
+          f"{args.dtype}, {os.cpu_count()} cores, Ray workers preloading {','.join(preload) or 'nothing'}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end, "
           f"median of {args.repeat} round{'s' if args.repeat > 1 else ''}\n")
     print("| system | batch | items/s | seconds | acc | acc_norm | raylm speed-up |")
     print("|---|---|---|---|---|---|---|")

@@ -11,6 +11,7 @@ checkpoint against another, and an n-gram decontamination report against the tra
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import time
@@ -167,16 +168,30 @@ def loglikelihood_rows(task: Task, num_fewshot: int | None, enc: Encoder, max_le
     return rows
 
 
+# What the scorer actors import: Ray's first workers import it as they start (raylm.ray_init).
+WORKER_MODULES = ("torch",)
+
+
 def start_scorers(folder: str, cfg: ScorerConfig) -> list:
     """The log-likelihood actors. Each loads the model as soon as it starts, so the driver can
     tokenise while they do: on a small machine starting Python, torch and the model is a good part of
     a whole evaluation."""
+    actor = scorer_actor_class().options(num_cpus=cfg.cpus_per_actor)
+    threads = max(1, int(cfg.cpus_per_actor))
+    return [actor.remote(str(folder), dtype=cfg.dtype, max_batch=cfg.max_batch, num_threads=threads)
+            for _ in range(cfg.num_actors)]
+
+
+@functools.cache
+def scorer_actor_class():
+    """One Ray actor class per process: Ray pickles a class (by value, scanning every loaded module)
+    and ships it to the cluster the first time it starts an actor of it, 0.2-0.4 s in a driver that
+    has transformers imported, and then only once per job for every checkpoint that is scored."""
     import ray
 
     from raylm.actors.loglikelihood_scorer import LoglikelihoodScorer
 
-    actor = ray.remote(num_cpus=cfg.cpus_per_actor)(LoglikelihoodScorer)
-    return [actor.remote(str(folder), dtype=cfg.dtype, max_batch=cfg.max_batch) for _ in range(cfg.num_actors)]
+    return ray.remote(LoglikelihoodScorer)
 
 
 def scoring_calls(rows: list[dict], rows_per_call: int) -> list[list[int]]:
@@ -437,7 +452,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
 
     from raylm.ray_init import init_ray
 
-    init_ray(config.ray)
+    init_ray(config.ray, WORKER_MODULES)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tasks = [(ref, load_task(ref.path, ref.limit)) for ref in config.tasks]
     out = config.output_path

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"raylm: {e}", file=sys.stderr)
             return 3
     else:
+        if hasattr(module, "WORKER_MODULES"):  # a stage whose actors wait on these imports: Ray first, so that its
+            from raylm.ray_init import init_ray  # workers import them while MLflow sets up
+
+            init_ray(config.ray, module.WORKER_MODULES)
         with stage_run(args.command, config, uri=args.tracking_uri) as run:
             print(f"raylm {args.command}: MLflow run {run.run_id} at {run.uri}", flush=True)
             summary = module.run(config, run)

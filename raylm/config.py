@@ -34,6 +34,10 @@ class RayConfig(Section):
     address: str | None = None  # None: start (or join, inside a Ray job) a local Ray
     num_cpus: int | None = Field(default=None, ge=1)
     object_store_memory: int | None = Field(default=None, ge=78643200)  # Ray's minimum, 75 MiB
+    # Modules that a local Ray's workers import as they start, before any task or actor asks for them
+    # (Ray's `preload_python_modules`). None: the stage's own (`torch` for eval's scorer actors); [] for none.
+    # A cluster started with `ray start` takes them from RAY_preload_python_modules on each node instead.
+    preload_modules: list[str] | None = None
 
 
 class StageConfig(Section):
