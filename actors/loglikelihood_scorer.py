@@ -10,7 +10,10 @@ the greedy choice. Multiple-choice answers and perplexity windows are both such 
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+# torch is imported inside the actors' methods: the driver that starts them needs this module for
+# the classes alone, and importing torch would cost it 1.5-2.5 s of CPU (the actors' workers have
+# it already, raylm.ray_init).
 
 
 def _micro_batches(lengths: list[int], max_batch: int, max_tokens: int) -> list[list[int]]:
@@ -40,6 +43,8 @@ class LoglikelihoodScorer:
         import json
         from pathlib import Path
 
+        import torch
+
         if num_threads is not None:  # torch sizes its thread pool once, when first used, from OMP_NUM_THREADS, which
             torch.set_num_threads(num_threads)  # Ray sets too late for a worker that had torch imported at start
         model_type = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("model_type")
@@ -56,19 +61,24 @@ class LoglikelihoodScorer:
             ).eval()
         self.max_batch, self.max_tokens = max_batch, max_tokens
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         sequences = [[int(t) for t in seq] for seq in batch["tokens"]]
         n_scored = [int(n) for n in batch["n_scored"]]
-        if self.raylm_model is not None:
-            from raylm.eval_scoring import score_requests
+        with torch.inference_mode():
+            if self.raylm_model is not None:
+                from raylm.eval_scoring import score_requests
 
-            logprob, greedy = score_requests(self.raylm_model, sequences, n_scored, batch_tokens=self.max_tokens,
-                                             max_requests=self.max_batch)
-            return {"id": batch["id"], "logprob": np.asarray(logprob, dtype=np.float64), "is_greedy": np.asarray(greedy)}
-        return self._score_padded(batch["id"], sequences, n_scored)
+                logprob, greedy = score_requests(self.raylm_model, sequences, n_scored, batch_tokens=self.max_tokens,
+                                                 max_requests=self.max_batch)
+                return {"id": batch["id"], "logprob": np.asarray(logprob, dtype=np.float64),
+                        "is_greedy": np.asarray(greedy)}
+            return self._score_padded(batch["id"], sequences, n_scored)
 
     def _score_padded(self, ids, sequences: list[list[int]], n_scored: list[int]) -> dict[str, np.ndarray]:
+        import torch
+
         logprob = np.zeros(len(sequences), dtype=np.float64)
         greedy = np.zeros(len(sequences), dtype=bool)
         inputs = [s[:-1] for s in sequences]  # the last token is only ever a target
@@ -100,8 +110,9 @@ class RewardScorer:
         self.model = load_checkpoint(checkpoint_dir, scalar_head=True).eval()
         self.max_batch = max_batch
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         sequences = [list(t) for t in batch["tokens"]]
         scores = np.zeros(len(sequences), dtype=np.float64)
         for rows in _micro_batches([len(s) for s in sequences], self.max_batch, 1 << 30):
@@ -111,6 +122,8 @@ class RewardScorer:
             for r, i in enumerate(rows):
                 tokens[r, : len(sequences[i])] = torch.tensor(sequences[i])
                 mask[r, : len(sequences[i])] = 1
-            for r, value in zip(rows, self.model.sequence_scores(tokens, mask).tolist()):
+            with torch.inference_mode():
+                values = self.model.sequence_scores(tokens, mask).tolist()
+            for r, value in zip(rows, values):
                 scores[r] = value
         return {"id": batch["id"], "score": scores}

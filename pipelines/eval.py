@@ -127,17 +127,49 @@ def check(config: Config, config_path) -> None:
 
 # ---- tokenisation, as lm-evaluation-harness's Hugging Face backend does it ----------------------
 class Encoder:
-    def __init__(self, folder: str):
-        import transformers
+    """Text to token ids as lm_eval's Hugging Face backend has them (``encode``, ``encode_pair``), and back.
 
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        tok = self.tokenizer
-        self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        hf = json.loads((Path(folder) / "config.json").read_text())
+    A tokenizer that is one ``tokenizer.json`` under transformers' generic fast class, with nothing in
+    ``tokenizer_config.json`` that changes what it adds or how it decodes (what raylm's checkpoints
+    carry), is run by the ``tokenizers`` library directly: that is all transformers does with it, and
+    importing transformers (which imports torch) would cost the driver ~6 s before it could hand the
+    scorers any work. Any other tokenizer goes through ``transformers.AutoTokenizer``."""
+
+    PLAIN_FAST_KEYS = {"tokenizer_class", "model_max_length", "clean_up_tokenization_spaces",
+                       "bos_token", "eos_token", "pad_token", "unk_token"}
+
+    def __init__(self, folder: str):
+        path = Path(folder)
+        tok_config = path / "tokenizer_config.json"
+        settings = json.loads(tok_config.read_text()) if tok_config.exists() else {}
+        plain = ((path / "tokenizer.json").exists() and not (path / "special_tokens_map.json").exists()
+                 and settings.get("tokenizer_class") == "PreTrainedTokenizerFast"
+                 and set(settings) <= self.PLAIN_FAST_KEYS and not settings.get("clean_up_tokenization_spaces")
+                 and all(isinstance(settings.get(k, ""), str) for k in ("bos_token", "eos_token")))
+        if plain:
+            import tokenizers
+
+            self.tokenizer = None
+            self.backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            bos, eos = (self.backend.token_to_id(settings[k]) if k in settings else None for k in ("bos_token", "eos_token"))
+        else:
+            import transformers
+
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        self.prefix_token_id = bos if bos is not None else eos
+        hf = json.loads((path / "config.json").read_text())
         self.max_length = next((hf[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if k in hf), 2048)
 
     def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            return self.backend.encode(text).ids
         return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return self.backend.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if not context:
@@ -258,7 +290,7 @@ def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: 
             ray.kill(e)
     texts = []
     for r in results:
-        text = enc.tokenizer.decode(r["tokens"], skip_special_tokens=True)
+        text = enc.decode(r["tokens"])
         for stop in until:
             if stop and stop in text:
                 text = text[: text.index(stop)]

@@ -3,7 +3,9 @@ tokens, answers tokenised against their context the way lm_eval does it, perplex
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 from raylm.eval_scoring import build_trees, pack_rows, score_requests
 from raylm.models.config import preset
 from raylm.models.transformer import Transformer
+
+TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -131,13 +135,60 @@ def test_answers_that_begin_alike_share_their_tokens(model):
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     from test_eval_fixtures import build_checkpoint, build_tokenizer
 
+    root = tmp_path_factory.mktemp("eval-scoring")
+    return build_checkpoint(root / "checkpoint", build_tokenizer(root / "tokenizer.json"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def encoder(checkpoint):
     from raylm.pipelines.eval import Encoder
 
-    root = tmp_path_factory.mktemp("eval-scoring")
-    return Encoder(str(build_checkpoint(root / "checkpoint", build_tokenizer(root / "tokenizer.json"), seed=0)))
+    return Encoder(str(checkpoint))
+
+
+def test_encoder_runs_a_raylm_tokenizer_as_transformers_does(checkpoint, encoder, tmp_path):
+    """A raylm checkpoint's tokenizer is run by the `tokenizers` library itself, so the driver need not
+    import transformers: the same ids for every context, answer and document of the shipped tasks
+    (few-shot contexts included), the same prefix token and the same decoded text as
+    transformers.AutoTokenizer. A tokenizer_config that sets anything more goes through transformers."""
+    import shutil
+
+    import transformers
+
+    from raylm.eval_tasks import load_task
+    from raylm.pipelines.eval import Encoder
+
+    reference = transformers.AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    assert encoder.tokenizer is None  # the direct path
+    assert encoder.prefix_token_id == reference.bos_token_id
+    texts = []
+    for yaml_file in sorted(TASKS.glob("*.yaml")):
+        task = load_task(str(yaml_file), 60)
+        if task.output_type == "multiple_choice":
+            for context in task.contexts(0) + task.contexts(3):
+                texts += [context] + [context + task.target_delimiter + c for c in task.choices(task.eval_docs[0])]
+        elif task.output_type == "loglikelihood_rolling":
+            texts += [task.text(doc) for doc in task.eval_docs]
+        else:
+            texts += task.contexts(2) + [task.target_text(doc) for doc in task.eval_docs]
+    assert len(texts) > 500
+    ids = [encoder.encode(t) for t in texts]
+    assert ids == [reference.encode(t) for t in texts]
+    specials = [reference.bos_token_id, reference.eos_token_id, reference.pad_token_id]
+    for t in ids[::7]:
+        with_specials = specials[:1] + t + specials[1:]
+        assert encoder.decode(with_specials) == reference.decode(with_specials, skip_special_tokens=True)
+
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(checkpoint / name, custom / name)
+    settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    (custom / "tokenizer_config.json").write_text(json.dumps({**settings, "add_bos_token": True}))
+    assert Encoder(str(custom)).tokenizer is not None  # not known to be plain: transformers runs it
 
 
 def test_answers_tokenised_across_the_context_boundary(model, encoder):
