@@ -40,26 +40,32 @@ class LoglikelihoodScorer:
 
     def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_batch: int = 32, max_tokens: int = 8192,
                  num_threads: int | None = None):
+        import torch
+
+        if num_threads is not None:  # torch sizes its thread pool once, when first used, from OMP_NUM_THREADS, which
+            torch.set_num_threads(num_threads)  # Ray sets too late for a worker that had torch imported at start
+        self.dtype, self.max_batch, self.max_tokens = dtype, max_batch, max_tokens
+        self.load(checkpoint_dir)
+
+    def load(self, checkpoint_dir: str) -> None:
+        """Score with this checkpoint from now on: one pool of scorers serves an evaluation's checkpoints in turn."""
         import json
         from pathlib import Path
 
         import torch
 
-        if num_threads is not None:  # torch sizes its thread pool once, when first used, from OMP_NUM_THREADS, which
-            torch.set_num_threads(num_threads)  # Ray sets too late for a worker that had torch imported at start
         model_type = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("model_type")
-        self.raylm_model = None
+        self.raylm_model = self.model = None
         if model_type in RAYLM_MODEL_TYPES:
             from raylm.models.hf_checkpoint import load_checkpoint
 
-            self.raylm_model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
+            self.raylm_model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, self.dtype)).eval()
         else:
             import transformers
 
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                checkpoint_dir, dtype=getattr(torch, dtype), local_files_only=True
+                checkpoint_dir, dtype=getattr(torch, self.dtype), local_files_only=True
             ).eval()
-        self.max_batch, self.max_tokens = max_batch, max_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -299,13 +299,24 @@ def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: 
 
 
 # ---- one checkpoint ---------------------------------------------------------------------------
-def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]], config: Config) -> dict:
+def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]], config: Config,
+                        scorers: list | None = None) -> dict:
+    """Every task on one checkpoint. ``scorers`` is a pool of scorer actors that the caller keeps across
+    checkpoints (and kills at the end): started here when empty, else switched to this checkpoint, and
+    emptied when generation follows, since the engines take the CPUs. Without a pool, the scorers live
+    for this checkpoint only."""
     import ray
 
     start = time.perf_counter()
     scoring = any(task.output_type != "generate_until" for _, task in tasks)
-    scorers = start_scorers(folder, config.scorer) if scoring else []
+    generating = any(task.output_type == "generate_until" for _, task in tasks)
+    pool = [] if scorers is None else scorers
     try:
+        loading = []
+        if scoring and pool:  # each actor loads before this checkpoint's calls: it runs one caller's calls in order
+            loading = [actor.load.remote(str(folder)) for actor in pool]
+        elif scoring:
+            pool += start_scorers(folder, config.scorer)
         enc = Encoder(folder)
         max_length = min(config.scorer.max_length or enc.max_length, enc.max_length)
         rows, owner = [], []
@@ -314,10 +325,13 @@ def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]
                 task_rows = loglikelihood_rows(task, ref.num_fewshot, enc, max_length, config.scorer.stride)
                 rows += task_rows
                 owner += [t] * len(task_rows)
-        scores = score_rows(scorers, rows, config.scorer) if rows else []
+        ray.get(loading)  # a checkpoint that fails to load fails here, not scored with the last one's weights
+        scores = score_rows(pool, rows, config.scorer) if rows else []
     finally:
-        for actor in scorers:  # their CPUs go to the generation engines next
-            ray.kill(actor)
+        if scorers is None or generating:  # their CPUs go to the generation engines next
+            for actor in pool:
+                ray.kill(actor)
+            pool.clear()
     if scoring:
         print(f"raylm eval: {name}: tokenised and scored {len(rows)} sequences in {time.perf_counter() - start:.1f}s",
               flush=True)
@@ -490,18 +504,24 @@ def run(config: Config, stage_run: StageRun) -> dict:
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"results": {}}
-    for name, folder in config.checkpoints.items():
-        started = time.perf_counter()
-        results = evaluate_checkpoint(name, folder, tasks, config) if tasks else {}
-        seconds = time.perf_counter() - started
-        summary["results"][name] = results
-        n_items = sum(m["n_items"] for m in results.values())
-        stage_run.log_metrics({f"{name}/{task}/{metric}": value for task, m in results.items() for metric, value in m.items()
-                               if isinstance(value, (int, float))})
-        stage_run.log_metrics({f"{name}/items_per_s": n_items / seconds if seconds else 0.0})
-        for task, m in results.items():
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float) and not k.endswith("stderr"))
-            print(f"raylm eval: {name} {task}: {shown}", flush=True)
+    scorers: list = []  # one pool of scorer actors for the checkpoints in turn (raylm.actors.loglikelihood_scorer)
+    try:
+        for name, folder in config.checkpoints.items():
+            started = time.perf_counter()
+            results = evaluate_checkpoint(name, folder, tasks, config, scorers) if tasks else {}
+            seconds = time.perf_counter() - started
+            summary["results"][name] = results
+            n_items = sum(m["n_items"] for m in results.values())
+            stage_run.log_metrics({f"{name}/{task}/{metric}": value for task, m in results.items()
+                                   for metric, value in m.items() if isinstance(value, (int, float))})
+            stage_run.log_metrics({f"{name}/items_per_s": n_items / seconds if seconds else 0.0})
+            for task, m in results.items():
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items()
+                                  if isinstance(v, float) and not k.endswith("stderr"))
+                print(f"raylm eval: {name} {task}: {shown}", flush=True)
+    finally:
+        for actor in scorers:  # their CPUs go to the preference judge next
+            ray.kill(actor)
     if config.preference is not None:
         summary["preference"] = preference_win_rate(config)
         p = summary["preference"]

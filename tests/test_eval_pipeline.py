@@ -170,6 +170,37 @@ def test_eval_end_to_end(tmp_path, models, ray_local, mlflow_server):
     assert metrics["preference/win_rate"] == 0.5
 
 
+@pytest.mark.timeout(600)
+def test_one_scorer_pool_serves_the_checkpoints_in_turn(models, ray_local):
+    """`raylm eval` keeps its scorer actors across checkpoints and loads each checkpoint into them:
+    the same actors throughout, and the same results as scorers started for each checkpoint alone,
+    also when it goes back to a checkpoint it scored before."""
+    from raylm.eval_tasks import load_task
+    from raylm.pipelines.eval import Config, ScorerConfig, TaskRef, evaluate_checkpoint
+
+    refs = [TaskRef(path=str(TASKS / "stdlib_docstring_mc.yaml"), limit=12),
+            TaskRef(path=str(TASKS / "stdlib_docs_ppl.yaml"), limit=3)]
+    tasks = [(ref, load_task(ref.path, ref.limit)) for ref in refs]
+    config = Config(checkpoints={name: str(models[name]) for name in ("base", "trained")}, tasks=refs,
+                    scorer=ScorerConfig(num_actors=1, max_length=128))
+    pool, shared, actors = [], [], []
+    try:
+        for name in ("base", "trained", "base"):
+            shared.append(evaluate_checkpoint(name, str(models[name]), tasks, config, pool))
+            actors.append([actor._actor_id for actor in pool])
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    alone = {name: evaluate_checkpoint(name, str(models[name]), tasks, config) for name in ("base", "trained")}
+    assert len(actors[0]) == 1 and actors[0] == actors[1] == actors[2]  # started once, then reloaded
+    for results, name in zip(shared, ("base", "trained", "base")):
+        assert results.keys() == alone[name].keys()
+        for task, metrics in results.items():
+            assert metrics == pytest.approx(alone[name][task], rel=1e-9), (name, task)
+    ppl = "stdlib_docs_ppl"
+    assert shared[1][ppl]["bits_per_byte"] < shared[0][ppl]["bits_per_byte"]  # the trained weights were scored
+
+
 # ---- lm-evaluation-harness parity ----------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(900)
