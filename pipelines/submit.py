@@ -11,11 +11,17 @@ holds it), and the working directory carries the configs, task files and data th
 
     raylm submit examples/cluster.yaml --address http://127.0.0.1:8265            # submit, follow the logs
     raylm submit examples/cluster.yaml --address http://127.0.0.1:8265 --no-follow
-    raylm submit examples/cluster.yaml --address http://127.0.0.1:8265 --status raylm-...
-    raylm submit examples/cluster.yaml --address http://127.0.0.1:8265 --stop raylm-...
+    raylm submit --address http://127.0.0.1:8265 --status raylm-...
+    raylm submit --address http://127.0.0.1:8265 --stop raylm-...
 
 The address is the Ray dashboard's; reach it through an SSH tunnel (`ray dashboard cluster/aws.yaml`)
-or `kubectl port-forward`, never by opening it to the internet.
+or `kubectl port-forward`, never by opening it to the internet: Ray's job API has no authentication
+of its own, and whoever reaches it runs code on every node.
+
+What is uploaded: ``submit.working_dir`` minus ``EXCLUDES`` (sources, environments, outputs, VCS),
+``SECRETS`` (``.env``, keys, certificates, credential files), every pattern of the working
+directory's ``.gitignore``, and ``submit.excludes``. The job commands (``--status``, ``--logs``,
+``--stop``) take a job id alone: ``raylm submit --address URL --status JOB_ID``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Never uploaded: the sources (the cluster's installed raylm runs), environments, outputs, VCS.
 EXCLUDES = [".git", ".venv", "venv", "out", "logs", "*.db", "mlruns", "mlartifacts", "__pycache__",
             "raylm", "models", "actors", "pipelines", "tests", "benchmarks"]
+# Never uploaded, wherever they lie in the working directory: secrets a job has no need of, which
+# would otherwise sit in the cluster's object store and on every node's disk.
+SECRETS = [".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",
+           "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".ssh", ".gnupg", ".aws", ".azure", ".kube",
+           ".docker", ".netrc", ".pgpass", ".git-credentials", ".npmrc", ".pypirc", "credentials",
+           "credentials.*", "*credentials*.json", "*service-account*.json", "*.tfstate", "*.tfvars", "secrets.*"]
+NO_AUTH_NOTE = ("raylm submit: Ray's job API has no authentication: anyone who reaches {address} can run code "
+                "on the cluster. Reach it only through a tunnel (`ray dashboard CLUSTER.yaml`, `ssh -L`, "
+                "`kubectl port-forward`), never through an open port.")
 
 
 class SubmitOptions(Section):
@@ -98,12 +113,26 @@ def entrypoint(config: Config, config_path: str, overrides: list[str], tracking_
     return shlex.join(words)
 
 
+def gitignore_patterns(working_dir: Path) -> list[str]:
+    """The patterns of ``working_dir/.gitignore`` (gitignore syntax, which Ray's excludes share)."""
+    path = working_dir / ".gitignore"
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    return [line.rstrip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def excludes(config: Config) -> list[str]:
+    working_dir = Path(config.submit.working_dir).resolve()
+    return EXCLUDES + SECRETS + gitignore_patterns(working_dir) + list(config.submit.excludes)
+
+
 def runtime_env(config: Config, tracking_uri: str | None) -> dict:
     env_vars = dict(config.submit.env_vars)
     if tracking_uri:
         env_vars.setdefault("MLFLOW_TRACKING_URI", tracking_uri)
     env = {"working_dir": str(Path(config.submit.working_dir).resolve()),
-           "excludes": EXCLUDES + config.submit.excludes, "env_vars": env_vars}
+           "excludes": excludes(config), "env_vars": env_vars}
     if config.submit.pip:
         env["pip"] = list(config.submit.pip)
     return env
@@ -143,7 +172,8 @@ def submit_with_retries(client, wait_seconds: float = 120, **job) -> None:
             time.sleep(2)
 
 
-def submit(config: Config, args) -> int:
+def job_command(args) -> int:
+    """``--status``, ``--logs`` or ``--stop`` JOB_ID: needs the address and the job id, no config."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(args.address)
@@ -155,9 +185,15 @@ def submit(config: Config, args) -> int:
         info = client.get_job_info(args.status)
         print(f"raylm submit: job {args.status}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
         return 0 if str(info.status.value) != "FAILED" else 1
-    if args.logs:
-        sys.stdout.write(client.get_job_logs(args.logs))
-        return 0
+    sys.stdout.write(client.get_job_logs(args.logs))
+    return 0
+
+
+def submit(config: Config, args) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    print(NO_AUTH_NOTE.format(address=args.address), file=sys.stderr, flush=True)
+    client = JobSubmissionClient(args.address)
     job_id = f"{config.submit.job_id_prefix}-{config.submit.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = entrypoint(config, args.config, args.overrides, args.tracking_uri)
     submit_with_retries(client, entrypoint=command, submission_id=job_id,
@@ -165,8 +201,9 @@ def submit(config: Config, args) -> int:
                         entrypoint_num_cpus=config.submit.entrypoint_num_cpus,
                         entrypoint_resources=config.submit.entrypoint_resources or None)
     print(f"raylm submit: job {job_id} submitted to {args.address}: {command}", flush=True)
-    print(f"  status: raylm submit {args.config} --address {args.address} --status {job_id}\n"
-          f"  stop:   raylm submit {args.config} --address {args.address} --stop {job_id}", flush=True)
+    print(f"  status: raylm submit --address {args.address} --status {job_id}\n"
+          f"  logs:   raylm submit --address {args.address} --logs {job_id}\n"
+          f"  stop:   raylm submit --address {args.address} --stop {job_id}", flush=True)
     if not args.follow:
         return 0
     status = follow(client, job_id, config.submit)
