@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, Section, StageConfig
+from raylm.config import ConfigError, Section, StageConfig, check_one_data_source
 from raylm.tracking import StageRun
 from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
@@ -36,6 +36,10 @@ class PreferenceDataConfig(Section):
     pairs_per_prompt: int = Field(default=1, ge=1)  # built-in training pairs per function (different negatives)
     on_bad_line: Literal["error", "skip"] = "error"  # skip: keep every valid line, bad ones to quarantine.jsonl
     tokenizer: str | None = None  # tokenizer.json; default: the checkpoint's
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        return check_one_data_source(self)
 
 
 class FreezeConfig(Section):

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, Section, StageConfig
+from raylm.config import ConfigError, Section, StageConfig, check_one_data_source
 from raylm.peft_config import PeftConfig
 from raylm.tracking import StageRun
 from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
@@ -40,6 +40,10 @@ class DataConfig(Section):
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # of the built-in set's functions (as reward's)
     tokenizer: str | None = None  # tokenizer.json; default: the checkpoint's
     system_prompt: str | None = None  # prepended to conversations that have none
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        return check_one_data_source(self)
 
 
 class FreezeConfig(Section):

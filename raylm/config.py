@@ -53,6 +53,19 @@ class StageConfig(Section):
         return Path(self.output_dir)
 
 
+def check_one_data_source(data: Section) -> Section:
+    """A data section with ``builtin`` and ``train``/``validation`` files names two data sets:
+    refuse it rather than train on one and ignore the other (a stage file's ``builtin`` under a
+    user's ``--set data.train=...`` was the usual way in)."""
+    files = [key for key in ("train", "validation") if getattr(data, key) is not None]
+    if data.builtin is not None and files:
+        named = " and ".join(f"data.{key}" for key in files)
+        raise ValueError(f"builtin: {data.builtin!r} and {named} are both set: train on your files by "
+                         f"dropping data.builtin (`--set data.builtin=null`), or on the built-in set by "
+                         f"dropping {named}")
+    return data
+
+
 def expand_model_preset(data: Any) -> Any:
     """``model: {preset: small, dim: 640}`` -> the preset's fields with the explicit keys on top."""
     if isinstance(data, dict) and "preset" in data:

@@ -36,6 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from raylm.jsonl import numbered
 from raylm.sft_data import ResumablePosition
 
 IGNORE_INDEX = -100
@@ -115,8 +116,8 @@ def read_preferences(path: str | Path, on_bad_line: Literal["error", "skip"] = "
     if not path.is_file():
         raise PreferenceDataError(f"{path}: no such file")
     pairs, bad = [], []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, line in numbered(f, path, bad):  # a non-UTF-8 line is a bad line, file:line
             if not line.strip():
                 continue
             try:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from raylm.jsonl import numbered
 from raylm.tokenizer import ASSISTANT, BOS_ID, END, EOS_ID, PAD_ID, SYSTEM, USER, load_tokenizer
 
 IGNORE_INDEX = -100
@@ -40,8 +41,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     if not path.exists():
         raise SFTDataError(f"{path}: no such file")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, line in numbered(f, path, error=SFTDataError):  # a non-UTF-8 line: file:line
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
