@@ -1,0 +1,200 @@
+"""A user's reward as a Python function, run in a child process with a timeout per item.
+
+The function is named ``"package.module:function"`` (importable from the caller's ``sys.path``) or
+``"path/to/file.py:function"`` (``:reward`` when no name is given) and called as
+``reward(prompt, completion)`` or, when it takes three parameters, ``reward(prompt, completion,
+item)`` with the whole prompt record (its ``"reference"`` and any other fields).
+
+It runs in one long-lived child per ``FunctionReward`` (started with ``raylm.tasks.sandbox``'s
+isolation and limits, less the CPU-time limit, which would add up over the child's life), fed one
+item at a time over a pipe. An exception (``SystemExit`` included), a result that is not a finite
+real number, a timeout or the child dying is a scored failure with its reason, never an error of
+the run: a timed-out or dead child is killed and the next item gets a fresh one. A function that
+cannot be loaded at all is a ``RewardFunctionError`` when the ``FunctionReward`` is made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from raylm.config import ConfigError
+from raylm.tasks.common import RewardResult
+from raylm.tasks.sandbox import Limits, clean_env, kill_group, limit_resources, python_command
+
+STARTUP_TIMEOUT_S = 60.0
+
+# The child: loads the function, then answers one JSON line per JSON line read. Its own stdout is
+# kept for the answers; fd 1 is pointed at stderr so that what the function prints cannot mix in.
+_WORKER = r'''
+import importlib, importlib.util, inspect, json, math, numbers, os, sys
+answers = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+os.dup2(2, 1)
+spec = json.loads(sys.argv[1])
+sys.path[:0] = spec["path"]
+
+def load(ref):
+    target, _, name = ref.rpartition(":") if ":" in ref else (ref, None, "reward")
+    if target.endswith(".py") or os.sep in target:
+        module_spec = importlib.util.spec_from_file_location("raylm_user_reward", target)
+        if module_spec is None:
+            raise ImportError(f"cannot load {target}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise AttributeError(f"{target} has no function {name!r}")
+    return fn
+
+try:
+    fn = load(spec["ref"])
+    n_params = len(inspect.signature(fn).parameters)
+    if n_params not in (2, 3):
+        raise TypeError(f"takes {n_params} parameters; a reward takes (prompt, completion) or (prompt, completion, item)")
+except BaseException as e:
+    answers.write(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}) + "\n")
+    raise SystemExit(0)
+answers.write(json.dumps({"ready": True}) + "\n")
+for line in sys.stdin:
+    request = json.loads(line)
+    args = [request["prompt"], request["completion"]] + ([request["item"]] if n_params == 3 else [])
+    try:
+        value = fn(*args)
+    except BaseException as e:
+        answer = {"error": f"raised {type(e).__name__}: {e}"[:500]}
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            answer = {"error": f"returned {type(value).__name__} {repr(value)[:60]}, not a number"}
+        elif not math.isfinite(float(value)):
+            answer = {"error": f"returned {float(value)}, not a finite number"}
+        else:
+            answer = {"score": float(value)}
+    answers.write(json.dumps(answer) + "\n")
+'''
+
+
+class RewardFunctionError(ConfigError):
+    """A reward function that cannot be loaded; the message names it and what is wrong."""
+
+
+def resolve_ref(ref: str) -> str:
+    """A file reference made absolute (the child runs in its own directory); a module one as is."""
+    target, sep, name = ref.rpartition(":") if ":" in ref else (ref, "", "")
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target).resolve()
+        if not path.is_file():
+            raise RewardFunctionError(f"reward function {ref!r}: {path} is not a file")
+        return f"{path}{sep}{name}" if sep else str(path)
+    return ref
+
+
+class FunctionReward:
+    def __init__(self, ref: str, timeout_s: float = 5.0, failure_score: float = 0.0, limits: Limits | None = None):
+        self.ref = resolve_ref(ref)
+        self.timeout_s = timeout_s
+        self.failure_score = failure_score
+        self.limits = limits or Limits(timeout_s=timeout_s, cpu_s=None, memory_mb=2048)
+        self.restarts = 0
+        self._process: subprocess.Popen | None = None
+        self._stderr = None
+        self._buffer = b""
+        self._start()
+
+    # -- the child --------------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="raylm-reward-")
+        self._stderr = open(os.path.join(self._workdir.name, "stderr.txt"), "w+b")
+        path = [p or os.getcwd() for p in sys.path]  # "" is the caller's working directory
+        self._process = subprocess.Popen(
+            python_command("-c", _WORKER, json.dumps({"ref": self.ref, "path": path}), site=True),
+            cwd=self._workdir.name, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, preexec_fn=limit_resources(self.limits), start_new_session=True)
+        self._buffer = b""
+        line = self._read_line(STARTUP_TIMEOUT_S)
+        if line is None:
+            reason = self._death_reason()
+            self._stop()
+            raise RewardFunctionError(f"reward function {self.ref!r}: the child did not start ({reason})")
+        ready = json.loads(line)
+        if not ready.get("ready"):
+            self._stop()
+            raise RewardFunctionError(f"reward function {self.ref!r}: {ready['error']}")
+
+    def _read_line(self, timeout_s: float) -> str | None:
+        """One answer line, or None on timeout or when the child's stdout closed."""
+        deadline = time.monotonic() + timeout_s
+        fd = self._process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode("utf-8")
+
+    def _death_reason(self) -> str:
+        code = self._process.poll()
+        self._stderr.flush()
+        self._stderr.seek(0)
+        lines = [line for line in self._stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        last = f": {lines[-1][:300]}" if lines else ""
+        return ("still running" if code is None else f"exit status {code}") + last
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                kill_group(self._process)
+            for stream in (self._process.stdin, self._process.stdout):
+                stream.close()
+            self._process = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        self._workdir.cleanup()
+
+    def close(self) -> None:
+        self._stop()
+
+    def __del__(self):
+        try:
+            self._stop()
+        except Exception:
+            pass
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def _failure(self, reason: str) -> RewardResult:
+        return RewardResult(self.failure_score, ok=False, reason=reason)
+
+    def __call__(self, prompt: str, completion, item: dict | None = None) -> RewardResult:
+        if self._process is None:
+            self.restarts += 1
+            self._start()
+        request = json.dumps({"prompt": prompt, "completion": completion, "item": item or {}}) + "\n"
+        try:
+            self._process.stdin.write(request.encode("utf-8"))
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            reason = self._death_reason()
+            self._stop()
+            return self._failure(f"the reward process had died ({reason})")
+        line = self._read_line(self.timeout_s)
+        if line is None:
+            dead = self._process.poll() is not None
+            reason = f"the reward process died ({self._death_reason()})" if dead else f"timed out after {self.timeout_s:g} s"
+            self._stop()
+            return self._failure(reason)
+        answer = json.loads(line)
+        if "error" in answer:
+            return self._failure(answer["error"])
+        return RewardResult(answer["score"])
