@@ -1,6 +1,13 @@
 """Hugging Face checkpoint folders: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
 
-A dense model is saved as ``LlamaForCausalLM``; a Mixture-of-Experts model as
+The families raylm loads are Llama (with llama3 / linear / yarn RoPE scaling), Mistral, Qwen2
+(q/k/v biases), Qwen3 (per-head q/k norms, explicit head_dim), OLMo2 (post-norm blocks, q/k norms
+over the whole projection), and the MoE families Mixtral, Qwen2-MoE and Qwen3-MoE: one plain model
+whose knobs (models/config.py) cover their differences, plus the name adapter below. A config field
+that changes the numerics and that raylm does not implement is refused, naming it.
+
+A checkpoint brought in is saved back in its own family (``TransformerConfig.hf_model_type``).
+A model raylm built is saved as ``LlamaForCausalLM``; a Mixture-of-Experts model as
 ``MixtralForCausalLM`` (no shared expert) or ``Qwen2MoeForCausalLM`` (with the sigmoid-gated
 shared expert); a scalar-head model as the matching ``...ForSequenceClassification`` with one
 label. transformers and vLLM load these as they load any hub checkpoint, and raylm loads any such
@@ -19,24 +26,95 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import TransformerConfig
+from .config import FAMILY_BLOCKS, TransformerConfig
 from .transformer import Transformer, TransformerWithScalarHead
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
+# The Hugging Face families (config.json's model_type) raylm loads and exports, by class-name prefix.
+_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "Olmo2",
+                 "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe"}
+SUPPORTED_MODEL_TYPES = tuple(_CLASS_PREFIX)
+
+# config.json keys that never change a forward pass: metadata, generation defaults, label names.
+_METADATA_KEYS = {
+    "architectures", "model_type", "transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype",
+    "use_cache", "initializer_range", "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params", "return_dict",
+    "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "cross_attention_hidden_size", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "output_router_logits", "router_aux_loss_coef", "_attn_implementation_autoset",
+    "pretraining_tp",  # Llama's sliced matmuls: the same products, summed in another order
+    "bos_token_id", "eos_token_id", "pad_token_id", "raylm",
+}
+# Keys raylm maps onto TransformerConfig, for every family ...
+_MAPPED_KEYS = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias", "attention_dropout",
+}
+# ... and for some families only (checked for their no-op values in config_from_hf).
+_FAMILY_KEYS = {
+    "llama": set(),
+    "mistral": {"sliding_window"},
+    "qwen2": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "qwen3": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "olmo2": set(),
+    "mixtral": {"sliding_window", "num_local_experts", "num_experts_per_tok", "router_jitter_noise"},
+    "qwen2_moe": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "moe_intermediate_size",
+                  "shared_expert_intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+                  "decoder_sparse_step", "mlp_only_layers", "qkv_bias", "num_local_experts"},
+    "qwen3_moe": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "moe_intermediate_size",
+                  "num_experts", "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                  "num_local_experts"},
+}
+# rope_scaling / rope_parameters keys raylm implements, per rope type.
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate"},
+}
+
 
 def architecture(cfg: TransformerConfig) -> str:
+    """The Hugging Face model_type ``cfg`` is exported as: the family it came from, else raylm's choice."""
+    if cfg.hf_model_type is not None:
+        return cfg.hf_model_type
     if not cfg.is_moe:
         return "llama"
     return "qwen2_moe" if cfg.n_shared_experts else "mixtral"
 
 
-_CLASS_PREFIX = {"llama": "Llama", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe"}
+def _rope_parameters(cfg: TransformerConfig) -> dict:
+    """TransformerConfig's RoPE knobs -> Hugging Face's rope parameters (rope_type, factor, ...)."""
+    out = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+    if cfg.rope_type in ("linear", "llama3", "yarn"):
+        out["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=original)
+    elif cfg.rope_type == "yarn":
+        out.update(original_max_position_embeddings=original, beta_fast=cfg.rope_beta_fast,
+                   beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+        if cfg.rope_attention_factor is not None:
+            out["attention_factor"] = cfg.rope_attention_factor
+    return out
 
 
 def hf_config(cfg: TransformerConfig, scalar_head: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json of ``cfg`` in its family (``architecture``), with every field that family reads."""
     arch = architecture(cfg)
+    if cfg.hf_model_type is not None:
+        cfg.check_family()
+    rope = _rope_parameters(cfg)
     out = {
         "architectures": [_CLASS_PREFIX[arch] + ("ForSequenceClassification" if scalar_head else "ForCausalLM")],
         "model_type": arch,
@@ -50,7 +128,9 @@ def hf_config(cfg: TransformerConfig, scalar_head: bool = False, dtype: torch.dt
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        # transformers 5 reads rope_parameters, older versions (and vLLM's older configs) rope_scaling.
+        "rope_scaling": None if cfg.rope_type == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_parameters": rope,
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -62,84 +142,199 @@ def hf_config(cfg: TransformerConfig, scalar_head: bool = False, dtype: torch.dt
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+    if arch in ("llama", "mistral", "olmo2"):
+        out["mlp_bias"] = False
+    if arch == "olmo2":
+        del out["head_dim"]  # OLMo2 has no head_dim field (check_family holds it at dim / n_heads)
+    if arch in ("mistral", "mixtral"):
+        out["sliding_window"] = None
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
+                   layer_types=["full_attention"] * cfg.n_layers)
+    if arch in ("qwen2", "qwen2_moe"):
+        del out["attention_bias"]  # Qwen2's q/k/v biases are always there (zeros when raylm has none)
     if arch == "mixtral":
         out.update(
             intermediate_size=cfg.moe_ffn_dim,
             num_local_experts=cfg.n_experts,
             num_experts_per_tok=cfg.top_k,
             router_aux_loss_coef=cfg.load_balance_coef,
-            sliding_window=None,
+            router_jitter_noise=0.0,
         )
-    elif arch == "qwen2_moe":
+    elif arch in ("qwen2_moe", "qwen3_moe"):
         out.update(
             moe_intermediate_size=cfg.moe_ffn_dim,
-            shared_expert_intermediate_size=cfg.n_shared_experts * cfg.moe_ffn_dim,
             num_experts=cfg.n_experts,
             num_experts_per_tok=cfg.top_k,
             norm_topk_prob=cfg.router_norm_topk,
             router_aux_loss_coef=cfg.load_balance_coef,
             decoder_sparse_step=1,
             mlp_only_layers=[],
-            use_sliding_window=False,
-            sliding_window=None,
-            qkv_bias=True,  # Qwen2 attention carries q/k/v biases; raylm exports zeros (exact)
         )
+        if arch == "qwen2_moe":
+            out.update(shared_expert_intermediate_size=cfg.n_shared_experts * cfg.moe_ffn_dim, qkv_bias=True)
     if scalar_head:
         out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    out["raylm"] = {"capacity_factor": cfg.capacity_factor, "router_z_coef": cfg.router_z_coef}
+    out["raylm"] = {"capacity_factor": cfg.capacity_factor, "router_z_coef": cfg.router_z_coef,
+                    "hf_model_type": cfg.hf_model_type, "attention_bias": cfg.attention_bias}
     return out
 
 
+def _refuse(key: str, why: str):
+    raise ValueError(f"config.json: {key}: {why}")
+
+
+def _rope_from_hf(hf: dict) -> dict:
+    """rope_scaling (transformers 4) or rope_parameters (5) -> TransformerConfig's RoPE knobs;
+    a type or a parameter raylm does not implement is refused, naming it."""
+    params = dict(hf.get("rope_parameters") or {})
+    key = "rope_parameters"
+    if hf.get("rope_scaling"):
+        params, key = {**params, **hf["rope_scaling"]}, "rope_scaling"
+    theta = hf.get("rope_theta") or params.get("rope_theta") or 10000.0
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type not in _ROPE_KEYS:
+        _refuse(f"{key}.rope_type", f"{rope_type!r} is not implemented by raylm (it has {', '.join(_ROPE_KEYS)})")
+    for name, value in params.items():
+        if name in ("rope_type", "type", "rope_theta") or name in _ROPE_KEYS[rope_type]:
+            continue
+        if name == "partial_rotary_factor" and value in (None, 1, 1.0):
+            continue
+        if value is not None:
+            _refuse(f"{key}.{name}", f"{value!r} is not implemented by raylm for rope_type {rope_type!r}")
+    out = dict(rope_theta=float(theta), rope_type=rope_type)
+    if rope_type == "default":
+        return out
+    if params.get("factor") is None:
+        _refuse(f"{key}.factor", f"rope_type {rope_type!r} needs a factor")
+    out["rope_factor"] = float(params["factor"])
+    if params.get("original_max_position_embeddings") is not None:
+        out["rope_original_max_seq_len"] = int(params["original_max_position_embeddings"])
+    if rope_type == "llama3":
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]))
+    elif rope_type == "yarn":
+        out.update(rope_beta_fast=float(params.get("beta_fast") or 32.0),
+                   rope_beta_slow=float(params.get("beta_slow") or 1.0),
+                   rope_truncate=bool(params.get("truncate", True)))
+        if params.get("attention_factor") is not None:
+            out["rope_attention_factor"] = float(params["attention_factor"])
+    return out
+
+
+def _check_numerics(hf: dict, arch: str) -> None:
+    """Refuse, naming the key, every config.json field that would change the forward pass and that
+    raylm's model does not implement; and any key raylm does not know at all."""
+    known = _METADATA_KEYS | _MAPPED_KEYS | _FAMILY_KEYS[arch]
+    for key in hf:
+        if key not in known:
+            _refuse(key, f"not a field raylm knows for model_type {arch!r} (it may change the numerics, so the "
+                         f"checkpoint is refused rather than loaded without it)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        _refuse("hidden_act", f"{act!r}: raylm's MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        _refuse("mlp_bias", "true: raylm's MLP has no biases")
+    if hf.get("attention_bias") and arch not in ("qwen2", "qwen2_moe"):
+        _refuse("attention_bias", f"true: {arch} puts a bias on the output projection too, which raylm does not have")
+    if hf.get("attention_dropout"):
+        _refuse("attention_dropout", f"{hf['attention_dropout']}: raylm has no dropout")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window")
+    if window is not None and hf.get("use_sliding_window", True) and window < max_pos:
+        _refuse("sliding_window", f"{window} below max_position_embeddings ({max_pos}): sliding-window attention "
+                                  "is not implemented by raylm")
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types) and hf.get("use_sliding_window", True) and window is not None:
+        _refuse("layer_types", "sliding-attention layers are not implemented by raylm")
+    if hf.get("router_jitter_noise"):
+        _refuse("router_jitter_noise", f"{hf['router_jitter_noise']}: raylm's router adds no noise")
+    if hf.get("decoder_sparse_step", 1) != 1:
+        _refuse("decoder_sparse_step", f"{hf['decoder_sparse_step']}: raylm's MoE models have experts in every layer")
+    if hf.get("mlp_only_layers"):
+        _refuse("mlp_only_layers", f"{hf['mlp_only_layers']}: raylm's MoE models have experts in every layer")
+
+
 def config_from_hf(hf: dict) -> TransformerConfig:
+    """config.json -> TransformerConfig, exact or refused: see ``_check_numerics``."""
     arch = hf.get("model_type")
     if arch not in _CLASS_PREFIX:
-        raise ValueError(f"config.json: model_type {arch!r} is not one raylm loads ({', '.join(_CLASS_PREFIX)})")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("config.json: attention_bias / mlp_bias checkpoints are not supported by raylm's model")
-    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        raise ValueError(f"config.json: model_type: {arch!r} is not one raylm loads ({', '.join(_CLASS_PREFIX)})")
+    _check_numerics(hf, arch)
     eos = hf.get("eos_token_id", 2)
+    extra = hf.get("raylm") or {}
+    block = FAMILY_BLOCKS[arch]
+    # raylm's own checkpoints say whether their Qwen2 biases are real (older ones: always zeros).
+    attention_bias = block["attention_bias"] is None and bool(extra.get("attention_bias", "raylm" not in hf))
     kwargs = dict(
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         ffn_dim=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope_theta),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         initializer_range=hf.get("initializer_range", 0.02),
+        attention_bias=attention_bias,
+        qk_norm=block["qk_norm"],
+        norm_placement=block["norm_placement"],
+        hf_model_type=extra.get("hf_model_type") if "raylm" in hf else arch,
         bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
         eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2),
         pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
+        **_rope_from_hf(hf),
     )
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        raise ValueError("config.json: head_dim other than hidden_size / num_attention_heads is not supported")
-    extra = hf.get("raylm", {})
+    if arch == "olmo2":
+        kwargs["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
     if arch == "mixtral":
         kwargs.update(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"], moe_ffn_dim=hf["intermediate_size"])
-    elif arch == "qwen2_moe":
-        n_shared = hf["shared_expert_intermediate_size"] // hf["moe_intermediate_size"]
+    elif arch in ("qwen2_moe", "qwen3_moe"):
         kwargs.update(
-            n_experts=hf["num_experts"],
+            n_experts=hf.get("num_experts") or hf["num_local_experts"],  # transformers 5 writes the latter
             top_k=hf["num_experts_per_tok"],
             moe_ffn_dim=hf["moe_intermediate_size"],
-            n_shared_experts=n_shared,
             router_norm_topk=bool(hf.get("norm_topk_prob", False)),
         )
+    if arch == "qwen2_moe":
+        n_shared = hf["shared_expert_intermediate_size"] // hf["moe_intermediate_size"]
+        kwargs["n_shared_experts"] = n_shared
         if n_shared * hf["moe_intermediate_size"] != hf["shared_expert_intermediate_size"]:
-            raise ValueError("config.json: shared_expert_intermediate_size must be a multiple of moe_intermediate_size")
-    if arch != "llama":
+            _refuse("shared_expert_intermediate_size", "must be a multiple of moe_intermediate_size")
+    if block["moe"]:
         kwargs.update(load_balance_coef=hf.get("router_aux_loss_coef", 0.01))
         kwargs.update({k: extra[k] for k in ("capacity_factor", "router_z_coef") if k in extra})
-    return TransformerConfig(**kwargs)
+    try:
+        return TransformerConfig(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"config.json: {e}") from None
+
+
+def _norm_names(cfg: TransformerConfig) -> dict[str, str]:
+    """raylm's two block norms -> Hugging Face names: around the input of each sublayer (pre) or
+    its output (post, OLMo2)."""
+    if cfg.norm_placement == "post":
+        return {"attention_norm": "post_attention_layernorm", "ffn_norm": "post_feedforward_layernorm"}
+    return {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _moe_names(arch: str) -> tuple[str, tuple[str, str, str]]:
+    """(MoE module prefix, expert gate/up/down names) of a family."""
+    if arch == "mixtral":
+        return "block_sparse_moe.", ("w1", "w3", "w2")
+    return "mlp.", ("gate_proj", "up_proj", "down_proj")
 
 
 def to_hf_state_dict(cfg: TransformerConfig, state: dict[str, torch.Tensor], scalar_head: bool = False) -> dict:
-    """raylm names and fused layouts -> Hugging Face names and per-projection tensors."""
+    """raylm names and fused layouts -> Hugging Face names and per-projection tensors, in the
+    family ``architecture(cfg)``."""
     arch = architecture(cfg)
     hd, nq, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    norms = _norm_names(cfg)
+    moe, (gate_name, up_name, down_name) = _moe_names(arch)
+    family_bias = FAMILY_BLOCKS[arch]["attention_bias"] is None  # Qwen2: biases always in the checkpoint
     if scalar_head:  # TransformerWithScalarHead keeps the backbone under "model."
         state = {k.removeprefix("model."): v for k, v in state.items()}
     out = {}
@@ -161,18 +356,19 @@ def to_hf_state_dict(cfg: TransformerConfig, state: dict[str, torch.Tensor], sca
         elif parts[0] == "layers":
             i, rest = parts[1], ".".join(parts[2:])
             layer = f"model.layers.{i}."
-            moe = "block_sparse_moe." if arch == "mixtral" else "mlp."
-            if rest == "attention_norm.weight":
-                put(layer + "input_layernorm.weight", t)
-            elif rest == "ffn_norm.weight":
-                put(layer + "post_attention_layernorm.weight", t)
+            if rest in ("attention_norm.weight", "ffn_norm.weight"):
+                put(layer + norms[parts[2]] + ".weight", t)
+            elif rest in ("attention.q_norm.weight", "attention.k_norm.weight"):
+                put(layer + "self_attn." + parts[3] + ".weight", t)
             elif rest == "attention.wqkv.weight":
-                q, k, v = t.split([nq * hd, nkv * hd, nkv * hd])
-                for proj, w in zip("qkv", (q, k, v)):
+                for proj, w in zip("qkv", t.split([nq * hd, nkv * hd, nkv * hd])):
                     put(layer + f"self_attn.{proj}_proj.weight", w)
-                if arch == "qwen2_moe":  # Qwen2 attention has q/k/v biases: zero ones are exact
+                if family_bias and not cfg.attention_bias:  # zero biases are exact
                     for proj, n in zip("qkv", (nq, nkv, nkv)):
                         put(layer + f"self_attn.{proj}_proj.bias", t.new_zeros(n * hd))
+            elif rest == "attention.wqkv.bias":
+                for proj, b in zip("qkv", t.split([nq * hd, nkv * hd, nkv * hd])):
+                    put(layer + f"self_attn.{proj}_proj.bias", b)
             elif rest == "attention.wo.weight":
                 put(layer + "self_attn.o_proj.weight", t)
             elif rest == "feed_forward.w13.weight":
@@ -186,16 +382,11 @@ def to_hf_state_dict(cfg: TransformerConfig, state: dict[str, torch.Tensor], sca
             elif rest == "feed_forward.experts.w13":
                 for e in range(t.shape[0]):
                     gate, up = t[e].t().chunk(2)
-                    if arch == "mixtral":
-                        put(layer + moe + f"experts.{e}.w1.weight", gate)
-                        put(layer + moe + f"experts.{e}.w3.weight", up)
-                    else:
-                        put(layer + moe + f"experts.{e}.gate_proj.weight", gate)
-                        put(layer + moe + f"experts.{e}.up_proj.weight", up)
+                    put(layer + moe + f"experts.{e}.{gate_name}.weight", gate)
+                    put(layer + moe + f"experts.{e}.{up_name}.weight", up)
             elif rest == "feed_forward.experts.w2":
                 for e in range(t.shape[0]):
-                    down = "w2" if arch == "mixtral" else "down_proj"
-                    put(layer + moe + f"experts.{e}.{down}.weight", t[e].t())
+                    put(layer + moe + f"experts.{e}.{down_name}.weight", t[e].t())
             elif rest == "feed_forward.shared_expert.w13.weight":
                 gate, up = t.chunk(2)
                 put(layer + "mlp.shared_expert.gate_proj.weight", gate)
@@ -214,8 +405,8 @@ def to_hf_state_dict(cfg: TransformerConfig, state: dict[str, torch.Tensor], sca
 def from_hf_state_dict(cfg: TransformerConfig, hf: dict[str, torch.Tensor], scalar_head: bool = False) -> dict:
     """Hugging Face names -> raylm names (the inverse of ``to_hf_state_dict``)."""
     arch = architecture(cfg)
-    moe = "block_sparse_moe." if arch == "mixtral" else "mlp."
-    gate_name, up_name, down_name = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    norms = _norm_names(cfg)
+    moe, (gate_name, up_name, down_name) = _moe_names(arch)
     backbone = "model." if scalar_head else ""
     out = {}
 
@@ -234,14 +425,19 @@ def from_hf_state_dict(cfg: TransformerConfig, hf: dict[str, torch.Tensor], scal
         out["output.weight"] = out["tok_embeddings.weight"]
     for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"{backbone}layers.{i}."
-        out[dst + "attention_norm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "ffn_norm.weight"] = take(src + "post_attention_layernorm.weight")
-        qkv = [take(src + f"self_attn.{p}_proj.weight") for p in "qkv"]
-        for p in "qkv":
-            bias = hf.get(src + f"self_attn.{p}_proj.bias")
-            if bias is not None and bool(bias.any()):
-                raise ValueError(f"{src}self_attn.{p}_proj.bias is non-zero: raylm's attention has no biases")
-        out[dst + "attention.wqkv.weight"] = torch.cat(qkv)
+        for ours, theirs in norms.items():
+            out[dst + f"{ours}.weight"] = take(src + f"{theirs}.weight")
+        if cfg.qk_norm is not None:
+            for p in ("q_norm", "k_norm"):
+                out[dst + f"attention.{p}.weight"] = take(src + f"self_attn.{p}.weight")
+        out[dst + "attention.wqkv.weight"] = torch.cat([take(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        if cfg.attention_bias:
+            out[dst + "attention.wqkv.bias"] = torch.cat([take(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
+        else:
+            for p in "qkvo":
+                bias = hf.get(src + f"self_attn.{p}_proj.bias")
+                if bias is not None and bool(bias.any()):
+                    raise ValueError(f"{src}self_attn.{p}_proj.bias is non-zero: this raylm config has no attention biases")
         out[dst + "attention.wo.weight"] = take(src + "self_attn.o_proj.weight")
         if not cfg.is_moe:
             out[dst + "feed_forward.w13.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
@@ -286,10 +482,24 @@ def save_checkpoint(model: Transformer | TransformerWithScalarHead, path, tokeni
     return path
 
 
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+
+
 def write_tokenizer_files(tokenizer_json: Path, folder: Path, cfg: TransformerConfig) -> None:
-    """tokenizer.json plus the tokenizer_config.json that AutoTokenizer and vLLM read."""
+    """tokenizer.json plus the tokenizer_config.json that AutoTokenizer and vLLM read. raylm's own
+    tokenizer gets raylm's chat template; another checkpoint's tokenizer keeps the files beside it
+    (its chat template, special tokens) as they are, so the model is served as it was trained."""
+    from raylm.chat_template import is_raylm_tokenizer
+    from raylm.tokenizer import RAYLM_CHAT_TEMPLATE
+
+    raylm_own = is_raylm_tokenizer(tokenizer_json)
     if tokenizer_json.resolve() != (folder / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
+        for name in TOKENIZER_SIDE_FILES if not raylm_own else ():
+            if (tokenizer_json.parent / name).exists():
+                shutil.copyfile(tokenizer_json.parent / name, folder / name)
+    if not raylm_own and (folder / "tokenizer_config.json").exists():
+        return
     vocab = json.loads(tokenizer_json.read_text())
     id_to_token = {t["id"]: t["content"] for t in vocab.get("added_tokens", [])}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
@@ -297,6 +507,8 @@ def write_tokenizer_files(tokenizer_json: Path, folder: Path, cfg: TransformerCo
     for key, token_id in (("bos_token", cfg.bos_token_id), ("eos_token", cfg.eos_token_id), ("pad_token", cfg.pad_token_id)):
         if token_id in id_to_token:
             tok_cfg[key] = id_to_token[token_id]
+    if raylm_own:
+        tok_cfg["chat_template"] = RAYLM_CHAT_TEMPLATE
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
 
 

@@ -23,11 +23,54 @@ from .feed_forward import FeedForward
 from .moe import MoE
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+def rope_inv_freq(cfg: TransformerConfig) -> tuple[torch.Tensor, float]:
+    """The rotation frequency of each pair of head dimensions, with the config's RoPE scaling, and
+    the factor cos and sin are multiplied by (yarn's attention scaling; 1 otherwise). The formulas
+    are the ones Hugging Face's rope_scaling types define, so checkpoints trained with them load exact."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor, attention_factor = cfg.rope_factor, 1.0
+    if cfg.rope_type == "linear":  # positions divided by factor
+        inv_freq = inv_freq / factor
+    elif cfg.rope_type == "llama3":
+        # Wavelengths longer than the original context / low_freq_factor are stretched by factor,
+        # shorter than / high_freq_factor kept; the band between is interpolated smoothly.
+        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > original / low, inv_freq / factor,
+                               torch.where(wavelen < original / high, inv_freq, scaled))
+    elif cfg.rope_type == "yarn":
+        # NTK-by-parts: dimensions that rotate fewer than beta_slow times over the original context
+        # are interpolated, more than beta_fast times extrapolated, a linear ramp between.
+        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+        low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # no division by zero
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        attention_factor = cfg.rope_attention_factor
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, attention_factor
+
+
+def rope_tables(cfg: TransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq, attention_factor = rope_inv_freq(cfg)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    if attention_factor == 1.0:
+        return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,8 +115,16 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Normalised queries and keys keep attention logits bounded: per head (Qwen3) or over the
+        # whole projection (OLMo2).
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:
+            q_size, k_size = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (
+                cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+            self.q_norm = nn.RMSNorm(q_size, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(k_size, eps=cfg.norm_eps)
         # The attention kernel. Parallelisms that split the sequence swap in their own from outside
         # (raylm.distributed.context_parallel); the model itself holds no distributed code.
         self.sdpa = scaled_dot_product_attention
@@ -81,10 +132,19 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
         batch, seq, _ = x.shape
         # Head counts are read off the weights so that tensor parallelism can shard them.
-        qkv = self.wqkv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        qkv = self.wqkv(x)
+        if self.qk_norm == "full":
+            q_size, k_size = self.q_norm.normalized_shape[0], self.k_norm.normalized_shape[0]
+            q, k, v = qkv.split([q_size, k_size, qkv.shape[-1] - q_size - k_size], dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        qkv = qkv.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         n_kv = qkv.shape[1] * self.n_kv_heads // (self.n_heads + 2 * self.n_kv_heads)
         n_q = qkv.shape[1] - 2 * n_kv
-        q, k = apply_rope(qkv[:, : n_q + n_kv], cos, sin).split([n_q, n_kv], dim=1)  # both in one pass
+        if self.qk_norm == "head":
+            q = apply_rope(self.q_norm(qkv[:, :n_q]), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, n_q : n_q + n_kv]), cos, sin)
+        else:
+            q, k = apply_rope(qkv[:, : n_q + n_kv], cos, sin).split([n_q, n_kv], dim=1)  # both in one pass
         v = qkv[:, n_q + n_kv :]
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -99,11 +159,18 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
+        # "post" (OLMo2) normalises each sublayer's output instead of its input, with the same two norms.
+        self.post_norm = cfg.norm_placement == "post"
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, output_rows=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer)
+        if self.post_norm:
+            x = x + self.attention_norm(self.attention(x, cos, sin, attn_mask, cache, layer))
+        else:
+            x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer)
         if output_rows is not None:  # only these positions' outputs are wanted: [1, rows, dim] from here
             x = x.flatten(0, 1)[output_rows][None]
+        if self.post_norm:
+            return x + self.ffn_norm(self.feed_forward(x))
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -144,7 +211,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if with_lm_head else None
         if self.output is not None and cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -160,12 +227,14 @@ class Transformer(nn.Module):
                     seed += 1
                 if name.endswith("norm.weight"):
                     param.fill_(1.0)
+                elif name.endswith(".bias"):
+                    param.zero_()
                 elif name.endswith(("wo.weight", "w2.weight", ".w2")):
                     nn.init.normal_(param, 0.0, depth_std, generator=generator)
                 else:
                     nn.init.normal_(param, 0.0, std, generator=generator)
         # The RoPE tables are not in the state dict: rebuild them (a meta-device build left none).
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        cos, sin = rope_tables(self.config)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def rope_for(self, positions: torch.Tensor | None, seq: int, offset: int, dtype) -> tuple:

@@ -28,6 +28,11 @@ def check_tp(cfg: TransformerConfig, tp: int) -> None:
         raise ValueError(f"tp: degree {tp} must divide n_heads ({cfg.n_heads}) and n_kv_heads ({cfg.n_kv_heads})")
     if not cfg.is_moe and cfg.ffn_dim % tp:
         raise ValueError(f"tp: degree {tp} must divide ffn_dim ({cfg.ffn_dim})")
+    if cfg.qk_norm is not None:
+        # Each rank holds some heads: the norm weights' gradients would need a sum over ranks (per-head
+        # norms), or the norm itself statistics over all of them (OLMo2's whole-projection norm).
+        raise ValueError(f"tp: models with qk_norm ({cfg.qk_norm!r}: {cfg.hf_model_type or 'raylm'}) are not "
+                         "tensor-parallel in raylm yet; use FSDP / data, pipeline or context parallelism")
 
 
 def qkv_row_order(cfg: TransformerConfig, tp: int) -> torch.Tensor:
@@ -48,6 +53,8 @@ def gate_up_row_order(hidden: int, tp: int) -> torch.Tensor:
 def _fused_weights(cfg: TransformerConfig, tp: int):
     """(name suffix, row order) of every fused weight that tensor parallelism reorders."""
     yield "attention.wqkv.weight", qkv_row_order(cfg, tp)
+    if cfg.attention_bias:  # the q/k/v biases go with their rows
+        yield "attention.wqkv.bias", qkv_row_order(cfg, tp)
     if not cfg.is_moe:
         yield "feed_forward.w13.weight", gate_up_row_order(cfg.ffn_dim, tp)
 
@@ -59,8 +66,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     with torch.no_grad():
         for block in model.layers.values():
             for suffix, order in orders.items():
-                module = block.get_submodule(suffix.rsplit(".", 1)[0])
-                module.weight.copy_(module.weight[order])
+                module_name, param_name = suffix.rsplit(".", 1)
+                param = getattr(block.get_submodule(module_name), param_name)
+                param.copy_(param[order])
             plan = {"attention.wqkv": ColwiseParallel(), "attention.wo": RowwiseParallel()}
             if not cfg.is_moe:
                 plan.update({"feed_forward.w13": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()})

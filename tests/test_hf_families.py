@@ -1,0 +1,211 @@
+"""Bring your own Hugging Face model: each family raylm loads, on a random-init checkpoint that
+transformers itself writes, against transformers in fp32 (logits, loss, every parameter's
+gradient), exported back in the same family and reloaded by transformers; and every config field
+raylm does not implement refused, naming it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from raylm.models.hf_checkpoint import config_from_hf, load_checkpoint, save_checkpoint, to_hf_state_dict
+from raylm.models.transformer import causal_lm_loss
+
+VOCAB = 160
+SEQ = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MOE = dict(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2)
+
+# (name, transformers config class, its arguments, model_type written)
+FAMILIES = [
+    ("llama", "LlamaConfig", dict(tie_word_embeddings=True), "llama"),
+    ("llama3-rope", "LlamaConfig", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}), "llama"),
+    ("llama-yarn", "LlamaConfig", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}), "llama"),
+    ("llama-linear", "LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
+     "llama"),
+    ("mistral", "MistralConfig", dict(sliding_window=None, head_dim=24), "mistral"),
+    ("qwen2", "Qwen2Config", dict(tie_word_embeddings=True), "qwen2"),
+    ("qwen3", "Qwen3Config", dict(head_dim=24, tie_word_embeddings=True), "qwen3"),
+    ("qwen3-moe", "Qwen3MoeConfig", dict(head_dim=24, norm_topk_prob=False, **MOE), "qwen3_moe"),
+    ("qwen3-moe-norm-topk", "Qwen3MoeConfig", dict(norm_topk_prob=True, **MOE), "qwen3_moe"),
+    ("olmo2", "Olmo2Config", dict(), "olmo2"),
+    ("mixtral", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None), "mixtral"),
+]
+
+
+def write_hf_checkpoint(folder, config_class: str, overrides: dict, seed: int = 0):
+    """A random-init model written by transformers. Norm weights and biases, which transformers
+    initialises to ones and zeros, get noise too, so that a misplaced one shows in the logits."""
+    config = getattr(transformers, config_class)(**{**COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
+def family(request, tmp_path_factory):
+    name, config_class, overrides, model_type = request.param
+    folder = tmp_path_factory.mktemp(name)
+    reference = write_hf_checkpoint(folder, config_class, overrides)
+    return name, folder, reference, model_type
+
+
+def tokens_for(seed=1, batch=2, seq=SEQ):
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_loss_and_gradients_match_transformers(family):
+    name, folder, reference, model_type = family
+    model = load_checkpoint(folder)
+    assert model.config.hf_model_type == model_type
+    tokens = tokens_for()
+    ours, theirs = model(tokens), reference(tokens).logits
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() < 1e-4 * max(scale, 1.0), name
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.99
+
+    # The loss (raylm's labels are already shifted; transformers shifts them itself) and the gradient
+    # of every parameter, mapped to Hugging Face names by the same adapter as the weights.
+    model.zero_grad()
+    reference.zero_grad()
+    labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), -100)], dim=1)
+    loss = causal_lm_loss(model, tokens, labels).ce_loss
+    ref_loss = reference(tokens, labels=tokens).loss
+    assert abs(loss.item() - ref_loss.item()) < 1e-5, name
+    loss.backward()
+    ref_loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ours_by_hf_name = to_hf_state_dict(model.config, grads)
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    # transformers 5 may hold experts fused; its state dict is what the checkpoint holds
+    ref_grads = _as_checkpoint_names(reference, ref_grads)
+    assert set(ref_grads) <= set(ours_by_hf_name) | {"lm_head.weight"}, set(ref_grads) - set(ours_by_hf_name)
+    for hf_name, ref_grad in ref_grads.items():
+        if hf_name not in ours_by_hf_name:  # tied head: its gradient is in the embedding's
+            continue
+        grad = ours_by_hf_name[hf_name]
+        tol = 1e-4 * max(ref_grad.abs().max().item(), 1e-3)
+        assert (grad - ref_grad).abs().max().item() < tol, f"{name}: gradient of {hf_name}"
+
+
+def _as_checkpoint_names(reference, grads: dict) -> dict:
+    """Gradients under the names the checkpoint file uses (per-expert tensors), whatever layout
+    transformers keeps in memory."""
+    out = {}
+    for name, grad in grads.items():
+        if name.endswith("experts.gate_up_proj"):  # [E, 2 * hidden, dim]: gate rows then up rows
+            prefix = name.removesuffix("gate_up_proj")
+            for e, g in enumerate(grad):
+                gate, up = g.chunk(2)
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif name.endswith("experts.down_proj"):  # [E, dim, hidden]
+            prefix = name.removesuffix("down_proj")
+            for e, g in enumerate(grad):
+                out[f"{prefix}{e}.down_proj.weight"] = g
+        else:
+            out[name] = grad
+    if any(".block_sparse_moe." in n or ".mlp.experts." in n for n in out) and reference.config.model_type == "mixtral":
+        out = {n.replace(".mlp.experts.", ".block_sparse_moe.experts.").replace(".mlp.gate.", ".block_sparse_moe.gate.")
+               .replace(".gate_proj.", ".w1.").replace(".up_proj.", ".w3.").replace(".down_proj.", ".w2."): g
+               for n, g in out.items()}
+    return out
+
+
+def test_export_is_the_same_family_and_reloads_with_the_same_logits(family, tmp_path):
+    name, folder, reference, model_type = family
+    model = load_checkpoint(folder)
+    save_checkpoint(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    source = json.loads((folder / "config.json").read_text())
+    assert written["model_type"] == model_type and written["architectures"] == source["architectures"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is type(reference)
+    tokens = tokens_for(seed=2)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        assert (reloaded(tokens).logits - expected).abs().max().item() < 1e-4 * max(expected.abs().max().item(), 1.0)
+    again = load_checkpoint(tmp_path)  # and raylm reads its export back to the same config
+    assert again.config == model.config
+
+
+def test_llama3_rope_scaling_matters_at_these_positions(tmp_path):
+    """The test above would catch an ignored rope_scaling: loading the llama3 checkpoint with plain
+    RoPE gives other logits at the positions used."""
+    name, config_class, overrides, _ = FAMILIES[1]
+    reference = write_hf_checkpoint(tmp_path, config_class, overrides)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert config_from_hf(hf).rope_type == "llama3"
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    unscaled = load_checkpoint(tmp_path)
+    tokens = tokens_for()
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        diff = (unscaled(tokens) - expected).abs().max().item()
+    assert diff > 0.05 * expected.abs().max().item(), diff  # 500x the tolerance the tests above hold
+
+
+# (family, a config.json change raylm must refuse, the key its error names)
+REFUSALS = [
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters.rope_type"),
+    ("llama", {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "mscale": 0.7,
+                                   "original_max_position_embeddings": 32}}, "rope_parameters.mscale"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters.partial_rotary_factor"),
+    ("llama", {"attention_bias": True}, "attention_bias"),
+    ("llama", {"mlp_bias": True}, "mlp_bias"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama", {"attention_dropout": 0.1}, "attention_dropout"),
+    ("llama", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ("llama", {"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+    ("mistral", {"sliding_window": 64}, "sliding_window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64}, "sliding_window"),
+    ("qwen3-moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+    ("qwen3-moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
+    ("llama", {"model_type": "gemma2"}, "model_type"),
+]
+
+
+@pytest.mark.parametrize("family_name,change,key", REFUSALS, ids=[f"{r[0]}-{r[2]}" for r in REFUSALS])
+def test_unimplemented_config_fields_are_refused_by_name(tmp_path, family_name, change, key):
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == family_name)
+    config = getattr(transformers, config_class)(**{**COMMON, **overrides})
+    hf = {**json.loads(config.to_json_string()), **change}
+    config_from_hf(json.loads(config.to_json_string()))  # the unchanged config loads
+    with pytest.raises(ValueError, match=f"config.json: {key.replace('.', '[.]')}"):
+        config_from_hf(hf)
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    """raylm's KV-cache generator on a brought-in Qwen3 checkpoint: the tokens transformers' greedy
+    generate picks."""
+    from raylm.models.generate import SamplingParams, generate
+
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen3")
+    reference = write_hf_checkpoint(tmp_path, config_class, overrides)
+    model = load_checkpoint(tmp_path).eval()
+    prompts = [[5, 9, 11, 40], [7, 8]]
+    ours = generate(model, prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
+    for prompt, completion in zip(prompts, ours):
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        theirs = out[0, len(prompt):].tolist()
+        assert completion == theirs[: len(completion)] and (len(completion) == 12 or completion[-1] == 2)
+    with torch.no_grad():  # and log-probs of one sequence
+        seq = torch.tensor([prompts[0] + ours[0]])
+        assert torch.allclose(F.log_softmax(model(seq), -1), F.log_softmax(reference(seq).logits, -1), atol=1e-4)
