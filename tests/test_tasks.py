@@ -172,7 +172,7 @@ def test_code_checker_scores_crashes_and_timeouts_as_failures():
     assert string_transform.check_code(fenced, tests, limits).score == 1.0
     # printing the expected outputs does not pass: only f's return values count
     cheat = "print(" + repr(json.dumps([t[1] for t in tests])) + ")\ndef f(s):\n    return s\n"
-    assert string_transform.check_code(cheat, tests, limits).score == 0.0 or all(t[0] == t[1] for t in tests)
+    assert string_transform.check_code(cheat, tests, limits).score == 0.0
 
 
 # ---- tool use over several turns ------------------------------------------------------------------------
@@ -424,15 +424,8 @@ def test_rule_reward_pool_under_ray(ray_local, user_file, tmp_path):
     assert out["reasons"][1] == "raised ValueError: bad completion"
     assert out["reasons"][2] == "timed out after 1 s" and out["reasons"][4].startswith("the reward process died")
 
-    for name, reason in (("raises", "raised RuntimeError: user bug"), ("not_a_float", "returned str")):
-        pool = RuleRewardPool(f"{user_file}:{name}", num_actors=1, timeout_s=1.0)
-        try:
-            out = pool.score([{"prompt": "p"}], ["x"])
-        finally:
-            pool.shutdown()
-        assert out["scores"] == [0.0] and out["reasons"][0].startswith(reason)
-
-    # a mixed prompt set, each record scored by its own spec (rules, checkers) in the pool
+    # a mixed prompt set, each record scored by its own spec: the families' rules and checkers, and
+    # user functions that raise or return no number, in one actor
     records, completions = [], []
     for family in sorted(FAMILIES):
         written = write_task_files(family, tmp_path / family, n_train=2, n_heldout=3, seed=1, parts=("rl",))
@@ -440,11 +433,46 @@ def test_rule_reward_pool_under_ray(ray_local, user_file, tmp_path):
                            FAMILIES[family].problems("heldout", 3, 1)):
             records.append(json.loads(line))
             completions.append(p.solution if family == "tool_use" else p.solution[0]["content"])
+    records += [{"prompt": "p", "reward": {"function": f"{user_file}:{name}", "timeout_s": 1}}
+                for name in ("raises", "not_a_float", "hangs")]
+    records.append({"prompt": "p", "reward": {"function": f"{user_file}:missing"}})
+    completions += ["x"] * 4
     pool = RuleRewardPool(None, num_actors=1, timeout_s=5.0)
     try:
         out = pool.score(records, completions)
     finally:
         pool.shutdown()
-    assert out["scores"] == [1.0] * len(records), out["reasons"]
+    assert out["scores"] == [1.0] * 9 + [0.0] * 4, out["reasons"]
+    assert out["ok"] == [True] * 9 + [False] * 4
+    assert out["reasons"][9] == "raised RuntimeError: user bug"
+    assert out["reasons"][10] == "returned str '1.0', not a number"
+    assert out["reasons"][11] == "timed out after 1 s"
+    assert "has no function 'missing'" in out["reasons"][12]
     with pytest.raises(RuntimeError, match="has no function 'missing'"):
         RuleRewardPool(f"{user_file}:missing", num_actors=1)
+
+
+@pytest.mark.slow
+def test_shipped_tasks_read_the_same_in_lm_eval(tmp_path, monkeypatch):
+    """lm-evaluation-harness loads the shipped YAMLs as they are, builds the same prompts and
+    targets as raylm's loader, and scores the reference as an exact match (and " 0" as none)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.chdir(TASKS)  # lm_eval resolves the relative data paths against its working directory
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from raylm.eval_tasks import load_task
+
+    theirs = get_task_dict([f"raylm_{f}" for f in FAMILIES], TaskManager(include_path=str(TASKS)))
+    for family in FAMILIES:
+        task, ours = theirs[f"raylm_{family}"], load_task(TASKS / f"{family}.yaml")
+        docs = list(task.test_docs())
+        assert len(docs) == len(ours.eval_docs)
+        assert [task.doc_to_text(d) for d in docs] == [ours.text(d) for d in ours.eval_docs]
+        assert [task.doc_to_target(d) for d in docs] == [ours.target_text(d) for d in ours.eval_docs]
+        assert task.config.generation_kwargs["until"] == ours.until
+        for doc in docs[:20]:
+            assert task.process_results(doc, [" " + task.doc_to_target(doc)])["exact_match"] == 1.0
+            assert task.process_results(doc, [" 0"])["exact_match"] == 0.0

@@ -129,7 +129,8 @@ class FunctionReward:
             raise RewardFunctionError(f"reward function {self.ref!r}: {ready['error']}")
 
     def _read_line(self, timeout_s: float) -> str | None:
-        """One answer line, or None on timeout or when the child's stdout closed."""
+        """One answer line, or None on timeout or when the child's stdout closed (then the child is
+        waited for: it closes its files before its exit status can be read)."""
         deadline = time.monotonic() + timeout_s
         fd = self._process.stdout.fileno()
         while b"\n" not in self._buffer:
@@ -138,6 +139,10 @@ class FunctionReward:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                try:
+                    self._process.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    pass
                 return None
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
