@@ -136,7 +136,7 @@ class Encoder:
     scorers any work. Any other tokenizer goes through ``transformers.AutoTokenizer``."""
 
     PLAIN_FAST_KEYS = {"tokenizer_class", "model_max_length", "clean_up_tokenization_spaces",
-                       "bos_token", "eos_token", "pad_token", "unk_token"}
+                       "bos_token", "eos_token", "pad_token", "unk_token", "chat_template"}
 
     def __init__(self, folder: str):
         path = Path(folder)

@@ -312,7 +312,7 @@ class Task:
     ground truth (word-overlap F1 with the reference answer, where the prompts carry one)."""
 
     def __init__(self, config: Config):
-        from raylm.sft_data import ChatTemplate
+        from raylm.chat_template import ChatTemplate
 
         self.template = ChatTemplate(config.tokenizer_file)
         self.stop_ids = [self.template.end_id]
@@ -347,11 +347,9 @@ class Task:
         return self.template.prompt([{"role": "user", "content": item["prompt"]}])
 
     def reward_sequence(self, prompt_ids: list[int], response: list[int]) -> list[int]:
-        """The conversation as the reward model was trained on it: ... response <|end|> <|eos|>."""
-        from raylm.tokenizer import EOS_ID
-
-        closed = response if response and response[-1] == self.template.end_id else response + [self.template.end_id]
-        return prompt_ids + closed + [EOS_ID]
+        """The conversation as the reward model was trained on it, closed as the chat template closes
+        an assistant message (raylm's: ... response <|end|> <|eos|>)."""
+        return self.template.close(prompt_ids, response)
 
     def text(self, response: list[int]) -> str:
         return self.template.tokenizer.decode([t for t in response if t != self.template.end_id])

@@ -19,9 +19,11 @@ negatives are drawn only from the same split. ``stdlib_prompts`` gives the promp
 reference answers (for RLHF rollouts), and ``reference_score`` scores a generated answer against
 the reference (word-overlap F1), the ground truth a reward model should agree with.
 
-Encoding: a (prompt, response) is the chat ``<|bos|> <|user|> prompt <|end|> <|assistant|>
-response <|end|> <|eos|>`` (``raylm.sft_data.ChatTemplate``). A reward model reads its score at
-the last token; DPO sums the log-probabilities of the response tokens and the closing ``<|end|>``.
+Encoding: a (prompt, response) is the conversation [user: prompt, assistant: response] in the
+checkpoint's chat template (``raylm.chat_template.ChatTemplate``); with raylm's tokenizer
+``<|bos|> <|user|> prompt <|end|> <|assistant|> response <|end|> <|eos|>``. A reward model reads its
+score at the last token; DPO sums the log-probabilities of the response tokens and the end-of-turn
+token that closes them (``<|end|>``).
 """
 
 from __future__ import annotations
@@ -264,31 +266,42 @@ def reference_score(response: str, reference: str) -> float:
 # ---- encoding -------------------------------------------------------------------------------------
 
 def encode_response(template, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
-    """(token ids, next-token labels) of ``prompt`` answered by ``response`` in the chat format; the
-    labels are -100 everywhere but the response and its ``<|end|>``. Too long: the prompt's text is
-    cut from its left, then the response's from its right, so the sequence still ends with EOS."""
+    """(token ids, next-token labels) of ``prompt`` answered by ``response`` in the chat template; the
+    labels are -100 everywhere but the response and its end-of-turn token. Too long: the prompt's
+    text is cut from its left, then the response's from its right, so the sequence still ends as the
+    template ends it (raylm's: ``<|end|> <|eos|>``)."""
     from raylm.sft_data import labels_of
 
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     ids, target = template.encode(messages)
     if len(ids) > seq_len:
-        ids, target = _truncate(ids, target, seq_len)
+        ids, target = _truncate(ids, target, seq_len, template.encode_text(prompt), template.end_id)
     return ids, labels_of(ids, target)
 
 
-def _truncate(ids: list[int], target: list[bool], seq_len: int) -> tuple[list[int], list[bool]]:
-    # Layout: bos user p... end assistant r... end eos; the prompt's text sits at [2, first target - 2).
+def _truncate(ids: list[int], target: list[bool], seq_len: int, prompt_ids: list[int],
+              end_id: int) -> tuple[list[int], list[bool]]:
+    # The prompt's text is its own ids found before the first target (raylm's: at [2, first target - 2)).
     start = target.index(True) if True in target else len(ids)
-    prompt_text = list(range(2, start - 2))
+    stop = len(target) - target[::-1].index(True) if True in target else len(ids)
+    at = _last_occurrence(ids[:start], prompt_ids)
+    prompt_text = list(range(at, at + len(prompt_ids))) if at is not None else []
     excess = len(ids) - seq_len
     cut_prompt = min(excess, max(0, len(prompt_text) - 1))
     drop = set(prompt_text[:cut_prompt])
     excess -= cut_prompt
-    if excess:  # the response's text, from its right end (keep <|end|> and eos)
-        response_text = [i for i in range(start, len(ids) - 2)]
+    if excess:  # the response's text, from its right end (keep the end-of-turn token and what follows)
+        response_text = list(range(start, stop - 1 if ids[stop - 1] == end_id else stop))
         drop |= set(response_text[len(response_text) - min(excess, len(response_text) - 1):])
     keep = [i for i in range(len(ids)) if i not in drop]
     return [ids[i] for i in keep][-seq_len:], [target[i] for i in keep][-seq_len:]
+
+
+def _last_occurrence(ids: list[int], part: list[int]) -> int | None:
+    for at in range(len(ids) - len(part), -1, -1):
+        if part and ids[at:at + len(part)] == part:
+            return at
+    return None
 
 
 def pad_batch(sequences: list[list[int]], labels: list[list[int]] | None = None, pad_id: int = 0) -> dict:
@@ -324,7 +337,7 @@ class PairDataset(ResumablePosition):
 
     def __init__(self, pairs: list[dict], tokenizer_file: str | Path, seq_len: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, default_margin: float = 0.0, drop_remainder: bool = True):
-        from raylm.sft_data import ChatTemplate
+        from raylm.chat_template import ChatTemplate
 
         template = ChatTemplate(tokenizer_file)
         self.pairs = pairs

@@ -2,13 +2,14 @@
 out of the loss -> several examples packed into each training sequence.
 
 Each JSONL line is either ``{"prompt": ..., "response": ...}`` (optionally ``"system"``) or
-``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``. The chat template
-uses the tokenizer's role tokens (fixed ids, see ``raylm.tokenizer``)::
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``. Conversations are
+formatted with the checkpoint's own chat template (``raylm.chat_template.ChatTemplate``); raylm's
+tokenizer has its role-token format (``raylm.tokenizer.RAYLM_CHAT_TEMPLATE``)::
 
     <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> ... <|eos|>
 
-Only the assistant turns' text and their closing ``<|end|>`` are trained on (the model learns to
-answer and to stop); every other position has label -100. Packed sequences carry ``document_ids``
+Only the assistant turns' text and their end-of-turn token (``<|end|>``, ``<|im_end|>``, ...) are
+trained on (the model learns to answer and to stop); every other position has label -100. Packed sequences carry ``document_ids``
 so the trainer builds a mask with no attention across examples and positions that restart per
 example (``models.transformer.document_causal_mask`` / ``document_positions``).
 """
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from raylm.chat_template import ChatTemplate, ChatTemplateError
 from raylm.jsonl import numbered
-from raylm.tokenizer import ASSISTANT, BOS_ID, END, EOS_ID, PAD_ID, SYSTEM, USER, load_tokenizer
+from raylm.tokenizer import PAD_ID
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -77,47 +79,6 @@ def conversation_of(record, where: str) -> list[dict]:
     messages = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
     return messages + [{"role": "user", "content": record["prompt"]},
                        {"role": "assistant", "content": record["response"]}]
-
-
-class ChatTemplate:
-    """Renders conversations as token ids with a per-token "is a target" flag."""
-
-    def __init__(self, tokenizer_file: str | Path):
-        self.tokenizer = load_tokenizer(tokenizer_file)
-        self.role_ids = {}
-        for role, token in (("system", SYSTEM), ("user", USER), ("assistant", ASSISTANT)):
-            self.role_ids[role] = self._special(token)
-        self.end_id = self._special(END)
-
-    def _special(self, token: str) -> int:
-        token_id = self.tokenizer.token_to_id(token)
-        if token_id is None:
-            raise SFTDataError(f"the tokenizer has no {token} token (train it with raylm.tokenizer.train_tokenizer)")
-        return token_id
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode(self, messages: list[dict], system_prompt: str | None = None) -> tuple[list[int], list[bool]]:
-        """(token ids, target flags) of a whole conversation, BOS first and EOS last."""
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        ids, target = [BOS_ID], [False]
-        for message in messages:
-            is_answer = message["role"] == "assistant"
-            ids.append(self.role_ids[message["role"]])
-            target.append(False)
-            content = self.encode_text(message["content"]) + [self.end_id]
-            ids += content
-            target += [is_answer] * len(content)
-        ids.append(EOS_ID)
-        target.append(False)
-        return ids, target
-
-    def prompt(self, messages: list[dict], system_prompt: str | None = None) -> list[int]:
-        """Ids to generate the next assistant turn from: the conversation, then ``<|assistant|>``."""
-        ids, _ = self.encode(messages, system_prompt)
-        return ids[:-1] + [self.role_ids["assistant"]]
 
 
 def labels_of(ids: list[int], target: list[bool]) -> list[int]:
@@ -189,8 +150,11 @@ class PackedSFTDataset(ResumablePosition, IterableDataset):
             raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
         template = ChatTemplate(tokenizer_file)
         self.examples = []
-        for messages in read_conversations(path):
-            ids, target = template.encode(messages, system_prompt)
+        for number, messages in enumerate(read_conversations(path), 1):
+            try:
+                ids, target = template.encode(messages, system_prompt)
+            except ChatTemplateError as e:
+                raise SFTDataError(f"{path}: conversation {number}: {e}") from None
             self.examples.append((ids, labels_of(ids, target)))
         self.path, self.seq_len, self.seed = str(path), seq_len, seed
         self.rank, self.world_size, self.shuffle, self.loop = rank, world_size, shuffle, loop

@@ -4,6 +4,14 @@ The special tokens have fixed ids that the model configs and the chat format rel
 ``<|pad|>``=0, ``<|bos|>``=1, ``<|eos|>``=2, ``<|system|>``=3, ``<|user|>``=4, ``<|assistant|>``=5,
 ``<|end|>``=6. The file written is a ``tokenizer.json`` that ``transformers.PreTrainedTokenizerFast``
 loads; encoding adds no special tokens by itself (the tokenization stage appends EOS per document).
+
+``RAYLM_CHAT_TEMPLATE`` is the chat format in transformers' Jinja chat-template form, written into the
+``tokenizer_config.json`` of raylm's checkpoints so that ``apply_chat_template``, ``pipeline`` and
+vLLM's chat endpoint format a conversation token for token as training did (``raylm.chat_template``)::
+
+    <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> ... <|eos|>
+
+with the generation prompt ``<|assistant|>`` in place of the closing ``<|eos|>``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,17 @@ SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end
 SPECIAL_TOKENS = [PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END]  # position = id
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the specials plus the 256 byte symbols
+# Literal role tokens, not the bos_token/eos_token variables: the format is fixed by the ids above.
+RAYLM_CHAT_TEMPLATE = (
+    "{{ '<|bos|>' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('raylm chat: a role must be system, user or assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ '<|eos|>' }}{% endif %}"
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path, min_frequency: int = 2,
@@ -68,11 +87,13 @@ def load_tokenizer(path: str | Path):
 
 
 def load_hf_tokenizer(path: str | Path):
-    """The same tokenizer as ``transformers.PreTrainedTokenizerFast`` with its special tokens named."""
+    """The same tokenizer as ``transformers.PreTrainedTokenizerFast`` with its special tokens named and
+    raylm's chat template."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   additional_special_tokens=[SYSTEM, USER, ASSISTANT, END])
+                                   additional_special_tokens=[SYSTEM, USER, ASSISTANT, END],
+                                   chat_template=RAYLM_CHAT_TEMPLATE)
 
 
 def vocab_size_of(path: str | Path) -> int:
