@@ -151,6 +151,10 @@ def test_sandbox_isolates_and_limits(tmp_path, monkeypatch):
     assert crash.returncode == 1 and crash.reason() == "exited with status 1: KeyError: 'gone'"
     memory = run_python("x = bytearray(512 * 1024 * 1024)", limits=FAST)
     assert not memory.ok and "MemoryError" in memory.reason()
+    cpu = run_python("while True: pass", limits=Limits(timeout_s=30.0, cpu_s=1))
+    assert not cpu.timed_out and cpu.reason() == "killed by signal SIGXCPU"
+    big_file = run_python("open('f', 'wb').write(bytes(2 * 1024 * 1024))", limits=Limits(timeout_s=5.0, file_size_mb=1))
+    assert not big_file.ok
 
 
 def test_code_checker_scores_crashes_and_timeouts_as_failures():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from raylm.config import ConfigError
 from raylm.tasks.common import RewardResult
-from raylm.tasks.sandbox import Limits, clean_env, kill_group, limit_resources, python_command
+from raylm.tasks.sandbox import Limits, clean_env, kill_group, limits_code, python_command
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -101,7 +101,8 @@ class FunctionReward:
         self.ref = resolve_ref(ref)
         self.timeout_s = timeout_s
         self.failure_score = failure_score
-        self.limits = limits or Limits(timeout_s=timeout_s, cpu_s=None, memory_mb=2048)
+        # No CPU-time limit (it would add up over the child's life); room for numpy or torch.
+        self.limits = limits or Limits(timeout_s=timeout_s, cpu_s=None, memory_mb=16384)
         self.restarts = 0
         self._process: subprocess.Popen | None = None
         self._stderr = None
@@ -114,9 +115,10 @@ class FunctionReward:
         self._stderr = open(os.path.join(self._workdir.name, "stderr.txt"), "w+b")
         path = [p or os.getcwd() for p in sys.path]  # "" is the caller's working directory
         self._process = subprocess.Popen(
-            python_command("-c", _WORKER, json.dumps({"ref": self.ref, "path": path}), site=True),
+            python_command("-c", limits_code(self.limits) + _WORKER, json.dumps({"ref": self.ref, "path": path}),
+                           site=True),
             cwd=self._workdir.name, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr, preexec_fn=limit_resources(self.limits), start_new_session=True)
+            stderr=self._stderr, start_new_session=True)
         self._buffer = b""
         line = self._read_line(STARTUP_TIMEOUT_S)
         if line is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 class Limits:
     timeout_s: float = 5.0          # wall clock
     cpu_s: int | None = 10          # RLIMIT_CPU (None: none, for a long-lived process)
-    memory_mb: int = 1024           # RLIMIT_AS (address space: Python itself takes ~30 MB)
+    memory_mb: int | None = 1024    # RLIMIT_AS (address space: Python itself takes ~30 MB; None: none)
     file_size_mb: int = 16          # RLIMIT_FSIZE
     open_files: int = 64            # RLIMIT_NOFILE
 
@@ -62,17 +62,19 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def limit_resources(limits: Limits):
-    """A ``preexec_fn``: the child's own limits, set between fork and exec."""
-    def apply():
-        mb = 1024 * 1024
-        if limits.cpu_s is not None:
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mb, limits.memory_mb * mb))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_mb * mb, limits.file_size_mb * mb))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+def limits_code(limits: Limits) -> str:
+    """Python lines that set the limits, run by the child itself before anything else (no
+    ``preexec_fn``: forking from a threaded parent, a Ray actor, must not run Python in between)."""
+    mb = 1024 * 1024
+    lines = ["import resource as _r"]
+    if limits.cpu_s is not None:
+        lines.append(f"_r.setrlimit(_r.RLIMIT_CPU, ({limits.cpu_s}, {limits.cpu_s + 1}))")
+    if limits.memory_mb is not None:
+        lines.append(f"_r.setrlimit(_r.RLIMIT_AS, ({limits.memory_mb * mb}, {limits.memory_mb * mb}))")
+    lines += [f"_r.setrlimit(_r.RLIMIT_FSIZE, ({limits.file_size_mb * mb}, {limits.file_size_mb * mb}))",
+              f"_r.setrlimit(_r.RLIMIT_NOFILE, ({limits.open_files}, {limits.open_files}))",
+              "_r.setrlimit(_r.RLIMIT_CORE, (0, 0))", "del _r"]
+    return "\n".join(lines) + "\n"
 
 
 def python_command(*args: str, site: bool = False) -> list[str]:
@@ -89,17 +91,18 @@ def kill_group(process: subprocess.Popen) -> None:
 
 
 def run_python(code: str, stdin: str = "", limits: Limits | None = None, site: bool = False) -> SandboxResult:
-    """Run ``code`` as a script in a fresh temporary directory under the limits; stdout and stderr
-    come back as text (each cut to its last 64 KiB)."""
+    """Run ``code`` as the script ``main.py`` in a fresh temporary directory under the limits;
+    stdout and stderr come back as text (each cut to its last 64 KiB)."""
     limits = limits or Limits()
     with tempfile.TemporaryDirectory(prefix="raylm-sandbox-") as tmp:
         script = os.path.join(tmp, "main.py")
         with open(script, "w", encoding="utf-8") as f:
             f.write(code)
+        # The limits first, then the code as __main__ (its own first line stays line 1).
+        bootstrap = limits_code(limits) + "import runpy\nrunpy.run_path('main.py', run_name='__main__')\n"
         process = subprocess.Popen(
-            python_command(script, site=site), cwd=tmp, env=clean_env(), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit_resources(limits),
-            start_new_session=True)
+            python_command("-c", bootstrap, site=site), cwd=tmp, env=clean_env(), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
             out, err = process.communicate(stdin.encode("utf-8"), timeout=limits.timeout_s)
             timed_out = False
