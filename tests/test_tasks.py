@@ -122,6 +122,12 @@ def test_reference_scores_one_and_wrong_answers_zero(family, tmp_path):
     assert [r.score for r in right] == [1.0] * n, [r.reason for r in right if r.score != 1.0]
     assert [r.score for r in wrong] == [0.0] * n
     assert all(r.ok for r in right + wrong)
+    if family == "arithmetic":
+        assert {r.reason for r in wrong} == {"wrong answer"}
+        silent = reward.score(records[:1], ["936"])[0]
+        assert silent.score == 0.0 and silent.reason.startswith("no final answer")
+        no_reference = Reward("numeric").score([{"prompt": "p"}], ["Answer: 1"])[0]
+        assert not no_reference.ok and no_reference.reason == "the prompt record has no 'reference'"
     assert all(module.score(p, completion(p.solution)) == 1.0 for p in problems)
 
 
@@ -234,6 +240,14 @@ def test_tool_use_episodes_are_played_and_checked_over_several_turns():
     assert len(endless) == 1 + 2 * tool_use.MAX_TURNS
     assert tool_use.check_transcript(p, endless).reason == "the conversation ends without a final answer"
     assert tool_use.check_transcript(p, transcript[:3]).score == 0.0
+    # a record of one's own: no items named, so any successful tool use counts, and the answer
+    own = {"prompt": "What is 6 times 7? Use the tools.", "reference": "42"}
+    calc = tool_use.run_episode(own["prompt"], lambda m: "Answer: 42" if m[-1]["role"] == "tool" else
+                                tool_use.call_message("calculator", {"expression": "6*7"}, "x")["content"])
+    assert [m["role"] for m in calc] == ["user", "assistant", "tool", "assistant"]
+    assert Reward({"rule": "tool_use"}).score([own], [calc])[0].score == 1.0
+    guess = Reward({"rule": "tool_use"}).score([own], ["Answer: 42"])[0]
+    assert guess.score == 0.0 and guess.reason == "no tool was used: the answer is not from the tools"
 
 
 def test_calculator_runs_arithmetic_only():

@@ -42,8 +42,9 @@ class Problem:
 @dataclass
 class RewardResult:
     """A reward for one completion. ``ok`` False: the scorer itself failed (a user function that
-    raised, hung or returned no number; code that crashed): ``score`` is then the failure score and
-    ``reason`` says what happened. A wrong answer is ``ok`` with score 0.0."""
+    raised, hung or returned no number; a record it cannot score): ``score`` is then the failure
+    score. A wrong answer, or a model's code that crashed, is ``ok`` with score 0.0. ``reason``
+    says why in either case."""
 
     score: float
     ok: bool = True

@@ -17,6 +17,7 @@ with one is that item's failure, with the reason.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ from raylm.config import ConfigError
 from raylm.tasks import string_transform, tool_use
 from raylm.tasks.common import RewardResult
 from raylm.tasks.reward_functions import FunctionReward
-from raylm.tasks.rules import RULES, RuleError, rule_from_config
+from raylm.tasks.rules import RULES, RuleError, extract_answer, rule_from_config
 
 CHECKERS: dict[str, Callable[[dict, object], RewardResult]] = {
     "tool_use": lambda item, completion: tool_use.check_transcript(item, completion),
@@ -46,6 +47,8 @@ class RuleReward:
             self.rule = None
         else:
             self.rule = rule_from_config(spec, where)
+            default = inspect.signature(RULES[self.name]).parameters["extract"].default
+            self.extracts = spec.get("extract", default)
 
     def __call__(self, prompt: str, completion, item: dict) -> RewardResult:
         try:
@@ -55,7 +58,10 @@ class RuleReward:
                 return RewardResult(0.0, ok=False, reason="the prompt record has no 'reference'")
             if not isinstance(completion, str):
                 return RewardResult(0.0, ok=False, reason=f"completion is {type(completion).__name__}, not text")
-            return RewardResult(self.rule(completion, str(item["reference"])))
+            score = self.rule(completion, str(item["reference"]))
+            if score == 0.0 and self.extracts and extract_answer(completion) is None:
+                return RewardResult(score, reason="no final answer ('Answer: ...', '#### ...' or '\\boxed{...}')")
+            return RewardResult(score, reason="ok" if score else "wrong answer")
         except Exception as e:  # a bad record (no tests, a reference that is no number) fails its item only
             return RewardResult(0.0, ok=False, reason=f"{type(e).__name__}: {e}")
 

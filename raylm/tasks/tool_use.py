@@ -256,7 +256,8 @@ def _transcript(messages) -> list[dict]:
 def check_transcript(problem: Problem | dict, messages: list[dict] | str, max_turns: int = MAX_TURNS) -> RewardResult:
     """Score a whole episode (with or without the opening user turn; tool results as ``tool``
     messages or as ``<tool_result>`` user turns): 1.0 when every tool result is what the tool
-    returns, every item of the question was looked up, and the final answer is the total."""
+    returns, a tool was used (every item of the question looked up, where the record names its
+    ``items``), and the final answer is the total (the record's ``reference``)."""
     data = problem.data if isinstance(problem, Problem) else problem
     answer = problem.answer if isinstance(problem, Problem) else problem["reference"]
     try:
@@ -266,7 +267,7 @@ def check_transcript(problem: Problem | dict, messages: list[dict] | str, max_tu
     start = 0
     while start < len(messages) and messages[start]["role"] in ("system", "user"):
         start += 1
-    looked_up, turns, i = set(), 0, start
+    looked_up, used_tools, turns, i = set(), False, 0, start
     while i < len(messages):
         m = messages[i]
         if m["role"] != "assistant":
@@ -278,7 +279,9 @@ def check_transcript(problem: Problem | dict, messages: list[dict] | str, max_tu
         if not calls:
             if i != len(messages) - 1:
                 return RewardResult(0.0, True, f"messages[{i}]: the assistant answered, but the conversation goes on")
-            missing = [item for item in data["items"] if item not in looked_up]
+            missing = [item for item in data.get("items", []) if item not in looked_up]
+            if not used_tools:
+                return RewardResult(0.0, True, "no tool was used: the answer is not from the tools")
             if missing:
                 return RewardResult(0.0, True, f"no price look-up for {', '.join(missing)}: the answer is not from the tools")
             got = extract_answer(m["content"])
@@ -295,6 +298,7 @@ def check_transcript(problem: Problem | dict, messages: list[dict] | str, max_tu
             if messages[j]["content"].strip() != call.result:
                 return RewardResult(0.0, True, f"messages[{j}]: tool result {messages[j]['content']!r} is not what "
                                             f"the tool returns ({call.result!r})")
+            used_tools = used_tools or not call.result.startswith("error")
             if call.name == "price" and not call.result.startswith("error"):
                 looked_up.add(str(call.arguments.get("item", "")).strip().lower().removesuffix("s"))
         i += 1 + len(calls)
