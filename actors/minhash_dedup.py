@@ -126,14 +126,21 @@ class MinHashSignatures:
         return batch.append_column("signature", pa.array(signatures, pa.binary()))
 
 
-def bucket_edges(files: list[str], shard: int, cfg: DedupConfig) -> dict[str, np.ndarray]:
-    """The links (kept key, duplicate key) of one bucket shard, exact and near kept apart."""
+def bucket_edges(files: list[str], shard: int, cfg: DedupConfig, excluded_files=()) -> dict[str, np.ndarray]:
+    """The links (kept key, duplicate key) of one bucket shard, exact and near kept apart. Rows of
+    ``excluded_files`` (file indices quarantined whole) take no part: a discarded copy must never be
+    the one a cluster keeps."""
+    from raylm.actors.document_reader import RECORD_BITS
+
     keys, exact, bands, sigs = [], [], [], []
+    excluded = np.asarray(list(excluded_files), dtype=np.int64)
     for path in files:
         columns = ["key", "reason", "exact_hash", "bands"] + (["signature"] if cfg.jaccard_threshold is not None else [])
         table = pq.read_table(path, columns=columns)
         kept = pc.equal(table.column("reason"), "")
         table = table.filter(kept)
+        if len(excluded):
+            table = table.filter(pa.array(~np.isin(table.column("key").to_numpy() >> RECORD_BITS, excluded)))
         k = table.column("key").to_numpy()
         e = table.column("exact_hash").to_numpy()
         mine = (e.view(np.uint64) % np.uint64(cfg.bucket_shards)) == shard

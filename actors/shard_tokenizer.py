@@ -3,6 +3,8 @@ with ``Tokenizer.encode_batch_fast`` (Rust, parallel; no character offsets) and 
 
 Every batch becomes at most one shard per split, named after the batch's smallest document key, so
 the driver can order the index by key: the token stream is the same whatever the actors' timing.
+Beside the shards, ``documents/<prefix>.parquet`` lists the batch's documents in shard order (key,
+id, source, split, copies, tokens with EOS): what exactly the shards hold, document by document.
 A document goes to the validation split when a hash of its key falls below ``validation_fraction``;
 training documents are repeated per their source's mixing weight (2.5 -> twice, and a third time
 for half of them, chosen by a hash of the key), validation documents never.
@@ -52,6 +54,8 @@ class ShardTokenizer:
         rows = {"split": [], "file": [], "tokens": [], "documents": [], "first_key": [], "source_tokens": [],
                 "started": [], "finished": []}
         source_tokens: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
+        ids_column = batch.column("id").to_pylist() if "id" in batch.column_names else [""] * len(keys)
+        manifest = {"key": [], "id": [], "source": [], "split": [], "copies": [], "tokens": []}
         for i in order:
             key, ids = int(keys[i]), encodings[i].ids
             if unit_hash(key, f"split{self.seed}") < self.validation_fraction:
@@ -60,8 +64,12 @@ class ShardTokenizer:
                 split, n = "train", copies(key, self.weights.get(sources[i], 1.0), self.seed)
             for _ in range(n):
                 writers[split].add(ids)
+            for name, value in zip(manifest, (key, ids_column[i], sources[i], split, n, len(ids) + 1)):
+                manifest[name].append(value)
             per_source = source_tokens[split]
             per_source[sources[i]] = per_source.get(sources[i], 0) + n * (len(ids) + 1)
+        if len(keys):
+            self._write_manifest(manifest, prefix)
         for split, writer in writers.items():
             for entry in writer.close():
                 rows["split"].append(split)
@@ -73,3 +81,14 @@ class ShardTokenizer:
         rows["started"] = [started] * len(rows["split"])  # wall clock of this call, for the stage's busy span
         rows["finished"] = [time.time()] * len(rows["split"])
         return pa.table(rows)
+
+    def _write_manifest(self, manifest: dict, prefix: str) -> None:
+        import os
+
+        import pyarrow.parquet as pq
+
+        folder = os.path.join(self.shard_dir, "documents")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, prefix.rstrip("-") + ".parquet")
+        pq.write_table(pa.table(manifest), path + ".tmp")
+        os.replace(path + ".tmp", path)  # never a half manifest under the final name

@@ -5,19 +5,27 @@ run killed mid-way and restarted on the same ``output_dir`` redoes only the unfi
 with the same bytes as an uninterrupted run:
 
 1. ``documents/``: read (one task per file) -> normalise + quality filters + PII (actor pool) ->
-   MinHash signatures (actor pool) -> parquet. Bad input goes to ``quarantine.jsonl`` with file,
-   line and reason; every valid record of the same file goes on.
+   MinHash signatures (actor pool) -> parquet. Bad records go to ``quarantine.jsonl`` with file,
+   line and reason; every valid record of the same file goes on. A file that cannot be read whole
+   (corrupt compression, binary, unreadable, not its format) is quarantined whole, by name and
+   reason: none of its records goes on, those read before the error included, and they count as
+   quarantined; every other file goes on.
 2. ``removed_keys.npy``: exact and near duplicates from the signatures alone: bucket-shard tasks find
    the candidate links, rounds of partition tasks their clusters (actors/connected_components.py);
    each cluster keeps its earliest document.
 3. ``tokenizer.json``: byte-level BPE trained on the kept documents, streamed.
-4. ``tokens/``: the tokenization actor pool writes shards; ``tokens/index.json`` is written last.
-Per-phase counts, drop reasons, characters and tokens go to ``stats.json`` and the MLflow run.
+4. ``tokens/``: the tokenization actor pool writes shards, and per shard batch the kept documents'
+   key, id, source, split and copies (``tokens/documents/*.parquet``, in shard order);
+   ``tokens/index.json`` is written last.
+Per-phase counts, drop reasons, characters and tokens go to ``stats.json`` and the MLflow run. The
+counts add up: documents_in - quarantined - filtered - duplicates removed = documents_written, the
+distinct documents in the shards (source weights then repeat training documents: counted apart).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import shutil
 import time
@@ -27,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
-from raylm.actors.document_reader import expand_paths, read_files
+from raylm.actors.document_reader import FILE_QUARANTINE, RECORD_BITS, expand_paths, read_files
 from raylm.actors.connected_components import duplicate_clusters, ray_runner
 from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
 from raylm.actors.quality_filters import DocumentFilter, FilterConfig
@@ -103,9 +111,11 @@ def _fingerprint(config: Config) -> str:
     for key in ("output_dir", "tracking", "ray", "compute"):
         data.pop(key)
     data["max_chars"] = config.compute.max_chars
+    data["outputs_version"] = OUTPUTS_VERSION  # outputs of an older raylm are rebuilt, never reused
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+OUTPUTS_VERSION = 2  # 2: whole-file quarantine, distinct documents_written, tokens/documents/
 OUTPUTS = ("documents", "tokens", "quarantine.jsonl", "removed_keys.npy", "tokenizer.json", "stats.json")
 
 
@@ -114,6 +124,7 @@ class Phases:
 
     def __init__(self, out: Path, fingerprint: str):
         self.out = out
+        self.reused: dict[str, str] = {}  # phase -> the marker of the earlier run it was taken from
         state = out / "data_state.json"
         previous = json.loads(state.read_text())["fingerprint"] if state.exists() else None
         if previous not in (None, fingerprint):  # another config's outputs: start over, never mix
@@ -129,6 +140,11 @@ class Phases:
         marker = self.out / f"{name}.done.json"
         start = time.perf_counter()
         if marker.exists():
+            finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(marker.stat().st_mtime))
+            print(f"raylm data: {name}: reused, not recomputed: finished {finished} by an earlier run with the "
+                  f"same data config into {self.out} ({marker.name}); remove it or use another output_dir to "
+                  f"recompute", flush=True)
+            self.reused[name] = str(marker)
             return json.loads(marker.read_text()), 0.0
         stats = body()
         tmp = marker.with_name(marker.name + ".tmp")
@@ -162,6 +178,8 @@ def read_documents(config: Config):
 
     items = [{"file_index": i, "path": path, "source": source or Path(path).name.split(".")[0],
               "format": "auto", "text_column": "text"} for i, (path, source) in enumerate(input_files(config))]
+    if len(items) >= 1 << (63 - RECORD_BITS):
+        raise ConfigError(f"inputs: {len(items)} files; at most {(1 << (63 - RECORD_BITS)) - 1} are supported")
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_files, batch_size=1, fn_kwargs={"max_chars": config.compute.max_chars}, **config.compute.remote_args())
 
@@ -181,45 +199,111 @@ def phase_documents(config: Config, out: Path) -> dict:
                         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=c.workers),
                         **c.remote_args())
     ds.write_parquet(str(out / "documents"))
-    # Counting and the quarantine read the small columns back, file by file: bounded memory.
+    return count_documents(config, out)
+
+
+def _file_of(keys: np.ndarray) -> np.ndarray:
+    return keys >> RECORD_BITS
+
+
+def _quarantine_line(row: dict) -> str:
+    """One JSON line, whatever the text holds: json.dumps escapes control characters (NUL, CR, LF)
+    but not U+0085, U+2028 and U+2029, which str.splitlines() and some JSON readers split lines on."""
+    line = json.dumps(row, ensure_ascii=False)
+    return line.replace("\u0085", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
+def count_documents(config: Config, out: Path) -> dict:
+    """Counts, drop reasons and ``quarantine.jsonl`` from the parquet of phase 1, file by file
+    (bounded memory); the quarantine is merged from per-file sorted runs into (file, line) order."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    paths = sorted((out / "documents").glob("*.parquet"))
+    bad_files: dict[int, dict] = {}  # file index -> its quarantine record
+    for path in paths:
+        table = pq.read_table(path, columns=["key", "reason", "file", "raw"])
+        rows = table.filter(pc.starts_with(table.column("reason"), FILE_QUARANTINE))
+        for row in rows.to_pylist():
+            bad_files[int(row["key"]) >> RECORD_BITS] = {
+                "file": row["file"], "line": None, "reason": row["reason"].removeprefix(FILE_QUARANTINE),
+                "id": "", "source": "", "raw": row["raw"], "records_discarded": 0}
+    excluded = np.array(sorted(bad_files), dtype=np.int64)
     reasons: Counter = Counter()
     pii: Counter = Counter()
     docs_in = chars_out = 0
-    tmp = out / "quarantine.jsonl.tmp"
-    with open(tmp, "w") as quarantine:
-        for path in sorted((out / "documents").glob("*.parquet")):
-            table = pq.read_table(path, columns=["key", "id", "source", "text", "reason", "file", "line", "raw",
-                                                  "pii_email", "pii_phone", "pii_ip_address"])
-            docs_in += table.num_rows
-            reasons.update(table.column("reason").to_pylist())
-            for name in ("email", "phone", "ip_address"):
-                pii[name] += pc.sum(table.column(f"pii_{name}")).as_py() or 0
-            kept = table.filter(pc.equal(table.column("reason"), ""))
-            chars_out += sum(len(t) for t in kept.column("text").to_pylist())
-            bad = table.filter(pc.starts_with(table.column("reason"), QUARANTINE))
-            for row in bad.select(["file", "line", "reason", "id", "source", "raw"]).to_pylist():
+    runs = []
+    for i, path in enumerate(paths):
+        table = pq.read_table(path, columns=["key", "id", "source", "text", "reason", "file", "line", "raw",
+                                              "pii_email", "pii_phone", "pii_ip_address"])
+        table = table.filter(pc.invert(pc.starts_with(table.column("reason"), FILE_QUARANTINE)))
+        in_bad_file = np.isin(_file_of(table.column("key").to_numpy()), excluded)
+        for index in _file_of(table.column("key").to_numpy()[in_bad_file]).tolist():
+            bad_files[index]["records_discarded"] += 1
+            reasons[QUARANTINE + bad_files[index]["reason"]] += 1
+        docs_in += len(table)
+        table = table.filter(pa_array(~in_bad_file))
+        reasons.update(table.column("reason").to_pylist())
+        for name in ("email", "phone", "ip_address"):
+            pii[name] += pc.sum(table.column(f"pii_{name}")).as_py() or 0
+        kept = table.filter(pc.equal(table.column("reason"), ""))
+        chars_out += sum(len(t) for t in kept.column("text").to_pylist())
+        bad = table.filter(pc.starts_with(table.column("reason"), QUARANTINE))
+        bad = bad.take(pc.sort_indices(bad, [("key", "ascending")]))
+        run = out / f"quarantine.run{i}.tmp"
+        with open(run, "w", encoding="utf-8") as f:
+            for row in bad.select(["key", "file", "line", "reason", "id", "source", "raw"]).to_pylist():
+                key = row.pop("key")
                 row["reason"] = row["reason"].removeprefix(QUARANTINE)
-                quarantine.write(json.dumps(row, ensure_ascii=False) + "\n")
-    # parquet files come back in completion order: sort, so the file is the same every run
-    tmp.write_text("".join(sorted(tmp.read_text().splitlines(keepends=True))))
+                f.write(f"{key:020d}\t" + _quarantine_line(row))
+        runs.append(run)
+    run = out / "quarantine.files.tmp"
+    with open(run, "w", encoding="utf-8") as f:
+        for index, row in sorted(bad_files.items()):
+            f.write(f"{index << RECORD_BITS:020d}\t" + _quarantine_line(row))
+    runs.append(run)
+    tmp = out / "quarantine.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as quarantine:
+        streams = [open(r, encoding="utf-8", newline="\n") for r in runs]
+        try:  # every run is sorted by key (file index, then line): a k-way merge orders the whole file
+            for line in heapq.merge(*streams):
+                quarantine.write(line.split("\t", 1)[1])
+        finally:
+            for stream in streams:
+                stream.close()
+    for r in runs:
+        r.unlink()
     tmp.replace(out / "quarantine.jsonl")
     kept_n = reasons.pop("", 0)
-    bad_input = {r.removeprefix(QUARANTINE): n for r, n in reasons.items() if r.startswith(QUARANTINE)}
+    bad_input = {r.removeprefix(QUARANTINE): n for r, n in sorted(reasons.items()) if r.startswith(QUARANTINE)}
+    filtered = {r: n for r, n in reasons.items() if not r.startswith(QUARANTINE)}
     return {"documents_in": docs_in, "documents_out": kept_n, "chars_out": chars_out,
-            "quarantined": sum(bad_input.values()), "bad_input": bad_input,
-            "dropped_by_filter": _by_filter({r: n for r, n in reasons.items() if not r.startswith(QUARANTINE)}),
+            "quarantined": sum(bad_input.values()), "filtered": sum(filtered.values()), "bad_input": bad_input,
+            "files_quarantined": [{k: v for k, v in row.items() if k not in ("line", "id", "source")}
+                                  for _, row in sorted(bad_files.items())],
+            "dropped_by_filter": _by_filter(filtered, config.filters.language_id.languages),
             "pii_redacted": dict(pii)}
 
 
-def _by_filter(reasons: dict) -> dict:
-    """{"gopher_quality:min_words": 3, ...} -> {"gopher_quality": {"total": 3, "min_words": 3}}."""
+def pa_array(mask: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(mask, pa.bool_())
+
+
+def _by_filter(reasons: dict, languages: list[str] = ()) -> dict:
+    """{"gopher_quality:min_words": 3, ...} -> {"gopher_quality": {"total": 3, "min_words": 3}}.
+    Language drops name the configured languages (kept, but under min_confidence) and sum every
+    other label py3langid gives (97 of them, "zxx" and the like included) into ``other``."""
     out: dict[str, dict] = {}
     for reason, n in sorted(reasons.items()):
         name, _, rule = reason.partition(":")
+        if name == "language" and rule not in languages and rule != "low_confidence":
+            rule = "other"
         entry = out.setdefault(name, {"total": 0})
         entry["total"] += n
         if rule:
-            entry[rule] = n
+            entry[rule] = entry.get(rule, 0) + n
     return out
 
 
@@ -229,31 +313,56 @@ def phase_dedup(config: Config, out: Path) -> dict:
     files = sorted(str(p) for p in (out / "documents").glob("*.parquet"))
     cfg, options = config.dedup, config.compute.remote_args()
     task = ray.remote(bucket_edges).options(**options)
-    links = [task.remote(files, shard, cfg) for shard in range(cfg.bucket_shards)]
+    excluded = _excluded_files(out)
+    links = [task.remote(files, shard, cfg, excluded) for shard in range(cfg.bucket_shards)]
     submit, fetch = ray_runner(**options)
     removed, stats = duplicate_clusters(links, cfg.bucket_shards, submit, fetch)
     tmp = out / "removed_keys.npy.tmp"
     with open(tmp, "wb") as f:
         np.save(f, removed)
     tmp.replace(out / "removed_keys.npy")
-    return stats
+    return {"documents_removed": len(removed), **stats}
 
 
-def _keep(batch, removed):
+def _excluded_files(out: Path) -> list[int]:
+    """The file indices quarantined whole in phase 1 (from its marker): none of their rows goes on."""
+    import pyarrow.parquet as pq
+
+    indices = set()
+    for path in sorted((out / "documents").glob("*.parquet")):
+        table = pq.read_table(path, columns=["key", "reason"])
+        for key, reason in zip(table.column("key").to_pylist(), table.column("reason").to_pylist()):
+            if reason.startswith(FILE_QUARANTINE):
+                indices.add(key >> RECORD_BITS)
+    return sorted(indices)
+
+
+def keep_batch(batch, removed: np.ndarray, excluded_files: np.ndarray):
+    """The rows that go on to the tokenizer: passed every filter, in no whole-quarantined file, and
+    not a removed duplicate. ``removed`` must be the array itself (sorted): an ``ObjectRef`` handed to
+    ``map_batches(fn_args=...)`` arrives unresolved on the installed Ray, and ``np.isin`` against it
+    silently matches nothing."""
     import pyarrow.compute as pc
 
+    if not isinstance(removed, np.ndarray) or not isinstance(excluded_files, np.ndarray):
+        raise TypeError(f"keep_batch: removed keys must be numpy arrays, got {type(removed).__name__}")
     batch = batch.filter(pc.equal(batch.column("reason"), ""))
-    return batch.filter(~np.isin(batch.column("key").to_numpy(), removed)).select(["key", "source", "text"])
+    keys = batch.column("key").to_numpy()
+    keep = ~np.isin(_file_of(keys), excluded_files)
+    if len(removed):  # removed is sorted: a binary search per key
+        keep &= removed[np.minimum(np.searchsorted(removed, keys), len(removed) - 1)] != keys
+    return batch.filter(pa_array(keep)).select(["key", "id", "source", "text"])
 
 
 def kept_documents(config: Config, out: Path):
     """The filtered documents minus duplicates, streamed from the parquet of phase 1."""
     import ray
 
-    removed = ray.put(np.load(out / "removed_keys.npy"))
+    removed = np.sort(np.load(out / "removed_keys.npy", allow_pickle=False))
+    excluded = np.array(_excluded_files(out), dtype=np.int64)
     files = sorted(str(p) for p in (out / "documents").glob("*.parquet"))
-    return ray.data.read_parquet(files, columns=["key", "source", "text", "reason"]).map_batches(
-        _keep, batch_format="pyarrow", fn_args=(removed,), batch_size=config.compute.batch_size,
+    return ray.data.read_parquet(files, columns=["key", "id", "source", "text", "reason"]).map_batches(
+        keep_batch, batch_format="pyarrow", fn_args=(removed, excluded), batch_size=config.compute.batch_size,
         **config.compute.remote_args())
 
 
@@ -298,14 +407,37 @@ def phase_tokens(config: Config, out: Path, ds, vocab_size: int, seconds: dict) 
     splits: dict[str, list] = {"train": [], "validation": []}
     source_tokens: dict[str, Counter] = {"train": Counter(), "validation": Counter()}
     for e in entries:
+        # the index's "documents" is what the shard holds (EOS-ended sequences, repeats included)
         splits[e["split"]].append({"file": e["file"], "tokens": e["tokens"], "documents": e["documents"]})
         source_tokens[e["split"]].update(json.loads(e["source_tokens"]))
     # the shard folder carries its tokenizer, so pretraining can be pointed at tokens/ alone
     shutil.copyfile(out / "tokenizer.json", shard_dir / "tokenizer.json")
     write_index(shard_dir, vocab_size, EOS_ID, splits)
-    return {split: {"tokens": sum(e["tokens"] for e in items), "documents": sum(e["documents"] for e in items),
+    distinct = written_documents(shard_dir)
+    # documents: distinct documents; sequences: what the shards hold once source weights repeat them
+    stats = {split: {"tokens": sum(e["tokens"] for e in items), "documents": distinct[split],
+                    "sequences": sum(e["documents"] for e in items),
                     "shards": len(items), "tokens_by_source": dict(sorted(source_tokens[split].items()))}
             for split, items in splits.items()}
+    # kept training documents a source weight below 1 sampled out: in no shard, listed with copies 0
+    stats["documents_weighted_out"] = distinct["weighted_out"]
+    return stats
+
+
+def written_documents(shard_dir: Path) -> Counter:
+    """Distinct documents per split in the shards, and the kept training documents a source weight
+    below 1 sampled out ("weighted_out"), from the manifests the tokenization actors wrote."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    for path in sorted((shard_dir / "documents").glob("*.parquet")):
+        table = pq.read_table(path, columns=["split", "copies"])
+        written = pc.greater(table.column("copies"), 0)
+        for split in ("train", "validation"):
+            counts[split] += pc.sum(pc.and_(written, pc.equal(table.column("split"), split))).as_py() or 0
+        counts["weighted_out"] += pc.sum(pc.invert(written)).as_py() or 0
+    return counts
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
@@ -329,7 +461,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
     stats["tokenizer"], seconds["tokenizer"] = phases.run("tokenizer", lambda: phase_tokenizer(config, out, ds))
     stats["tokens"], seconds["tokens"] = phases.run(
         "tokens", lambda: phase_tokens(config, out, ds, stats["tokenizer"]["vocab_size"], seconds))
-    stats["seconds"] = seconds  # 0.0: done by an earlier, interrupted run
+    stats["seconds"] = seconds  # 0.0: reused from an earlier run (listed in "reused")
+    stats["reused"] = phases.reused
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     metrics = summary_metrics(stats)
     stage_run.log_metrics(metrics)
@@ -345,7 +478,11 @@ def summary_metrics(stats: dict) -> dict:
         "documents_after_filters": d["documents_out"],
         "exact_duplicates_removed": dd["exact_duplicates_removed"],
         "near_duplicates_removed": dd["near_duplicates_removed"],
+        "documents_filtered": d["filtered"],
+        "duplicates_removed": dd["documents_removed"],
         "documents_written": t["train"]["documents"] + t["validation"]["documents"],
+        "documents_weighted_out": t["documents_weighted_out"],
+        "sequences_written": t["train"]["sequences"] + t["validation"]["sequences"],
         "train_tokens": t["train"]["tokens"], "validation_tokens": t["validation"]["tokens"],
         "vocab_size": stats["tokenizer"]["vocab_size"],
     }
