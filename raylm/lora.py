@@ -190,7 +190,7 @@ def merged_state_dict(state: dict[str, torch.Tensor], cfg: TransformerConfig, se
             plain = prefix.removesuffix(".base") + ".weight"
             out[plain] = dequantize(tensor, scales_of(state, prefix), _shape(cfg, plain, projections))
         else:
-            out[key.replace(".base.weight", ".weight")] = tensor
+            out[key.replace(".base.weight", ".weight").replace(".base.bias", ".bias")] = tensor  # Qwen2: q/k/v biases
     for key in [k for k in state if ".lora_A." in k]:
         module, name = key.split(".lora_A.")
         plain = module + ".weight"

@@ -209,3 +209,144 @@ def test_greedy_generation_matches_transformers(tmp_path):
     with torch.no_grad():  # and log-probs of one sequence
         seq = torch.tensor([prompts[0] + ours[0]])
         assert torch.allclose(F.log_softmax(model(seq), -1), F.log_softmax(reference(seq).logits, -1), atol=1e-4)
+
+
+def _tensor_parallel_worker(rank: int, folder: str, init_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from raylm.distributed.tensor_parallel import apply_tp, unpermute_state_dict
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        tokens = tokens_for(seed=3)
+        labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), -100)], dim=1)
+        plain, sharded = load_checkpoint(folder), load_checkpoint(folder)
+        causal_lm_loss(plain, tokens, labels).loss.backward()
+        apply_tp(sharded, init_device_mesh("cpu", (2,)))
+        bias = sharded.layers["0"].attention.wqkv.bias
+        assert isinstance(bias, DTensor) and bias.to_local().shape[0] == bias.shape[0] // 2  # sharded with its rows
+        out = causal_lm_loss(sharded, tokens, labels)
+        out.loss.backward()
+        assert torch.allclose(sharded(tokens), plain(tokens), atol=1e-5)
+        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in sharded.named_parameters()}
+        grads = unpermute_state_dict(grads, sharded.config, 2)
+        for name, param in plain.named_parameters():
+            assert torch.allclose(grads[name], param.grad, atol=1e-5 * max(param.grad.abs().max().item(), 1e-3)), name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_shards_qwen2_biases_with_their_rows(tmp_path):
+    """tp=2 (2 gloo processes) on a Qwen2 checkpoint with q/k/v biases: the same logits, loss and
+    gradients (gathered, rows put back) as one process."""
+    import torch.multiprocessing as mp
+
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen2")
+    write_hf_checkpoint(tmp_path / "hf", config_class, overrides)
+    mp.spawn(_tensor_parallel_worker, args=(str(tmp_path / "hf"), str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_tensor_parallel_refuses_qk_norm_families_by_name():
+    from raylm.distributed.tensor_parallel import check_tp
+
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen3")
+    config = getattr(transformers, config_class)(**{**COMMON, **overrides})
+    with pytest.raises(ValueError, match="tp: models with qk_norm"):
+        check_tp(config_from_hf(json.loads(config.to_json_string())), 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sft_fine_tunes_a_brought_in_qwen3_checkpoint_and_exports_it_as_qwen3(tmp_path):
+    """`raylm sft` from a Qwen3 folder that transformers wrote (with a tokenizer.json beside it), on
+    2 FSDP2 workers: the export is a Qwen3 checkpoint again, transformers computes the same logits
+    from it as raylm, its weights moved and its held-out loss went down."""
+    import shutil
+
+    import ray
+
+    from raylm import cli
+    from raylm.sft_data import stdlib_instructions, write_jsonl_splits
+    from raylm.tokenizer import train_tokenizer
+
+    examples = stdlib_instructions(limit=120)
+    splits = write_jsonl_splits(examples, tmp_path / "data", 0.1, seed=0)
+    train_tokenizer((e["prompt"] + "\n" + e["response"] for e in examples), 512, tmp_path / "tokenizer.json")
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen3")
+    start = tmp_path / "qwen3"
+    write_hf_checkpoint(start, config_class, {**overrides, "vocab_size": 512})
+    shutil.copyfile(tmp_path / "tokenizer.json", start / "tokenizer.json")
+    config = tmp_path / "sft.json"
+    config.write_text(json.dumps({
+        "output_dir": str(tmp_path / "out"), "seed": 0, "ray": {"num_cpus": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "checkpoint": str(start),
+        "data": {"train": splits["train"], "validation": splits["validation"]}, "epochs": None, "samples": 0,
+        "train": {"steps": 6, "batch_size": 4, "seq_len": 128, "log_every": 2, "eval_every": 6, "eval_batches": 2,
+                  "checkpoint_every": 100},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "parallel": {"num_workers": 2},
+    }))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert cli.main(["sft", str(config)]) == 0
+    finally:
+        ray.shutdown()
+    export = tmp_path / "out" / "hf"
+    written = json.loads((export / "config.json").read_text())
+    assert written["model_type"] == "qwen3" and written["architectures"] == ["Qwen3ForCausalLM"]
+    assert written["head_dim"] == 24
+    tuned = load_checkpoint(export).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    tokens = torch.randint(3, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(tokens).logits
+        assert (tuned(tokens) - expected).abs().max().item() < 1e-4 * max(expected.abs().max().item(), 1.0)
+    before = load_checkpoint(start)
+    assert not torch.equal(before.layers["1"].attention.q_norm.weight, tuned.layers["1"].attention.q_norm.weight)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert losses[-1].value < losses[0].value
+
+
+def test_reward_model_on_a_brought_in_backbone_exports_as_the_family_classifier(tmp_path):
+    """A scalar head on a Qwen2 backbone (how `raylm reward` starts from a causal-LM folder) is
+    written as Qwen2ForSequenceClassification, whose score transformers computes the same."""
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen2")
+    write_hf_checkpoint(tmp_path / "hf", config_class, overrides)
+    reward = load_checkpoint(tmp_path / "hf", scalar_head=True)
+    with torch.no_grad():
+        reward.score.weight.normal_(0, 0.1)
+    save_checkpoint(reward, tmp_path / "reward")
+    assert json.loads((tmp_path / "reward" / "config.json").read_text())["architectures"] == [
+        "Qwen2ForSequenceClassification"]
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward", dtype=torch.float32)
+    tokens = tokens_for(seed=4, batch=1, seq=40)
+    with torch.no_grad():
+        expected = theirs.eval()(tokens).logits[0, 0]
+        ours = reward.eval().sequence_scores(tokens, torch.ones_like(tokens))[0]
+    assert abs(ours.item() - expected.item()) < 1e-4
+
+
+def test_lora_on_qwen2_merges_with_the_biases_kept(tmp_path):
+    """LoRA wraps the fused q/k/v projection, bias included; the merged model keeps the biases."""
+    from raylm.lora import LoRASettings, apply_lora, merge_lora
+
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen2")
+    write_hf_checkpoint(tmp_path, config_class, overrides)
+    adapted = apply_lora(load_checkpoint(tmp_path), LoRASettings(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    merged = merge_lora(adapted)
+    assert merged.layers["0"].attention.wqkv.bias.abs().sum() > 0
+    tokens = tokens_for(seed=5)
+    with torch.no_grad():
+        assert (adapted(tokens) - merged(tokens)).abs().max().item() < 1e-4
