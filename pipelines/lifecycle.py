@@ -16,13 +16,15 @@ import time
 
 from pydantic import Field, field_validator
 
-from raylm.config import ConfigError, StageConfig, deep_merge, format_validation_error, read_yaml
+import re
+
+from raylm.config import ConfigError, StageConfig, deep_merge, flatten, format_validation_error, read_yaml, resolved_dict
 from raylm.stages import LIFECYCLE, StageNotBuilt, built_stages, stage_module
 from raylm.tracking import StageRun, start_run, resolve_tracking_uri, stage_run
 
 
 class Config(StageConfig):
-    stages: list[str] = ["export"]
+    stages: list[str] = ["export"]  # the lifecycle stages to run, in order (a finished one is skipped)
     # A stage's own YAML (e.g. examples/laptop/pretrain.yaml) as the base of its section; the
     # lifecycle's output_dir, seed, tracking, ray and lineage replace that file's, and `sections`
     # override on top, merged key by key (a list replaces the file's list).
@@ -107,6 +109,7 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
         raise StageNotBuilt(f"stages not built yet: {', '.join(missing)}")
     uri = resolve_tracking_uri(config, tracking_uri)
     parent = start_run(uri, config.tracking.experiment, "lifecycle", config.output_dir)
+    parent.log_params(flatten(resolved_dict(config)))
     summary: dict = {"mlflow_parent_run": parent.run_id, "tracking_uri": uri, "stages": {}}
     status = "FAILED"
     try:
@@ -116,23 +119,98 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
             if done.exists():
                 print(f"=== raylm run: stage {stage}: done in an earlier run ({done}), skipped ===", flush=True)
                 summary["stages"][stage] = {"skipped": True, **json.loads(done.read_text())}
+                log_stage_results(parent, stage, summary["stages"][stage])
                 continue
             if hasattr(module, "check"):
                 module.check(stage_cfg, f"sections.{stage}")
             start = time.perf_counter()
             print(f"=== raylm run: stage {stage} ===", flush=True)
-            with stage_run(stage, stage_cfg, parent=parent) as run_handle:
+            with stage_run(stage, stage_cfg, parent=parent, lineage=run_lineage(config, stage, summary)) as run_handle:
                 result = module.run(stage_cfg, run_handle)
             result = {"seconds": round(time.perf_counter() - start, 1), "mlflow_run": run_handle.run_id,
                       **(result or {})}
             done.write_text(json.dumps(result, indent=2, default=str))
             summary["stages"][stage] = result
+            log_stage_results(parent, stage, result)
+        log_eval_table(parent, config)
         summary["plots"] = [str(p) for p in plot_curves(summary, config, parent)]
+        summary["registered_model"] = register_final_model(parent, config, summary)
         status = "FINISHED"
     finally:
         parent.client.set_terminated(parent.run_id, status)
     print_report(summary, config)
     return summary
+
+
+def metric_name(*parts: str) -> str:
+    """MLflow metric names allow letters, digits and ``_-. /``: anything else becomes ``_``."""
+    return re.sub(r"[^\w\-. /]", "_", "/".join(parts))
+
+
+def headline_metrics(stage: str, result: dict) -> dict[str, float]:
+    """A stage's summary as parent-run metrics: its numbers, and one level of named numbers (RLHF's
+    before / after reward, eval's checkpoint -> task -> metric), ``<stage>/<key>[/<name>...]``."""
+    metrics = {}
+
+    def walk(node, path):
+        for key, value in node.items():
+            if isinstance(value, bool) or key in ("mlflow_run", "skipped"):
+                continue
+            if isinstance(value, (int, float)):
+                metrics[metric_name(*path, str(key))] = float(value)
+            elif isinstance(value, dict) and len(path) < 4:
+                walk(value, path + [str(key)])
+
+    walk(result, [stage])
+    return metrics
+
+
+def log_stage_results(parent: StageRun, stage: str, result: dict) -> None:
+    """The stage's headline results on the parent run, and which run made them."""
+    parent.log_metrics(headline_metrics(stage, result))
+    if result.get("mlflow_run"):
+        parent.set_tags({f"raylm.run.{stage}": result["mlflow_run"]})
+
+
+def log_eval_table(parent: StageRun, config: Config) -> None:
+    """The eval stage's checkpoint-by-checkpoint table, on the parent run too."""
+    out = config.output_path / "eval"
+    for name in ("results.md", "results.json"):
+        if (out / name).exists():
+            parent.log_artifact(out / name, "eval")
+
+
+def run_lineage(config: Config, stage: str, summary: dict) -> dict:
+    """Registry tags only the lifecycle knows: the runs that made this stage's inputs."""
+    runs = {name: r["mlflow_run"] for name, r in summary["stages"].items() if r.get("mlflow_run")}
+    inputs = json.dumps(lineage(config, stage))
+    read = [name for name in runs if name != "data" and str(config.output_path / name) in inputs]
+    tags = {"raylm.lifecycle_run": summary["mlflow_parent_run"], "raylm.data_run": runs.get("data"),
+            "raylm.parent_run": ", ".join(runs[name] for name in read) or None}
+    return {k: v for k, v in tags.items() if v}
+
+
+def register_final_model(parent: StageRun, config: Config, summary: dict) -> str | None:
+    """The lifecycle's model (the export's, else the last trained stage's) as ``<experiment>`` in
+    the Model Registry, tagged with the runs it came from."""
+    if not config.tracking.registry:
+        return None
+    last = next((s for s in ("export", *TRAINED) if s in summary["stages"] and summary["stages"][s].get("mlflow_run")),
+                None)
+    if last is None:
+        return None
+    source = StageRun(parent.uri, summary["stages"][last]["mlflow_run"], parent.experiment_id)
+    tags = {"raylm.stage": last, "raylm.lifecycle_run": parent.run_id,
+            **{f"raylm.run.{s}": r.get("mlflow_run") for s, r in summary["stages"].items() if r.get("mlflow_run")}}
+    try:
+        version = source.register_model(config.tracking.experiment, tags)
+    except Exception as e:  # the run's work is done and logged: say so, do not fail it
+        print(f"raylm run: the final model was not registered in MLflow's Model Registry ({e})", flush=True)
+        return None
+    if version is None:
+        return None
+    parent.set_tags({"raylm.registered_model": f"{version.name}/{version.version}"})
+    return f"{version.name}/{version.version}"
 
 
 def plot_curves(summary: dict, config: Config, parent: StageRun) -> list:
@@ -167,5 +245,7 @@ def print_report(summary: dict, config: Config) -> None:
         print(f"  not built yet: {', '.join(not_built)}")
     print(f"  artifacts: {config.output_path.resolve()}")
     print(f"  MLflow: {summary['tracking_uri']} (parent run {summary['mlflow_parent_run']})")
+    if summary.get("registered_model"):
+        print(f"  registered model: {summary['registered_model']}")
     if summary["tracking_uri"].startswith("sqlite:"):
         print(f"  open it with: mlflow ui --backend-store-uri {summary['tracking_uri']}")

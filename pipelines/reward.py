@@ -27,6 +27,8 @@ from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
 
 class PreferenceDataConfig(Section):
+    """The preference pairs: train/validation JSONL files, or the built-in task (not both)."""
+
     train: str | None = None  # JSONL pairs / rankings
     validation: str | None = None  # held-out JSONL: accuracy and margin
     builtin: Literal["stdlib-docstrings"] | None = None  # instead of train/validation files

@@ -33,6 +33,8 @@ from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
 
 class DataConfig(Section):
+    """The instruction data: train/validation JSONL files, or a built-in set (not both)."""
+
     train: str | None = None  # JSONL: {"prompt", "response"[, "system"]} or {"messages": [...]} per line
     validation: str | None = None  # held-out JSONL, the validation (response) loss
     builtin: Literal["stdlib-instructions"] | None = None  # instead of train/validation files

@@ -28,6 +28,7 @@ class Section(BaseModel):
 class TrackingConfig(Section):
     uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
     experiment: str = "raylm"
+    registry: bool = True  # register each stage's model (<experiment>-<stage>) in the Model Registry
 
 
 class RayConfig(Section):

@@ -40,22 +40,32 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment of unknown kind as a GenAI experiment (traces, prompts): raylm's
+# are model training, shown as runs with metrics, params and artifacts.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Top-level artifact folders in which a stage's run holds a Hugging Face model.
+MODEL_ARTIFACTS = ("model", "checkpoint")
+
+
 def experiment_id(uri: str, name: str, output_dir: str | Path) -> str:
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if not uri.startswith(("http://", "https://", "databricks")):
-        # A local store keeps artifacts beside it, not in the current directory.
-        artifact_location = (Path(output_dir).resolve() / "mlartifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created concurrently by another process
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        artifact_location = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            # A local store keeps artifacts beside it, not in the current directory.
+            artifact_location = (Path(output_dir).resolve() / "mlartifacts").as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently by another process
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:  # an experiment created before, or by another tool
+            with contextlib.suppress(Exception):
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 @dataclass
@@ -105,6 +115,24 @@ class StageRun:
     def download_artifacts(self, artifact_path: str, dst: str | Path) -> Path:
         return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
 
+    def model_artifact(self) -> str | None:
+        """The artifact folder holding this run's model (``model`` or ``checkpoint``), if any."""
+        folders = {a.path for a in self.client.list_artifacts(self.run_id) if a.is_dir}
+        return next((name for name in MODEL_ARTIFACTS if name in folders), None)
+
+    def register_model(self, name: str, tags: dict | None = None, artifact: str | None = None):
+        """Register this run's model folder as a new version of ``name`` in the Model Registry, with
+        ``tags`` (lineage) on the version; None when the run logged no model."""
+        artifact = artifact or self.model_artifact()
+        if artifact is None:
+            return None
+        client = self.client
+        with contextlib.suppress(Exception):  # exists already
+            client.create_registered_model(name, description="raylm: a Hugging Face causal-LM folder "
+                                           "(config.json, model.safetensors, tokenizer.json)")
+        tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        return client.create_model_version(name, f"runs:/{self.run_id}/{artifact}", run_id=self.run_id, tags=tags)
+
 
 def _param_value(value) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
@@ -120,18 +148,60 @@ def start_run(uri: str, experiment: str, run_name: str, output_dir, parent: Stag
     return StageRun(uri, run.info.run_id, exp_id)
 
 
+def lineage_tags(config: StageConfig) -> dict[str, str]:
+    """What a stage's model was made from, as far as its config says: the checkpoint it started
+    from, its data (token shards, JSONL files or a built-in set)."""
+    tags = {}
+    for key, value in (("parent_checkpoint", getattr(config, "checkpoint", None)),
+                       ("parent_checkpoint", getattr(getattr(config, "policy", None), "checkpoint", None)),
+                       ("reward_checkpoint", getattr(getattr(config, "reward", None), "checkpoint", None)),
+                       ("data", getattr(config, "data_dir", None))):
+        if isinstance(value, str) and value:
+            tags[f"raylm.{key}"] = str(Path(value).resolve()) if "://" not in value else value
+    data = getattr(config, "data", None)
+    if data is not None and hasattr(data, "builtin"):
+        files = [str(Path(f).resolve()) for f in (data.train, data.validation) if f]
+        tags["raylm.data"] = ", ".join(files) if files else f"builtin:{data.builtin}"
+    return tags
+
+
+def register_stage_model(run: StageRun, stage: str, config: StageConfig, extra_tags: dict | None = None):
+    """Register a finished stage's model as ``<experiment>-<stage>`` with its lineage."""
+    if not config.tracking.registry:
+        return None
+    tags = {"raylm.stage": stage, "raylm.run": run.run_id, **lineage_tags(config), **(extra_tags or {})}
+    return run.register_model(f"{config.tracking.experiment}-{stage}", tags)
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, config: StageConfig, parent: StageRun | None = None, uri: str | None = None):
+def stage_run(stage: str, config: StageConfig, parent: StageRun | None = None, uri: str | None = None,
+              lineage: dict | None = None):
     """Open the MLflow run of one stage: params = the resolved config, which is also logged as
-    ``config.yaml``; the run ends FINISHED, or FAILED with the traceback logged, or KILLED on Ctrl-C."""
+    ``config.yaml``; the run ends FINISHED, or FAILED with the traceback logged, or KILLED on Ctrl-C.
+    What Ray's workers (Ray Train, vLLM, Ray Data) print meanwhile goes to ``<output_dir>/logs/ray.log``,
+    logged to the run as ``logs/ray.log`` (``raylm.console``)."""
+    from raylm.console import CONSOLE
+
     uri = parent.uri if parent is not None and uri is None else resolve_tracking_uri(config, uri)
     resolved = resolved_dict(config)
     run = start_run(uri, config.tracking.experiment, stage, config.output_dir, parent)
     run.log_params(flatten(resolved))
     run.log_text(yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
     status = "FINISHED"
+    outer_log, log_path = CONSOLE.log_path, stage_log_path(config)
+    CONSOLE.log_to(log_path)
     try:
         yield run
+        # The stage's model in the Model Registry, with what it was made from (``lineage`` adds what
+        # only the lifecycle knows: the runs that made its inputs).
+        try:
+            version = register_stage_model(run, stage, config, lineage)
+        except Exception as e:  # the stage's work is done and logged: say so, do not fail it
+            print(f"raylm {stage}: the model was not registered in MLflow's Model Registry ({e})", flush=True)
+        else:
+            if version is not None:
+                run.set_tags({"raylm.registered_model": f"{version.name}/{version.version}"})
+                print(f"raylm {stage}: registered model {version.name} version {version.version}", flush=True)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -141,8 +211,17 @@ def stage_run(stage: str, config: StageConfig, parent: StageRun | None = None, u
             run.log_text(traceback.format_exc(), "error.txt")
         raise
     finally:
+        CONSOLE.log_to(outer_log)
+        if log_path.exists():
+            with contextlib.suppress(Exception):
+                run.log_artifact(log_path, "logs")
         with contextlib.suppress(Exception):
             run.client.set_terminated(run.run_id, status)
+
+
+def stage_log_path(config: StageConfig) -> Path:
+    """Where a stage's Ray, Ray Train and vLLM output goes (the console shows raylm's lines only)."""
+    return Path(config.output_dir) / "logs" / "ray.log"
 
 
 class Progress:
@@ -162,7 +241,13 @@ class Progress:
         if step % self.every == 0 or step == self.total:
             shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
             tok = f" tok/s {rate:,.0f}" if self.tokens else ""
-            print(f"[{self.name}] step {step}/{self.total} {shown}{tok} eta {_duration(eta)}", file=self.stream, flush=True)
+            line = f"[{self.name}] step {step}/{self.total} {shown}{tok} eta {_duration(eta)}"
+            if self.stream is sys.stdout:  # a bar redrawn in place on a terminal, a line in a pipe
+                from raylm.console import CONSOLE
+
+                CONSOLE.show(line)
+            else:
+                print(line, file=self.stream, flush=True)
         return {"tokens_per_s": rate, "elapsed_s": elapsed}
 
 

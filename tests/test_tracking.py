@@ -48,6 +48,36 @@ def test_pipeline_is_a_parent_run_with_nested_stage_runs(tmp_path, mlflow_server
     local = client.download_artifacts(child.info.run_id, "config.yaml", str(tmp_path))
     assert "dim: 64" in Path(local).read_text()
 
+    # The parent run holds the lifecycle's config and each stage's headline results.
+    assert parent.data.params["stages"] == '["export"]' and parent.data.params["output_dir"] == str(tmp_path / "out")
+    assert parent.data.metrics["export/transformers_logits_max_abs_diff"] == \
+        child.data.metrics["transformers_logits_max_abs_diff"]
+    assert parent.data.tags["raylm.run.export"] == child.info.run_id
+    # The experiment opens on training runs, not in GenAI mode.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The stage's model and the lifecycle's final model are in the Model Registry, with lineage.
+    [stage_version] = client.search_model_versions("name='lifecycle-test-export'")
+    assert stage_version.run_id == child.info.run_id and stage_version.source.endswith("/checkpoint")
+    assert stage_version.tags["raylm.lifecycle_run"] == parent.info.run_id
+    [final] = client.search_model_versions("name='lifecycle-test'")
+    assert final.run_id == child.info.run_id and final.tags["raylm.run.export"] == child.info.run_id
+    assert parent.data.tags["raylm.registered_model"] == f"lifecycle-test/{final.version}"
+    # A registered version's files are the model: read back through the registry.
+    files = {Path(p).name for p in Path(client.download_artifacts(final.run_id, "checkpoint", str(tmp_path / "dl"))).iterdir()}
+    assert {"config.json", "model.safetensors"} <= files
+
+
+def test_lineage_tags_name_the_starting_checkpoint_and_the_data(tmp_path):
+    from raylm.config import load_config
+    from raylm.pipelines import sft
+    from raylm.tracking import lineage_tags
+
+    config = load_config(sft.Config, None, [f"checkpoint={tmp_path / 'pretrain' / 'hf'}", "data.builtin=stdlib-instructions"])
+    assert lineage_tags(config) == {"raylm.parent_checkpoint": str(tmp_path / "pretrain" / "hf"),
+                                    "raylm.data": "builtin:stdlib-instructions"}
+    config = load_config(sft.Config, None, ["data.train=a.jsonl", "data.validation=b.jsonl"])
+    assert lineage_tags(config)["raylm.data"] == f"{Path('a.jsonl').resolve()}, {Path('b.jsonl').resolve()}"
+
 
 def test_default_store_is_sqlite_in_the_output_dir(tmp_path):
     config = ModelStageConfig(output_dir=str(tmp_path / "out"))
