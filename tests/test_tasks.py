@@ -240,6 +240,11 @@ def test_tool_use_episodes_are_played_and_checked_over_several_turns():
     assert len(endless) == 1 + 2 * tool_use.MAX_TURNS
     assert tool_use.check_transcript(p, endless).reason == "the conversation ends without a final answer"
     assert tool_use.check_transcript(p, transcript[:3]).score == 0.0
+    # OpenAI-style assistant turns that carry only tool_calls (content None) are read as the same calls
+    calls_only = [dict(m, content=None) if m.get("tool_calls") else m for m in transcript]
+    assert tool_use.check_transcript(p, calls_only).score == 1.0
+    not_messages = tool_use.check_transcript(p, [{"role": "robot", "content": "hi"}])
+    assert not not_messages.ok and not_messages.reason.startswith("not a message")
     # a record of one's own: no items named, so any successful tool use counts, and the answer
     own = {"prompt": "What is 6 times 7? Use the tools.", "reference": "42"}
     calc = tool_use.run_episode(own["prompt"], lambda m: "Answer: 42" if m[-1]["role"] == "tool" else
@@ -396,6 +401,17 @@ def test_user_function_failures_are_scored_with_their_reasons(user_file):
     assert [r.score for r in results] == [0.5, -1.0, 0.5, -1.0, -1.0, 0.5]
     assert results[1].reason == "timed out after 1 s" and results[3].reason.startswith("the reward process died")
     assert results[4].reason == "raised ValueError: bad completion" and reward.restarts == 2
+    # the function's file broken after a death: the restart fails that item, not the run
+    fragile = user_file.with_name("fragile.py")
+    fragile.write_text(USER_REWARDS)
+    reward = FunctionReward(f"{fragile}:picky", timeout_s=1.0)
+    try:
+        assert reward("q", "die").reason.startswith("the reward process died")
+        fragile.write_text("def picky(:\n")
+        broken = reward("q", "a")
+        assert not broken.ok and broken.reason.startswith("could not restart the reward process") and "SyntaxError" in broken.reason
+    finally:
+        reward.close()
 
 
 def test_user_functions_load_by_module_or_file_and_refuse_clearly(user_file, monkeypatch):

@@ -186,7 +186,11 @@ class FunctionReward:
     def __call__(self, prompt: str, completion, item: dict | None = None) -> RewardResult:
         if self._process is None:
             self.restarts += 1
-            self._start()
+            try:
+                self._start()
+            except RewardFunctionError as e:  # it loaded once: whatever broke since fails this item only
+                self._process = None
+                return self._failure(f"could not restart the reward process: {e}")
         request = json.dumps({"prompt": prompt, "completion": completion, "item": item or {}}) + "\n"
         try:
             self._process.stdin.write(request.encode("utf-8"))

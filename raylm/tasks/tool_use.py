@@ -236,6 +236,16 @@ def run_episode(prompt: str, policy: Callable[[list[dict]], str], max_turns: int
     return messages
 
 
+def _call_text(call: dict) -> str:
+    """An OpenAI ``tool_calls`` entry as the ``<tool_call>`` text a model writes."""
+    function = call.get("function", {}) if isinstance(call, dict) else {}
+    try:
+        arguments = json.loads(function.get("arguments", "{}"))
+    except (TypeError, json.JSONDecodeError):
+        return f"<tool_call>{function.get('arguments')!r}</tool_call>"  # unreadable: run_tool_calls says so
+    return f"<tool_call>{json.dumps({'name': function.get('name'), 'arguments': arguments})}</tool_call>"
+
+
 def _transcript(messages) -> list[dict]:
     if isinstance(messages, str):
         try:
@@ -245,9 +255,11 @@ def _transcript(messages) -> list[dict]:
         messages = parsed if isinstance(parsed, list) else [{"role": "assistant", "content": messages}]
     out = []
     for m in messages:
+        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") is None and m.get("tool_calls"):
+            m = {"role": "assistant", "content": "".join(_call_text(c) for c in m["tool_calls"])}  # OpenAI: calls only
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
                 or not isinstance(m.get("content"), str):
-            raise ValueError(f"not a message: {m!r}")
+            raise ValueError(f"not a message: {str(m)[:200]}")
         result = _RESULT.fullmatch(m["content"].strip()) if m["role"] == "user" else None
         out.append({"role": "tool", "content": result.group(1)} if result else m)
     return out
@@ -262,8 +274,8 @@ def check_transcript(problem: Problem | dict, messages: list[dict] | str, max_tu
     answer = problem.answer if isinstance(problem, Problem) else problem["reference"]
     try:
         messages = _transcript(messages)
-    except ValueError as e:
-        return RewardResult(0.0, True, str(e))
+    except ValueError as e:  # not a transcript at all: the caller's error, not the model's
+        return RewardResult(0.0, False, str(e))
     start = 0
     while start < len(messages) and messages[start]["role"] in ("system", "user"):
         start += 1
