@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ray
 
-from raylm.tasks.rewards import Reward, parse_spec
+from raylm.tasks.rewards import Reward, RuleReward, parse_spec
 
 
 @ray.remote
@@ -38,8 +38,10 @@ class RuleRewardPool:
 
     def __init__(self, spec=None, num_actors: int = 1, cpus_per_actor: float = 0.25, timeout_s: float = 5.0,
                  start_timeout_s: float = 120.0, slack_s: float = 30.0):
-        if spec is not None:
-            parse_spec(spec)  # a bad spec fails here, naming the key, before any actor starts
+        if spec is not None:  # a bad spec fails here, naming the key, before any actor starts
+            parsed = parse_spec(spec)
+            if "rule" in parsed:
+                RuleReward(parsed)
         if num_actors < 1:
             raise ValueError(f"num_actors: expected at least 1, got {num_actors}")
         self.timeout_s, self.slack_s = timeout_s, slack_s

@@ -484,6 +484,10 @@ def test_rule_reward_pool_under_ray(ray_local, user_file, tmp_path):
     assert "has no function 'missing'" in out["reasons"][12]
     with pytest.raises(RuntimeError, match="has no function 'missing'"):
         RuleRewardPool(f"{user_file}:missing", num_actors=1)
+    from raylm.tasks.rules import RuleError
+
+    with pytest.raises(RuleError, match="reward.tolerance: not an option of rule 'numeric'"):
+        RuleRewardPool({"rule": "numeric", "tolerance": 1})
 
 
 @pytest.mark.slow
