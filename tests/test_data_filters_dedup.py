@@ -78,8 +78,11 @@ def test_gopher_repetition_edges():
     assert gopher_repetition(distinct, words_of(distinct), GopherRepetitionConfig()) is None
     repeated = distinct + " " + " ".join(words_of(distinct)[:30])
     assert gopher_repetition(repeated, words_of(repeated), GopherRepetitionConfig()) == "duplicate_5_gram_ratio"
-    top = " ".join(["alpha beta"] * 5 + [f"w{i}" for i in range(60)])
+    # the reference's top n-gram: its words joined by spaces, times its count, over len(text)
+    top = " ".join(["alpha beta"] * 7 + [f"w{i}" for i in range(60)])  # 70 / 306 chars
     assert gopher_repetition(top, words_of(top), GopherRepetitionConfig()) == "top_2_gram_ratio"
+    top = " ".join(["alpha beta"] * 5 + [f"w{i}" for i in range(60)])  # over the words' characters: 50 / 219
+    assert gopher_repetition(top, words_of(top), GopherRepetitionConfig(rule="raylm")) == "top_2_gram_ratio"
 
 
 def test_c4_line_and_document_rules():
