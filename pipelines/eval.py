@@ -70,6 +70,11 @@ class PreferenceConfig(Section):
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     confidence: float = Field(default=0.95, gt=0, lt=1)
+    # true: each model answers the prompt as a user message in its own chat template, and the reward
+    # model scores [user, assistant] in its template, as it was trained (raylm.chat_template); false:
+    # the prompt is plain text, continued and scored as text; unset: chat when all three checkpoints
+    # have a chat template, text when none has.
+    chat: bool | None = None
 
 
 class DecontaminationConfig(Section):
@@ -119,10 +124,37 @@ def check(config: Config, config_path) -> None:
         for key in ("model_a", "model_b"):
             check_checkpoint(config.checkpoints.get(getattr(pref, key), getattr(pref, key)), f"preference.{key}", config_path)
         check_checkpoint(pref.reward_model, "preference.reward_model", config_path)
+        if preference_chat(config, config_path):  # every template loads (or the run would fail after the tasks)
+            from raylm.chat_template import ChatTemplate, ChatTemplateError
+
+            for key, folder in preference_folders(config).items():
+                try:
+                    ChatTemplate(folder)
+                except ChatTemplateError as e:
+                    raise ConfigError(f"{config_path}: preference.{key}: {e} (or set preference.chat: false)") from None
         if not Path(pref.prompts).exists():
             raise ConfigError(f"{config_path}: preference.prompts: {pref.prompts} does not exist")
     if config.decontamination is not None:
         check_decontamination(config.decontamination, config_path)
+
+
+def preference_folders(config: Config) -> dict[str, str]:
+    pref = config.preference
+    return {key: config.checkpoints.get(getattr(pref, key), getattr(pref, key)) for key in ("model_a", "model_b", "reward_model")}
+
+
+def preference_chat(config: Config, config_path=None) -> bool:
+    """``preference.chat``, or unset: whether all three checkpoints have a chat template (an error
+    when only some have one)."""
+    from raylm.chat_template import has_chat_template
+
+    if config.preference.chat is not None:
+        return config.preference.chat
+    have = {key: has_chat_template(folder) for key, folder in preference_folders(config).items()}
+    if all(have.values()) or not any(have.values()):
+        return all(have.values())
+    raise ConfigError(f"{config_path}: preference.chat: {', '.join(k for k, v in have.items() if v)} have a chat "
+                      f"template and {', '.join(k for k, v in have.items() if not v)} not: set chat: true or false")
 
 
 # ---- tokenisation, as lm-evaluation-harness's Hugging Face backend does it ----------------------
@@ -263,8 +295,9 @@ def score_rows(scorers: list, rows: list[dict], cfg: ScorerConfig) -> list[dict]
 
 
 def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: list[str], cfg: GenerationConfig,
-                   seed: int, temperature: float = 0.0) -> list[str]:
-    """Continuations from a pool of generation engines, cut at the first ``until`` string."""
+                   seed: int, temperature: float = 0.0, chat: bool = False) -> list[str]:
+    """Continuations from a pool of generation engines, cut at the first ``until`` string. ``chat``:
+    each prompt is a user message in the checkpoint's chat template, answered up to its end-of-turn."""
     import ray
     from ray.util import ActorPool
 
@@ -272,7 +305,18 @@ def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: 
 
     enc = Encoder(folder)
     budget = cfg.max_model_len - max_new_tokens
-    ids = [enc.encode(p)[-budget:] or [enc.prefix_token_id] for p in prompts]  # keep the prompt's end
+    stop_ids = None
+    if chat:
+        from raylm.chat_template import ChatTemplate
+
+        template = ChatTemplate(folder)
+        ids = [template.prompt([{"role": "user", "content": p}]) for p in prompts]
+        if max(map(len, ids)) > budget:
+            raise ConfigError(f"preference: a chat prompt of {max(map(len, ids))} tokens leaves no room for "
+                              f"{max_new_tokens} new tokens in generation.max_model_len {cfg.max_model_len}")
+        stop_ids = template.stop_ids
+    else:
+        ids = [enc.encode(p)[-budget:] or [enc.prefix_token_id] for p in prompts]  # keep the prompt's end
     engines = [
         make_generation_engine(folder, backend=cfg.backend, num_cpus=cfg.cpus_per_engine, dtype="float32",
                                max_model_len=cfg.max_model_len, seed=seed)
@@ -283,14 +327,15 @@ def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: 
         chunks = [ids[i : i + cfg.prompts_per_call] for i in range(0, len(ids), cfg.prompts_per_call)]
         pool = ActorPool(engines)
         results = [r for chunk in pool.map(
-            lambda e, chunk: e.generate.remote(chunk, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+            lambda e, chunk: e.generate.remote(chunk, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                               stop_token_ids=stop_ids),
             chunks) for r in chunk]
     finally:
         for e in engines:
             ray.kill(e)
     texts = []
     for r in results:
-        text = enc.decode(r["tokens"])
+        text = template.answer_text(r["tokens"]) if chat else enc.decode(r["tokens"])
         for stop in until:
             if stop and stop in text:
                 text = text[: text.index(stop)]
@@ -372,6 +417,7 @@ def preference_win_rate(config: Config) -> dict:
     import ray
 
     from raylm.actors.loglikelihood_scorer import RewardScorer
+    from raylm.chat_template import ChatTemplate
 
     pref = config.preference
     prompts = []
@@ -385,11 +431,13 @@ def preference_win_rate(config: Config) -> dict:
     prompts = prompts[: pref.limit] if pref.limit else prompts
     folders = {key: config.checkpoints.get(getattr(pref, key), getattr(pref, key)) for key in ("model_a", "model_b")}
     completions = {
-        key: generate_texts(folder, prompts, pref.max_new_tokens, [], config.generation, config.seed, pref.temperature)
+        key: generate_texts(folder, prompts, pref.max_new_tokens, [], config.generation, config.seed, pref.temperature,
+                            chat=preference_chat(config))
         for key, folder in folders.items()
     }
     judge = Encoder(pref.reward_model)
-    items = [{"id": i, "tokens": judge.encode(prompts[i % len(prompts)] + completions[key][i % len(prompts)])[-judge.max_length :]}
+    chat = ChatTemplate(pref.reward_model) if preference_chat(config) else None
+    items = [{"id": i, "tokens": judge_tokens(judge, chat, prompts[i % len(prompts)], completions[key][i % len(prompts)])}
              for key in ("model_a", "model_b") for i in range(len(prompts))]
     for i, item in enumerate(items):
         item["id"] = i
@@ -402,6 +450,16 @@ def preference_win_rate(config: Config) -> dict:
     result = win_rate([score[i] for i in range(n)], [score[n + i] for i in range(n)], pref.confidence)
     result.update(model_a=pref.model_a, model_b=pref.model_b, confidence=pref.confidence)
     return result
+
+
+def judge_tokens(judge: Encoder, chat, prompt: str, answer: str) -> list[int]:
+    """What the reward model scores: with its ``chat`` template, [user: prompt, assistant: answer]
+    encoded as reward training encodes a pair; without, the text, its end kept."""
+    from raylm.preference_data import encode_response
+
+    if chat is None:
+        return judge.encode(prompt + answer)[-judge.max_length:]
+    return encode_response(chat, prompt, answer, judge.max_length)[0]
 
 
 def check_decontamination(cfg: DecontaminationConfig, config_path) -> None:

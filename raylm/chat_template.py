@@ -48,6 +48,17 @@ def is_raylm_tokenizer(tokenizer_json: str | Path) -> bool:
     return all(added.get(i) == token for i, token in enumerate(SPECIAL_TOKENS))
 
 
+def has_chat_template(source: str | Path) -> bool:
+    """Whether a tokenizer.json (or its folder) comes with a chat template: its folder's
+    tokenizer_config.json or chat_template.jinja has one, or it is raylm's own tokenizer."""
+    source = Path(source)
+    folder, tokenizer_json = (source, source / "tokenizer.json") if source.is_dir() else (source.parent, source)
+    config = folder / "tokenizer_config.json"
+    if (folder / TEMPLATE_FILE).exists() or (config.exists() and json.loads(config.read_text()).get("chat_template")):
+        return True
+    return tokenizer_json.exists() and is_raylm_tokenizer(tokenizer_json)
+
+
 def load_chat_tokenizer(source: str | Path):
     """The transformers tokenizer of ``source`` (a tokenizer.json or its folder) with its chat template set."""
     source = Path(source)

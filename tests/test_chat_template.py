@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from raylm.chat_template import ChatTemplate, ChatTemplateError
+from raylm.config import ConfigError
 
 CORPUS = ["What does json.dumps do? Serialize obj to a JSON formatted str.",
           "You are a helpful assistant. Answer briefly and exactly.",
@@ -299,3 +300,46 @@ def test_vllm_chat_formats_as_raylm_trained(raylm_checkpoint):
     lines = [line for line in run.stdout.splitlines() if line.startswith("PROMPT_IDS ")]
     assert lines, f"vLLM chat failed:\n{run.stderr[-3000:]}"
     assert json.loads(lines[0].split(" ", 1)[1]) == ChatTemplate(tokenizer).prompt(messages)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_eval_preference_answers_and_judges_in_the_chat_template(tmp_path, raylm_checkpoint):
+    """`raylm eval`'s win rate: each model answers the prompt as a user message in its template (the
+    torch engine here), and the reward model reads [user, assistant] as reward training encoded it."""
+    import ray
+
+    from raylm.models.generate import SamplingParams, generate
+    from raylm.models.hf_checkpoint import load_checkpoint
+    from raylm.pipelines.eval import Config, Encoder, GenerationConfig, generate_texts, judge_tokens, preference_chat
+    from raylm.preference_data import encode_response
+
+    tokenizer, folder = raylm_checkpoint
+    template = ChatTemplate(folder)
+    prompts = ["What does json.dumps do?", "hello world"]
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        texts = generate_texts(str(folder), prompts, 6, [], GenerationConfig(backend="torch"), seed=0, chat=True)
+    finally:
+        ray.shutdown()
+    ids = [template.prompt([{"role": "user", "content": p}]) for p in prompts]
+    expected = generate(load_checkpoint(folder).eval(), ids, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert texts == [template.answer_text(e) for e in expected]
+    judged = judge_tokens(Encoder(str(folder)), template, prompts[0], texts[0])
+    assert judged == encode_response(template, prompts[0], texts[0], 128)[0]
+    assert judged[-2:] == [template.end_id, 2]
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("")
+    bare = tmp_path / "bare"  # a checkpoint whose tokenizer has no template: unset `chat` cannot pick
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((folder / name).read_bytes())
+    build_folder(bare, *FAMILIES["chatml"][:4], None)
+    config = Config(output_dir=str(tmp_path), preference={"model_a": str(folder), "model_b": str(bare),
+                                                          "reward_model": str(folder), "prompts": str(prompts_file)})
+    with pytest.raises(ConfigError, match="model_a, reward_model have a chat template and model_b not"):
+        preference_chat(config)
+    assert preference_chat(config.model_copy(update={"preference": config.preference.model_copy(update={"chat": False})})) is False
+    config.preference.model_b = str(folder)
+    assert preference_chat(config) is True
