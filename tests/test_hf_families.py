@@ -350,3 +350,49 @@ def test_lora_on_qwen2_merges_with_the_biases_kept(tmp_path):
     tokens = tokens_for(seed=5)
     with torch.no_grad():
         assert (adapted(tokens) - merged(tokens)).abs().max().item() < 1e-4
+
+
+def _context_parallel_worker(rank: int, folders: list[str], init_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from raylm.distributed.context_parallel import apply_context_parallel, shard_sequence
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        tokens = tokens_for(seed=6)
+        labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), -100)], dim=1)
+        for folder in folders:
+            plain, split = load_checkpoint(folder), load_checkpoint(folder)
+            n_labels = int((labels != -100).sum())
+            F.cross_entropy(plain(tokens).flatten(0, 1), labels.flatten(), reduction="sum").div(n_labels).backward()
+            apply_context_parallel(split, mesh)
+            local_tokens, local_labels, positions, mask = shard_sequence(tokens, labels, None, rank, 2)
+            logits = split(local_tokens, positions, mask)
+            loss = F.cross_entropy(logits.flatten(0, 1), local_labels.flatten(), reduction="sum").div(n_labels)
+            loss.backward()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            for name, param in split.named_parameters():
+                grad = param.grad.clone()
+                dist.all_reduce(grad)  # each rank's gradient is its chunk's share
+                expected = dict(plain.named_parameters())[name].grad
+                assert torch.allclose(grad, expected, atol=1e-5 * max(expected.abs().max().item(), 1e-3)), (folder, name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_context_parallel_ranks_match_one_process_per_family(tmp_path):
+    """cp=2 (2 gloo processes, each half of every sequence) on Qwen3 (per-head q/k norms), OLMo2
+    (post-norms, whole-projection q/k norms) and Llama 3 (scaled RoPE at global positions): every
+    parameter's gradient summed over the ranks equals one process's on the whole sequence."""
+    import torch.multiprocessing as mp
+
+    folders = []
+    for name in ("qwen3", "olmo2", "llama3-rope"):
+        _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == name)
+        write_hf_checkpoint(tmp_path / name, config_class, overrides)
+        folders.append(str(tmp_path / name))
+    mp.spawn(_context_parallel_worker, args=(folders, str(tmp_path / "init")), nprocs=2, join=True)
