@@ -24,7 +24,7 @@ markers (few templates have them). For each assistant message i:
   template may trim it) and the special token the template writes right after it, the end-of-turn
   token (``<|end|>``, ``<|im_end|>``, ``<|eot_id|>``, ``</s>``): the model learns to answer and to
   stop. Whatever follows that token (a newline, raylm's closing ``<|eos|>``) is not a target. A
-  template that writes no special token after the content trains on the content alone.
+  template that writes no special token after an answer is refused: nothing would end a generation.
 """
 
 from __future__ import annotations

@@ -275,6 +275,34 @@ def test_a_foreign_checkpoint_keeps_its_template_on_export(tmp_path, folders):
     assert ChatTemplate(out).encode(CONVERSATION) == ChatTemplate(source).encode(CONVERSATION)
 
 
+@pytest.mark.parametrize("family", ["raylm", "chatml"])
+def test_rlhf_prompts_and_reward_sequences_follow_the_template(tmp_path, folders, raylm_checkpoint, family):
+    """Rollout prompts are the template's generation prompt; a generated answer (stopped at the
+    end-of-turn token, or cut short without it) reaches the reward model as the whole conversation."""
+    from raylm.pipelines import rlhf
+
+    tokenizer, folder = raylm_checkpoint
+    source = folder / "tokenizer.json" if family == "raylm" else folders["chatml"] / "tokenizer.json"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What does json.dumps do?", "reference": "Serialize obj."}) + "\n")
+    config = rlhf.Config.model_validate({"output_dir": str(tmp_path), "policy": {"checkpoint": str(folder)},
+                                         "reward": {"checkpoint": str(folder)},
+                                         "data": {"prompts": str(prompts), "tokenizer": str(source)}})
+    task, template = rlhf.Task(config), ChatTemplate(source)
+    user = [{"role": "user", "content": "What does json.dumps do?"}]
+    conversation = user + [{"role": "assistant", "content": "Serialize obj."}]
+    if family == "raylm":  # the format raylm trained on before templates, token for token
+        assert task.train[0]["ids"] == role_token_format(template, user)[0][:-1] + [5]
+        assert task.reward_sequence(task.train[0]["ids"], template.encode_text("Serialize obj.")) == \
+            role_token_format(template, conversation)[0]
+    tok = reference(source.parent)
+    assert task.train[0]["ids"] == apply(tok, user, add_generation_prompt=True)
+    answer = template.encode_text("Serialize obj.")
+    for response in (answer, answer + [template.end_id]):
+        assert task.reward_sequence(task.train[0]["ids"], response) == apply(tok, conversation)
+    assert task.stop_ids == [template.end_id] and task.text(answer + [template.end_id]) == "Serialize obj."
+
+
 VLLM_CHAT = textwrap.dedent("""
     import json, os, sys
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
