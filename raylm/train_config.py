@@ -16,16 +16,16 @@ class TrainConfig(Section):
     steps: int = Field(default=200, ge=1)  # optimizer steps
     batch_size: int = Field(default=8, ge=1)  # sequences per data-parallel rank per micro-batch
     grad_accum: int = Field(default=1, ge=1)  # micro-batches per optimizer step
-    seq_len: int = Field(default=256, ge=2)
+    seq_len: int = Field(default=256, ge=2)  # tokens per training sequence
     mixed_precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast compute over fp32 master weights
-    activation_checkpointing: Literal["off", "selective", "full"] = "off"
+    activation_checkpointing: Literal["off", "selective", "full"] = "off"  # recompute activations in backward
     compile: bool = False  # torch.compile each block
     deterministic: bool = False  # deterministic kernels: a rerun (or a resumed run) reproduces exactly
-    log_every: int = Field(default=10, ge=1)
+    log_every: int = Field(default=10, ge=1)  # steps between console lines and logged metrics
     eval_every: int = Field(default=50, ge=0)  # 0: no validation
-    eval_batches: int = Field(default=8, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
+    eval_batches: int = Field(default=8, ge=1)  # validation batches per evaluation
+    checkpoint_every: int = Field(default=50, ge=1)  # steps between checkpoints reported to Ray Train
+    keep_checkpoints: int = Field(default=2, ge=1)  # the newest N are kept, older ones deleted
     max_failures: int = Field(default=3, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
     resume: bool = True  # False: a fresh run even if this output_dir holds checkpoints of an earlier one
     # Fault injection (tests, failure drills): rank `fail_rank` SIGKILLs itself before step `fail_at_step`.
@@ -39,12 +39,12 @@ class TrainConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(default=3e-3, gt=0)
+    lr: float = Field(default=3e-3, gt=0)  # peak learning rate (AdamW), after warmup
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = Field(default=20, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(default=1e-8, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)  # linear warmup from 0, then cosine decay
+    weight_decay: float = Field(default=0.1, ge=0)  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
+    eps: float = Field(default=1e-8, gt=0)  # AdamW denominator epsilon
     grad_clip: float = Field(default=1.0, ge=0)  # max global grad norm; 0: no clipping
 
 
@@ -66,7 +66,7 @@ class ParallelConfig(Section):
     ep: int = Field(default=1, ge=1)  # expert-parallel degree for MoE: 1 or dp_shard (experts over the dp ranks)
     cp: int = Field(default=1, ge=1)  # context-parallel degree: each sequence split over cp ranks
     pp: int = Field(default=1, ge=1)  # pipeline-parallel degree: the blocks split into pp stages
-    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"  # pipeline schedule
     pp_microbatches: int = Field(default=2, ge=1)  # micro-batches per batch_size batch in the pipeline
 
     @model_validator(mode="after")
