@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # vLLM's CPU attention takes head sizes 32, 64, 80, ...: wider than test_hf_families' models.
 SERVED = {"llama3-rope": dict(hidden_size=128), "qwen2": dict(hidden_size=128),
-          "qwen3": dict(hidden_size=128, head_dim=64)}
+          "qwen3": dict(hidden_size=128, head_dim=64), "olmo2": dict(hidden_size=128)}
 # The llama3 checkpoint's original context is 32 positions: the first prompt runs well past it.
 PROMPTS = [[(7 * j) % 150 + 5 for j in range(60)], [11, 12], [3] * 9, [42, 43, 44]]
 
