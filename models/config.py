@@ -58,6 +58,9 @@ class TransformerConfig:
     # The Hugging Face model_type written on export (and read on load); None: raylm's choice
     # (llama, or mixtral / qwen2_moe for MoE). A checkpoint brought in is exported in its own family.
     hf_model_type: str | None = None
+    # config.json fields of a brought-in checkpoint that do not change the numerics (e.g. Llama 3's
+    # list of end-of-turn ids), written back as they came on export.
+    hf_metadata: dict | None = None
     # Mixture-of-Experts; n_experts == 0 is the dense family.
     n_experts: int = 0
     top_k: int = 2

@@ -83,6 +83,11 @@ _ROPE_KEYS = {
 }
 
 
+# Metadata a brought-in checkpoint keeps through raylm (the rest is rewritten from the config).
+_KEPT_METADATA = ("tokenizer_class", "_name_or_path", "max_length", "temperature", "top_k", "top_p", "do_sample",
+                  "repetition_penalty")
+
+
 def architecture(cfg: TransformerConfig) -> str:
     """The Hugging Face model_type ``cfg`` is exported as: the family it came from, else raylm's choice."""
     if cfg.hf_model_type is not None:
@@ -173,6 +178,11 @@ def hf_config(cfg: TransformerConfig, scalar_head: bool = False, dtype: torch.dt
         )
         if arch == "qwen2_moe":
             out.update(shared_expert_intermediate_size=cfg.n_shared_experts * cfg.moe_ffn_dim, qkv_bias=True)
+    for key, value in (cfg.hf_metadata or {}).items():
+        if key == "eos_token_id" and isinstance(value, list) and cfg.eos_token_id in value:
+            out[key] = value  # all the end ids, raylm's own first among them
+        elif key != "eos_token_id":
+            out[key] = value
     if scalar_head:
         out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     out["raylm"] = {"capacity_factor": cfg.capacity_factor, "router_z_coef": cfg.router_z_coef,
@@ -264,6 +274,9 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     eos = hf.get("eos_token_id", 2)
     extra = hf.get("raylm") or {}
     block = FAMILY_BLOCKS[arch]
+    metadata = {k: hf[k] for k in _KEPT_METADATA if hf.get(k) is not None}
+    if isinstance(eos, list) and len(eos) > 1:  # e.g. Llama 3's end-of-text and end-of-turn ids
+        metadata["eos_token_id"] = eos
     # raylm's own checkpoints say whether their Qwen2 biases are real (older ones: always zeros).
     attention_bias = block["attention_bias"] is None and bool(extra.get("attention_bias", "raylm" not in hf))
     kwargs = dict(
@@ -282,6 +295,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         qk_norm=block["qk_norm"],
         norm_placement=block["norm_placement"],
         hf_model_type=extra.get("hf_model_type") if "raylm" in hf else arch,
+        hf_metadata=metadata or None,
         bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
         eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2),
         pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
@@ -472,9 +486,10 @@ def save_checkpoint(model: Transformer | TransformerWithScalarHead, path, tokeni
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     save_dtype = next(iter(hf_state.values())).dtype
     save_file(hf_state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config(model.config, scalar_head, save_dtype), indent=2))
+    config = hf_config(model.config, scalar_head, save_dtype)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+        json.dumps({"bos_token_id": model.config.bos_token_id, "eos_token_id": config["eos_token_id"],
                     "pad_token_id": model.config.pad_token_id}, indent=2)
     )
     if tokenizer_file is not None:

@@ -26,7 +26,7 @@ FAMILIES = [
     ("llama", "LlamaConfig", dict(tie_word_embeddings=True), "llama"),
     ("llama3-rope", "LlamaConfig", dict(rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}), "llama"),
+        "original_max_position_embeddings": 32}, eos_token_id=[2, 7]), "llama"),
     ("llama-yarn", "LlamaConfig", dict(rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}), "llama"),
     ("llama-linear", "LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
@@ -131,6 +131,7 @@ def test_export_is_the_same_family_and_reloads_with_the_same_logits(family, tmp_
     written = json.loads((tmp_path / "config.json").read_text())
     source = json.loads((folder / "config.json").read_text())
     assert written["model_type"] == model_type and written["architectures"] == source["architectures"]
+    assert written["eos_token_id"] == source["eos_token_id"]  # Llama 3 style lists of end ids kept
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(reloaded) is type(reference)
     tokens = tokens_for(seed=2)
