@@ -24,14 +24,9 @@ import torch
 
 from raylm.actors.generation_engine import pack_weight_buckets
 from raylm.actors.trainer_group import ShardedTrainer
-from raylm.ppo import (
-    clipped_policy_loss,
-    entropy_from_logits,
-    kl_estimate,
-    masked_mean,
-    response_index,
-    response_logits_and_logprobs,
-)
+from raylm.ppo import response_index, response_logits_and_logprobs
+from raylm.train.engine import memory_gb
+from raylm.train.losses import ppo_policy_loss
 
 
 def minibatch_rows(n: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -56,52 +51,13 @@ def trim(batch: dict, rows: torch.Tensor) -> dict:
 
 @ray.remote
 class PolicyTrainer(ShardedTrainer):
-    def build_model(self, checkpoint: str):
-        from raylm.models.hf_checkpoint import load_checkpoint
-
-        self.base_checkpoint = checkpoint
-        model = load_checkpoint(checkpoint, scalar_head=False)
-        self.config = model.config
-        if self.freeze is not None:
-            from raylm.actors.train_worker import freeze_by_depth
-
-            freeze_by_depth(model, self.freeze["train_layers"], self.freeze["train_from"])
-        if self.peft is not None:
-            from raylm.lora import apply_peft
-            from raylm.peft_config import PeftConfig
-
-            apply_peft(model, PeftConfig(**self.peft), seed=self.seed)  # every rank: the same initial A
-        return model
-
-    def plain_model(self):
-        from raylm.models.transformer import Transformer
-
-        return Transformer(self.config)
+    """The policy: the causal LM (with ``peft``, adapters on its frozen base; with ``freeze``, only
+    some blocks train), built, sharded, stepped and exported by the engine."""
 
     def forward(self, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch["tokens"].to(self.device)
         index = response_index(batch["prompt_lens"].to(self.device), batch["response_mask"].shape[1], tokens.shape[1])
         return response_logits_and_logprobs(self.model(tokens), tokens, index, temperature)
-
-    def save(self, folder: str, tokenizer_file: str | None = None) -> str | None:
-        """Collective: a Hugging Face checkpoint of the current policy from rank 0; a LoRA policy's
-        adapter goes to ``<folder>/adapter`` (PEFT's format) and the merged model to ``folder``;
-        bottleneck adapters and a soft prompt, which do not merge, to ``<folder>/adapter`` only."""
-        if self.peft is None:
-            return super().save(folder, tokenizer_file)
-        from raylm.lora import export_peft
-        from raylm.models.hf_checkpoint import save_checkpoint
-        from raylm.peft_config import PeftConfig
-
-        state = self.full_state_dict()
-        if self.rank != 0:
-            return None
-        merged = export_peft(state, self.config, PeftConfig(**self.peft), f"{folder}/adapter", base=self.base_checkpoint)
-        if merged is None:
-            return f"{folder}/adapter"
-        plain = self.plain_model()
-        plain.load_state_dict(merged, strict=not self.config.tie_embeddings)
-        return str(save_checkpoint(plain, folder, tokenizer_file=tokenizer_file))
 
     @torch.no_grad()
     def logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
@@ -125,44 +81,20 @@ class PolicyTrainer(ShardedTrainer):
         for _ in range(epochs):
             for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
                 mb = trim(batch, rows)
-                mask = mb["response_mask"].to(self.device)
                 logits, logprobs = self.forward(mb, temperature)
-                out = clipped_policy_loss(logprobs, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
-                                          mask, clip_eps)
-                loss = out.loss
-                with torch.set_grad_enabled(entropy_coef > 0):
-                    entropy = masked_mean(entropy_from_logits(logits), mask)
-                if entropy_coef > 0:
-                    loss = loss - entropy_coef * entropy
-                if kl_loss_coef > 0:
-                    kl = masked_mean(kl_estimate(logprobs, mb["ref_logprobs"].to(self.device), kl_estimator), mask)
-                    loss = loss + kl_loss_coef * kl
-                    stats["policy/kl_loss"].append(kl.item())
+                loss, numbers = ppo_policy_loss(
+                    logits, logprobs, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
+                    mb["response_mask"].to(self.device), clip_eps, entropy_coef,
+                    mb["ref_logprobs"].to(self.device) if kl_loss_coef > 0 else None, kl_loss_coef, kl_estimator)
                 loss.backward()
                 stats["policy/grad_norm"].append(self.optimizer_step())
-                stats["policy/loss"].append(out.loss.item())
-                stats["policy/clip_fraction"].append(float(out.clip_fraction))
-                stats["policy/approx_kl"].append(float(out.approx_kl))
-                stats["policy/entropy"].append(entropy.item())
-        from raylm.actors.train_worker import memory_gb, optimizer_state_bytes
-
+                for key, value in numbers.items():
+                    stats[key].append(value)
         metrics = {k: sum(v) / len(v) for k, v in stats.items()}
         metrics["time/policy_update_s"] = time.perf_counter() - start
         metrics["policy/memory_gb"] = memory_gb(self.device)  # this rank's peak
-        metrics["policy/optimizer_state_mb"] = optimizer_state_bytes(self.optimizer) / 2**20  # this rank's shard
+        metrics["policy/optimizer_state_mb"] = self.engine.optimizer_state_mb()  # this rank's shard
         return metrics
-
-    def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the unsharded parameters that train (a LoRA policy: only the adapters), raylm
-        names, on every rank; the frozen base is not gathered."""
-        from raylm.distributed.parallelize import clean_state_dict_key
-
-        out = {}
-        for name, param in self.model.named_parameters():  # the same order on every rank
-            if param.requires_grad:
-                full = param.full_tensor() if hasattr(param, "full_tensor") else param
-                out[clean_state_dict_key(name)] = full.detach().cpu()
-        return out
 
     def publish_weights(self, bucket_bytes: int) -> dict | None:
         """Collective: gather the full weights (a ``peft`` policy: its adapter only); rank 0 packs
@@ -174,11 +106,11 @@ class PolicyTrainer(ShardedTrainer):
         if self.peft is not None:
             from raylm.lora import adapter_tensors
 
-            state = self.trained_state_dict()
+            state = self.engine.trained_state_dict()
             if self.rank != 0:
                 return None
             # LoRA: PEFT's names, as vLLM reads an adapter; a soft prompt or bottleneck adapters: raylm's
-            hf_state = adapter_tensors(state) if self.peft["method"] == "lora" else state
+            hf_state = adapter_tensors(state) if self.peft.method == "lora" else state
         else:
             state = self.full_state_dict()
             if self.rank != 0:

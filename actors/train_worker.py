@@ -1,20 +1,21 @@
-"""The Ray Train worker loop that pretraining and SFT share: one process per rank, FSDP2 over gloo
-(CPU) or NCCL (GPU), AdamW with warmup + cosine, gradient accumulation and clipping, bf16
-autocast over fp32 master weights, sharded checkpoints reported to Ray Train, and a final
-Hugging Face export from rank 0.
+"""The Ray Train worker of the training stages: one process per rank, running the training engine
+(``raylm.train.engine``: FSDP2 over gloo on CPU or NCCL on GPU, AdamW with warmup + cosine,
+clipping, bf16 autocast over fp32 master weights, DCP checkpoints, Hugging Face export).
 
-The driver (``pipelines/pretrain.py``, ``pipelines/sft.py``) passes one plain dict, ``spec``:
-model config, where the weights start from, which data, the ``train``/``optim``/``parallel``
-sections, the MLflow ``stage_run`` and the export folder.
+``train_loop`` is pretraining's and SFT's (next-token cross-entropy over packed sequences);
+``actors/preference_trainer.py`` holds the reward model's and DPO's, over pairs. What every
+worker does around its loop is here: start (``start_worker``), resume from the newest checkpoint
+(``resume``), report checkpoints to Ray Train and export the final model. The driver passes one
+typed ``raylm.train.spec.TrainingSpec`` as ``config["spec"]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
-import resource
 import signal
 import tempfile
 import time
@@ -22,81 +23,36 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from raylm.distributed import checkpoint as ckpt
 from raylm.distributed.context_parallel import shard_sequence
-from raylm.distributed.expert_parallel import scale_expert_grads
 from raylm.distributed.parallel_dims import ParallelDims
-from raylm.distributed.parallelize import clean_state_dict_key, parallelize
-from raylm.distributed.pipeline_parallel import (attach_aux_loss, build_schedule, gather_stage_states, run_pipeline,
-                                                 split_stage)
-from raylm.distributed.pipeline_parallel import clip_grad_norm_ as clip_pipeline_grad_norm_
-from raylm.distributed.tensor_parallel import clip_grad_norm_ as clip_mixed_grad_norm_
-from raylm.distributed.tensor_parallel import unpermute_state_dict
-from raylm.models.config import TransformerConfig
-from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
-from raylm.models.transformer import Transformer, document_causal_mask, document_positions, flops_per_token
-from raylm.optim import build_optimizer, build_scheduler
+from raylm.models.transformer import document_causal_mask, document_positions, flops_per_token
 from raylm.tracking import Progress
+from raylm.train.engine import Engine, build_model, memory_gb
+from raylm.train.losses import IGNORE_INDEX
+from raylm.train.spec import ConversationData, TokenData, TrainingSpec
 
-IGNORE_INDEX = -100
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s); other devices are measured.
 DATASHEET_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
 
 
-# ---- the model -------------------------------------------------------------------------------
-
-def build_model(spec: dict) -> Transformer:
-    """The same full weights on every rank (seeded init, or the starting checkpoint); sharding comes after."""
-    if spec.get("init_checkpoint"):
-        model = load_checkpoint(spec["init_checkpoint"])
-    else:
-        model = Transformer(TransformerConfig(**spec["model"]))
-        model.init_weights(seed=spec["seed"])
-    freeze_by_depth(model, spec.get("train_layers"), spec.get("train_layers_from", "last"))
-    if (spec.get("peft") or {}).get("method", "none") != "none":  # LoRA / QLoRA: raylm.lora, from outside
-        from raylm.lora import apply_peft
-        from raylm.peft_config import PeftConfig
-
-        apply_peft(model, PeftConfig(**spec["peft"]), seed=spec["seed"])
-    return model
-
-
-def freeze_by_depth(model: Transformer, train_layers: int | None, where: str = "last") -> None:
-    """Train only ``train_layers`` blocks plus the final norm and output head (0: the head on frozen
-    features): the last ones (``where="last"``), the first (``"early"``) or the middle ones
-    (``"intermediate"``). With tied embeddings the head is the embedding matrix, so it trains too."""
-    if train_layers is None:
-        return
-    n_layers = len(model.layers)
-    if not 0 <= train_layers <= n_layers:
-        raise ValueError(f"train_layers: {train_layers} is not between 0 and the model's {n_layers} layers")
-    start = {"last": n_layers - train_layers, "early": 0, "intermediate": (n_layers - train_layers) // 2}[where]
-    model.requires_grad_(False)
-    for name in list(model.layers)[start:start + train_layers]:
-        model.layers[name].requires_grad_(True)
-    model.norm.requires_grad_(True)
-    if model.output is not None:
-        model.output.requires_grad_(True)
-
-
 # ---- data ------------------------------------------------------------------------------------
 
-def build_dataset(spec: dict, split: str, rank: int, world_size: int, training: bool):
-    data, train = spec["data"], spec["train"]
-    if data["kind"] == "tokens":
+def build_dataset(spec: TrainingSpec, split: str, rank: int, world_size: int, training: bool):
+    data, train = spec.data, spec.train
+    if isinstance(data, TokenData):
         from raylm.token_shards import PackedTokenDataset
 
-        return PackedTokenDataset(data["dir"], split=split, seq_len=train["seq_len"], seed=spec["seed"], rank=rank,
+        return PackedTokenDataset(data.dir, split=split, seq_len=train.seq_len, seed=spec.seed, rank=rank,
                                   world_size=world_size, shuffle=training, loop=training)
-    if data["kind"] == "sft":
+    if isinstance(data, ConversationData):
         from raylm.sft_data import PackedSFTDataset
 
-        return PackedSFTDataset(data[split], data["tokenizer"], seq_len=train["seq_len"], seed=spec["seed"],
+        return PackedSFTDataset(getattr(data, split), data.tokenizer, seq_len=train.seq_len, seed=spec.seed,
                                 rank=rank, world_size=world_size, shuffle=training, loop=training,
-                                system_prompt=data.get("system_prompt"))
-    raise ValueError(f"unknown data kind {data['kind']!r}")
+                                system_prompt=data.system_prompt)
+    raise ValueError(f"{spec.stage}: the language-model loop reads token shards or conversations, not {type(data).__name__}")
 
 
 def model_inputs(batch: dict, device, cp: int = 1, cp_rank: int = 0) -> tuple:
@@ -110,14 +66,6 @@ def model_inputs(batch: dict, device, cp: int = 1, cp_rank: int = 0) -> tuple:
     if doc is not None:  # packed examples: no attention across examples, positions restart
         positions, attn_mask = document_positions(doc), document_causal_mask(doc)
     return tokens, labels, positions, attn_mask
-
-
-def summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device_type):
-    """Sum (not mean) of the token losses, so that micro-batches and ranks with different numbers of
-    unmasked tokens combine into the exact mean over the whole step."""
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(tokens, positions, attn_mask)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 # ---- throughput ------------------------------------------------------------------------------
@@ -175,22 +123,15 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048
     return 2 * n**3 / best
 
 
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS; Linux reports KiB
+# ---- what every Ray Train worker does ------------------------------------------------------------
 
-
-# ---- the loop --------------------------------------------------------------------------------
-
-def inject_fault(spec: dict, step: int, rank: int) -> None:
+def inject_fault(spec: TrainingSpec, step: int, rank: int) -> None:
     """Fault injection for tests and drills: rank ``fail_rank`` SIGKILLs its own process when it is
     about to run step ``fail_at_step``, once per run (a marker file beside the checkpoints says it
     already happened, so the replacement worker goes on)."""
-    train = spec["train"]
-    if train.get("fail_at_step") != step or rank != train.get("fail_rank", 1):
+    if spec.train.fail_at_step != step or rank != spec.train.fail_rank:
         return
-    marker = Path(spec["run_dir"]) / f"fault_injected_at_step_{step}"
+    marker = Path(spec.run_dir) / f"fault_injected_at_step_{step}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -199,39 +140,140 @@ def inject_fault(spec: dict, step: int, rank: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def set_determinism(spec: dict, rank: int) -> None:
-    torch.manual_seed(spec["seed"] + rank)
-    if spec["train"]["deterministic"]:
+def set_determinism(spec: TrainingSpec, rank: int) -> None:
+    torch.manual_seed(spec.seed + rank)
+    if spec.train.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
 
 
-def evaluate(model, spec, dims, rank, device, autocast_dtype, pipeline=None, loss_scale=None) -> float:
+def start_worker(spec: TrainingSpec) -> tuple[int, torch.device, ParallelDims, Engine]:
+    """This rank's place in the group, its device mesh, and the engine holding its shard of the
+    model. -> (rank, device, dims, engine)."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    parallel, train = spec.parallel, spec.train
+    torch.set_num_threads(max(1, parallel.cpus_per_worker))
+    set_determinism(spec, rank)
+    dims = ParallelDims(world_size, dp_shard=parallel.dp_shard, dp_replicate=parallel.dp_replicate,
+                        tp=parallel.tp, ep=parallel.ep, cp=parallel.cp, pp=parallel.pp)
+    dims.build_mesh(device.type)
+    model = build_model(config=spec.model, checkpoint=spec.init_checkpoint, scalar_head=spec.objective == "reward",
+                        seed=spec.seed, train_layers=spec.freeze.train_layers, train_from=spec.freeze.train_from,
+                        peft=spec.peft)
+    engine = Engine(model, dims, device, spec.optim, train.steps, mixed_precision=train.mixed_precision,
+                    activation_checkpointing=train.activation_checkpointing, compile=train.compile,
+                    reshard_after_forward=parallel.fsdp_reshard_after_forward, grad_accum=train.grad_accum,
+                    pp_schedule=parallel.pp_schedule, pp_microbatches=parallel.pp_microbatches,
+                    batch_shape=(train.batch_size, train.seq_len), peft=spec.peft,
+                    base_checkpoint=spec.init_checkpoint)
+    return rank, device, dims, engine
+
+
+def newest_checkpoint(spec: TrainingSpec, world_size: int):
+    """The checkpoint to resume from: the newest one Ray Train holds. That is the one it hands
+    this (replaced) worker group, unless a newer complete one is in the run's storage folder: Ray
+    Train registers a report only when its controller next polls every rank, so a worker that dies
+    soon after reporting takes the registration of its last checkpoint with it. -> a context
+    manager yielding a local folder, or None for a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    newest = newest_checkpoint_folder(spec.run_dir, world_size)
+    if checkpoint is not None and (newest is None or checkpoint_step(Path(checkpoint.path)) >= checkpoint_step(newest)):
+        return checkpoint.as_directory()
+    if newest is not None:
+        return contextlib.nullcontext(str(newest))
+    return None
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step in a ``checkpoint_<step>`` folder's name (-1 for another name)."""
+    try:
+        return int(folder.name.removeprefix("checkpoint_"))
+    except ValueError:
+        return -1
+
+
+def newest_checkpoint_folder(run_dir: str | None, world_size: int) -> Path | None:
+    """The newest ``checkpoint_<step>`` folder of ``run_dir`` that every one of ``world_size`` ranks
+    finished writing (its DCP shard and state file; rank 0's trainer state and the DCP metadata)."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
+    for folder in sorted(Path(run_dir).glob("checkpoint_*"), key=checkpoint_step, reverse=True):
+        needed = [ckpt.TRAINER_STATE, ".metadata"] + [name for rank in range(world_size)
+                                                       for name in (ckpt.rank_state_file(rank), f"__{rank}_0.distcp")]
+        if checkpoint_step(folder) >= 0 and all((folder / name).is_file() for name in needed):
+            return folder
+    return None
+
+
+def resume(spec: TrainingSpec, engine: Engine, dataset, rank: int) -> int:
+    """Load the newest checkpoint into the engine and the data position, and say so. -> the step
+    to go on from (0: a fresh start)."""
+    found = newest_checkpoint(spec, dist.get_world_size())
+    if found is None:
+        return 0
+    with found as folder:
+        trainer_state, rank_state = engine.load(folder, rank)
+        dataset.load_state_dict(rank_state["data"])
+    step = trainer_state["step"]
+    if rank == 0:
+        print(f"[{spec.stage}] resumed from step {step} (checkpoint {folder})", flush=True)
+    return step
+
+
+def report_checkpoint(step: int, rank: int, engine: Engine, dataset, metrics: dict) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as folder:
+        engine.save(folder, rank, {"step": step}, {"data": dataset.state_dict()})
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def export_final_model(spec: TrainingSpec, engine: Engine, rank: int) -> None:
+    """Collective: the final weights, written from rank 0 in Hugging Face (and PEFT) format."""
+    written = engine.export(spec.export_dir, spec.tokenizer_file)
+    if rank != 0:
+        return
+    if spec.peft is not None and written.name == "adapter":
+        print(f"[{spec.stage}] wrote the {spec.peft.method} weights to {written} (they do not merge into the base: "
+              f"raylm.lora.load_peft(load_checkpoint(base), folder) applies them)", flush=True)
+    else:
+        print(f"[{spec.stage}] wrote the final model to {written}", flush=True)
+
+
+# ---- language modelling: pretraining and SFT ------------------------------------------------------
+
+def evaluate(engine: Engine, spec: TrainingSpec, dp_rank: int) -> float:
     """Mean token loss over the first ``eval_batches`` batches of every rank's validation slice."""
-    dataset = build_dataset(spec, "validation", rank, dims.dp_size, training=False)
+    dims, device = engine.dims, engine.device
+    dataset = build_dataset(spec, "validation", dp_rank, dims.dp_size, training=False)
     # Pipeline stages exchange activations of one fixed micro-batch shape: no short last batch.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=spec["train"]["batch_size"], drop_last=pipeline is not None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=spec.train.batch_size, drop_last=engine.pipeline is not None)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    model.eval()
+    engine.model.eval()
     with torch.no_grad():
         for i, batch in enumerate(loader):
-            if i == spec["train"]["eval_batches"]:
+            if i == spec.train.eval_batches:
                 break
             tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(dist.get_rank()))
             n_labels = (labels != IGNORE_INDEX).sum().double()
-            if pipeline is not None:  # only the last stage has losses: it alone counts the tokens
-                loss_scale["value"] = 1.0
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    losses = run_pipeline(pipeline, tokens, labels, dims.pp_rank(dist.get_rank()), dims.pp, train=False,
-                                          positions=positions, attn_mask=attn_mask)
+            if engine.pipeline is not None:  # only the last stage has losses: it alone counts the tokens
+                losses = engine.pipeline_lm(tokens, labels, positions, attn_mask, scale=1.0, train=False)
                 if not losses:
                     continue
                 loss = sum(losses)
             else:
-                loss = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
+                loss = engine.lm_loss_sum(tokens, labels, positions, attn_mask)
             totals += torch.stack([loss.double(), n_labels])
-    model.train()
+    engine.model.train()
     dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
@@ -271,77 +313,33 @@ def moe_metrics(tally: torch.Tensor) -> dict:
     return out
 
 
-def train_loop(spec: dict) -> None:
+def train_loop(config: dict) -> None:
+    """One Ray Train worker of `raylm pretrain` / `raylm sft`: ``config["spec"]`` is the stage's
+    ``TrainingSpec``."""
     import ray.train
-    import ray.train.torch
 
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    train, optim_cfg, parallel = spec["train"], spec["optim"], spec["parallel"]
-    torch.set_num_threads(max(1, parallel["cpus_per_worker"]))
-    set_determinism(spec, rank)
-    dims = ParallelDims(world_size, dp_shard=parallel["dp_shard"], dp_replicate=parallel["dp_replicate"],
-                        tp=parallel["tp"], ep=parallel["ep"], cp=parallel.get("cp", 1), pp=parallel.get("pp", 1))
-    dims.build_mesh(device.type)
-    pp_rank = dims.pp_rank(rank)
-
-    model = build_model(spec).to(device)
-    cfg = model.config
-    if dims.pp > 1:  # this rank's blocks of the whole (identically initialised) model
-        split_stage(model, dims.pp, pp_rank)
-    parallelize(model, dims, train["activation_checkpointing"], train["compile"],
-                reshard_after_forward=parallel["fsdp_reshard_after_forward"])
-    pipeline = loss_scale = None
-    if dims.pp > 1:
-        loss_scale = {"value": 1.0}  # set per step: the schedule calls the loss once per micro-batch
-
-        def pipeline_loss(logits, labels):
-            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum") * loss_scale["value"]
-
-        pipeline = build_schedule(model, pp_rank, dims.pp, dims.pp_mesh.get_group(), device,
-                                  parallel["pp_microbatches"], pipeline_loss,
-                                  microbatch=(train["batch_size"] // parallel["pp_microbatches"],
-                                              train["seq_len"] // dims.cp),
-                                  dim=cfg.dim, vocab_size=cfg.vocab_size, kind=parallel["pp_schedule"])
-        if cfg.is_moe:  # each micro-batch's auxiliary loss, averaged over the step's micro-batches
-            attach_aux_loss(model, {"value": 1.0 / (train["grad_accum"] * parallel["pp_microbatches"])})
-    optimizer = build_optimizer(model, optim_cfg["lr"], optim_cfg["weight_decay"], tuple(optim_cfg["betas"]),
-                                optim_cfg["eps"], foreach=dims.tp == dims.ep == 1)  # foreach cannot mix DTensors and tensors
-    scheduler = build_scheduler(optimizer, optim_cfg["warmup_steps"], train["steps"], optim_cfg["min_lr_ratio"])
+    spec: TrainingSpec = config["spec"]
+    rank, device, dims, engine = start_worker(spec)
+    train = spec.train
+    model, cfg = engine.model, engine.config
     dataset = build_dataset(spec, "train", dims.dp_rank(rank), dims.dp_size, training=True)
+    step = resume(spec, engine, dataset, rank)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=train.batch_size))
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer_state, rank_state = ckpt.load(folder, rank, model, optimizer)
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        dataset.load_state_dict(rank_state["data"])
-        step = trainer_state["step"]
-        if rank == 0:
-            print(f"[{spec['stage']}] resumed from the checkpoint at step {step}", flush=True)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=train["batch_size"]))
-
-    autocast_dtype = torch.bfloat16 if train["mixed_precision"] == "bf16" else None
-    flops_token = flops_per_token(cfg, train["seq_len"])
-    peak = peak_flops(device, autocast_dtype or torch.float32)
-    stage_run = spec.get("stage_run") if rank == 0 else None
-    progress = Progress(train["steps"], spec["stage"], every=train["log_every"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)  # a DTensor's numel is its global size
+    flops_token = flops_per_token(cfg, train.seq_len)
+    peak = peak_flops(device, engine.autocast_dtype or torch.float32)
+    stage_run = spec.stage_run if rank == 0 else None
+    progress = Progress(train.steps, spec.stage, every=train.log_every)
     if stage_run is not None:
-        stage_run.log_params({"trainable_params": n_trainable})
-    accum = train["grad_accum"]
+        stage_run.log_params({"trainable_params": engine.n_trainable})
+    accum = train.grad_accum
     moe_tally = None
     if cfg.is_moe:  # every training forward's expert loads and auxiliary losses, summed over the step
         moe_tally = torch.zeros(cfg.n_layers, cfg.n_experts + len(MOE_COLUMNS), dtype=torch.float64, device=device)
         model.register_forward_hook(lambda module, args, output: tally_moe(module, moe_tally) if module.training else None)
-    model.train()
     metrics: dict = {}
     timed_tokens, timed_seconds, first_step = 0, 0.0, step  # throughput after 2 warm-up steps
-    while step < train["steps"]:
+    while step < train.steps:
         inject_fault(spec, step + 1, rank)
         start = time.perf_counter()
         batches = [next(loader) for _ in range(accum)]
@@ -354,16 +352,13 @@ def train_loop(spec: dict) -> None:
             moe_tally.zero_()
         for i, batch in enumerate(batches):
             tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(rank))
-            if pipeline is not None:  # the schedule runs forward and backward over its micro-batches
-                loss_scale["value"] = dims.grad_average_size / n_tokens.clamp(min=1).item()
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    losses = run_pipeline(pipeline, tokens, labels, pp_rank, dims.pp, positions=positions,
-                                          attn_mask=attn_mask)
-                loss_sum += sum(loss.detach().double() for loss in losses) / loss_scale["value"] if losses else 0.0
+            if engine.pipeline is not None:  # the schedule runs forward and backward over its micro-batches
+                scale = dims.grad_average_size / n_tokens.clamp(min=1).item()
+                losses = engine.pipeline_lm(tokens, labels, positions, attn_mask, scale=scale)
+                loss_sum += sum(loss.detach().double() for loss in losses) / scale if losses else 0.0
                 continue
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter after the last micro-batch only
-                model.set_requires_gradient_sync(i == accum - 1)
-            ce = summed_cross_entropy(model, tokens, labels, positions, attn_mask, autocast_dtype, device.type)
+            engine.sync_gradients(i == accum - 1)
+            ce = engine.lm_loss_sum(tokens, labels, positions, attn_mask)
             # FSDP2 averages gradients over the dp (and cp) ranks; scaling by their number turns that
             # into the global mean.
             loss = ce * dims.grad_average_size / n_tokens.clamp(min=1)
@@ -371,22 +366,7 @@ def train_loop(spec: dict) -> None:
                 loss = loss + model.moe_aux_loss() / accum
             loss.backward()
             loss_sum += ce.detach().double()
-        if dims.ep > 1:
-            scale_expert_grads([p for m in model.moe_layers() for p in (m.experts.w13, m.experts.w2)], dims.dp_size,
-                               dims.cp_mesh.get_group() if dims.cp > 1 else None, dims.cp)
-        max_norm = optim_cfg["grad_clip"] or math.inf
-        if dims.pp > 1:
-            grad_norm = clip_pipeline_grad_norm_(trainable, max_norm, dims.pp_mesh.get_group())
-        elif dims.tp > 1 or dims.ep > 1:
-            grad_norm = clip_mixed_grad_norm_(trainable, max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = engine.step()
         step += 1
         dist.all_reduce(loss_sum)
         loss_sum /= dims.tp
@@ -402,79 +382,29 @@ def train_loop(spec: dict) -> None:
             "grad_norm": grad_norm.item(),
             "lr": lr,
             "tokens_per_s": tokens_per_s,
-            "mfu": flops_token * tokens_per_s / world_size / peak,
+            "mfu": flops_token * tokens_per_s / dims.world_size / peak,
             "memory_gb": memory_gb(device),
             "step_time_s": step_time,
-            "trainable_params": n_trainable,
-            "optimizer_state_mb": optimizer_state_bytes(optimizer) / 2**20,
+            "trainable_params": engine.n_trainable,
+            "optimizer_state_mb": engine.optimizer_state_mb(),
         }
         if moe_tally is not None:
             metrics.update(moe_metrics(moe_tally))
-        if train["eval_every"] and (step % train["eval_every"] == 0 or step == train["steps"]):
-            metrics["val_loss"] = evaluate(model, spec, dims, dims.dp_rank(rank), device, autocast_dtype,
-                                           pipeline, loss_scale)
+        if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
+            metrics["val_loss"] = evaluate(engine, spec, dims.dp_rank(rank))
         if rank == 0:
             progress.update(step, tokens=step_tokens, loss=metrics["loss"], gnorm=metrics["grad_norm"], lr=lr,
                             mfu=metrics["mfu"], **({"val": metrics["val_loss"]} if "val_loss" in metrics else {}))
-            if stage_run is not None and (step % train["log_every"] == 0 or "val_loss" in metrics
-                                          or step == train["steps"]):
+            if stage_run is not None and (step % train.log_every == 0 or "val_loss" in metrics or step == train.steps):
                 stage_run.log_metrics(metrics, step=step)
-        if step == train["steps"] and timed_seconds:  # in the last checkpoint's metrics, which the driver gets
+        if step == train.steps:  # in the last checkpoint's metrics, which the driver gets
+            metrics["resumed_from_step"] = first_step or None
+        if step == train.steps and timed_seconds:
             metrics["mean_tokens_per_s"] = timed_tokens / timed_seconds
-            metrics["mean_mfu"] = flops_token * metrics["mean_tokens_per_s"] / world_size / peak
+            metrics["mean_mfu"] = flops_token * metrics["mean_tokens_per_s"] / dims.world_size / peak
             metrics["peak_flops_per_device"] = peak
-        if step % train["checkpoint_every"] == 0 or step == train["steps"]:
-            report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics)
+        if step % train.checkpoint_every == 0 or step == train.steps:
+            report_checkpoint(step, rank, engine, dataset, metrics)
 
-    export_final_model(spec, model, rank, dims.tp, dims)
+    export_final_model(spec, engine, rank)
     ray.train.report({**metrics, "step": step, "done": 1})
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """The optimizer's state tensors (AdamW: two moments per trainable weight, plus step counts);
-    sharded ones (DTensors) count at their global size."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for value in state.values() if torch.is_tensor(value))
-
-
-def report_checkpoint(step, rank, model, optimizer, scheduler, dataset, metrics) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as folder:
-        ckpt.save(folder, rank, model, optimizer, {"step": step, "scheduler": scheduler.state_dict()},
-                  {"data": dataset.state_dict()})
-        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}")
-
-
-def export_final_model(spec: dict, model, rank: int, tp: int = 1, dims: ParallelDims | None = None) -> None:
-    """Gather the full weights (collective) and write them from rank 0 as a Hugging Face checkpoint."""
-    if dims is not None and dims.pp > 1:  # every stage's full weights, merged on rank 0
-        state = gather_stage_states(ckpt.full_model_state_dict(model, on_every_rank=True),
-                                    rank % dims.stage_size == 0, rank)
-    else:
-        state = ckpt.full_model_state_dict(model)
-    if rank != 0:
-        return
-    state = {clean_state_dict_key(k): v for k, v in state.items()}
-    if (spec.get("peft") or {}).get("method", "none") != "none":
-        # The trained weights in hf/adapter (LoRA, soft prompt: PEFT's format), then the merged model
-        # in hf/ where the method merges (LoRA); bottleneck adapters and soft prompts stay adapters.
-        from raylm.lora import export_peft
-        from raylm.peft_config import PeftConfig
-
-        folder = Path(spec["export_dir"]) / "adapter"
-        state = export_peft(state, model.config, PeftConfig(**spec["peft"]), folder, base=spec.get("init_checkpoint"))
-        if state is None:
-            print(f"[{spec['stage']}] wrote the {spec['peft']['method']} weights to {folder} (they do not merge into "
-                  f"the base: raylm.lora.load_peft(load_checkpoint(base), folder) applies them)", flush=True)
-            return
-    if tp > 1:
-        state = unpermute_state_dict(state, model.config, tp)
-    plain = Transformer(model.config)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "output.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"final export: missing {missing}, unexpected {unexpected}")
-    save_checkpoint(plain, spec["export_dir"], tokenizer_file=spec.get("tokenizer_file"))
-    print(f"[{spec['stage']}] wrote the final model to {spec['export_dir']}", flush=True)

@@ -1,12 +1,14 @@
 """A trainer group: N Ray actors that form one torch.distributed process group (gloo on CPU, NCCL on
-GPU) and train one model with FSDP2 applied from outside, as OpenRLHF's actor groups do. RLHF's
-policy and critic are each one group.
+GPU) and train one model, as OpenRLHF's actor groups do. RLHF's policy and critic are each one
+group.
 
-``ShardedTrainer`` is what every rank does whatever it trains (join the group, build and shard the
-model, step the optimizer, gather the full weights); ``PolicyTrainer`` and ``ValueTrainer`` add
-their role's methods. On the driver, ``TrainerGroup`` starts the ranks on the slots the placement
-hands it, has rank 0 choose the rendezvous address, and fans a method out to every rank (each with
-its own shard of the batch, or all with the same arguments), waiting with a timeout.
+``ShardedTrainer`` is what every rank does whatever it trains: join the group, then run the same
+training engine as the Ray Train stages (``raylm.train.engine``: build the model, shard it with
+FSDP2, step the optimizer with clipping, checkpoint with DCP, export to Hugging Face / PEFT).
+``PolicyTrainer`` and ``ValueTrainer`` add their role's methods and losses. On the driver,
+``TrainerGroup`` starts the ranks on the slots the placement hands it, has rank 0 choose the
+rendezvous address, and fans a method out to every rank (each with its own shard of the batch, or
+all with the same arguments), waiting with a timeout.
 """
 
 from __future__ import annotations
@@ -17,22 +19,24 @@ from datetime import timedelta
 import ray
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 
-from raylm.distributed.checkpoint import full_model_state_dict
 from raylm.distributed.parallel_dims import ParallelDims
-from raylm.distributed.parallelize import clean_state_dict_key, parallelize
-from raylm.optim import build_optimizer
+from raylm.peft_config import PeftConfig
+from raylm.train.engine import Engine, build_model
+from raylm.train.spec import Freeze
+from raylm.train_config import OptimConfig
 
 
 class ShardedTrainer:
     """One rank. Not a Ray actor by itself: subclasses are decorated with ``@ray.remote``."""
 
+    scalar_head = False  # a policy: the causal LM; the critic: a scalar head per token
+
     def __init__(self, rank: int, world_size: int, threads: int = 1, use_gpu: bool = False, seed: int = 0):
         torch.set_num_threads(max(1, threads))
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-        self.model = self.optimizer = self.dims = None
+        self.engine = self.model = self.dims = self.config = self.peft = None
         torch.manual_seed(seed + rank)
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -48,73 +52,46 @@ class ShardedTrainer:
         self.dims = ParallelDims(self.world_size)  # FSDP2 over every rank of the group
         self.dims.build_mesh(self.device.type)
 
-    def build_model(self, checkpoint: str) -> torch.nn.Module:
-        raise NotImplementedError
-
     def setup(self, checkpoint: str, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
-              grad_clip: float = 1.0, peft: dict | None = None, freeze: dict | None = None) -> dict:
-        """Load the full weights on every rank, shard them with FSDP2, build AdamW (over the
-        parameters that train: with ``peft``, a ``peft:`` section, only the adapters; with
-        ``freeze``, a ``freeze:`` section, only some blocks). -> ``{"params", "trainable_params"}``."""
-        self.peft, self.freeze = peft, freeze
-        model = self.build_model(checkpoint).to(self.device)
+              grad_clip: float = 1.0, peft: PeftConfig | None = None, freeze: Freeze | None = None) -> dict:
+        """Load the full weights on every rank, shard them with FSDP2, build AdamW at a constant
+        ``lr`` (over the parameters that train: with ``peft``, only the adapters; with ``freeze``,
+        only some blocks).
+        -> ``{"params", "trainable_params"}``."""
+        self.peft = peft if peft is not None and peft.method != "none" else None
+        freeze = freeze or Freeze()
+        model = build_model(checkpoint=checkpoint, scalar_head=self.scalar_head, seed=self.seed,
+                            train_layers=freeze.train_layers, train_from=freeze.train_from, peft=self.peft)
         counts = {"params": sum(p.numel() for p in model.parameters()),
                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-        if hasattr(model, "score"):
-            # A scalar-head model keeps its transformer in .model and runs it through hidden_states(),
-            # not forward(): the blocks are FSDP2 units, the root unit is the whole model (embeddings,
-            # final norm and head), so every parameter is gathered by a forward that is called.
-            for block in model.model.layers.values():
-                fully_shard(block, mesh=self.dims.fsdp_mesh)
-            fully_shard(model, mesh=self.dims.fsdp_mesh)
-        else:
-            parallelize(model, self.dims)
-        self.model = model
-        self.optimizer = build_optimizer(self.model, lr, weight_decay, tuple(betas), eps)
-        self.grad_clip = grad_clip
-        self.model.train()
+        optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, grad_clip=grad_clip)
+        self.engine = Engine(model, self.dims, self.device, optim, peft=self.peft, base_checkpoint=checkpoint)
+        self.model, self.config = self.engine.model, self.engine.config
         return counts
 
     def optimizer_step(self) -> float:
         """Clip the gradients (global norm across ranks), step, zero. -> the norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or float("inf"), foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float(self.engine.step()[0])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the unsharded weights (raylm names) on rank 0, an empty dict elsewhere."""
-        state = full_model_state_dict(self.model)
-        return {clean_state_dict_key(k): v for k, v in state.items()}
+        return self.engine.full_state_dict()
 
     def save(self, folder: str, tokenizer_file: str | None = None) -> str | None:
-        """Collective: write the current weights as a Hugging Face checkpoint from rank 0."""
-        from raylm.models.hf_checkpoint import save_checkpoint
-
-        state = self.full_state_dict()
-        if self.rank != 0:
-            return None
-        plain = self.plain_model()
-        plain.load_state_dict(state, strict=False)
-        return str(save_checkpoint(plain, folder, tokenizer_file=tokenizer_file))
-
-    def plain_model(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """Collective: a Hugging Face checkpoint of the current weights from rank 0; with PEFT the
+        adapter goes to ``<folder>/adapter`` (PEFT's format) and the merged model, where the method
+        merges (LoRA), to ``folder``. -> where it was written, on rank 0."""
+        written = self.engine.export(folder, tokenizer_file)
+        return str(written) if written is not None else None
 
     def save_state(self, folder: str) -> None:
         """Collective: the model and optimizer shards (torch DCP, one file per rank) and this rank's
-        RNG states, as the pretrain stage checkpoints (``raylm.distributed.checkpoint``)."""
-        from raylm.distributed import checkpoint
-
-        checkpoint.save(folder, self.rank, self.model, self.optimizer, trainer_state={}, rank_state={})
+        RNG states, as the Ray Train stages checkpoint."""
+        self.engine.save(folder, self.rank)
 
     def load_state(self, folder: str) -> None:
         """Collective: the inverse of ``save_state``, into the model and optimizer built by ``setup``."""
-        from raylm.distributed import checkpoint
-
-        checkpoint.load(folder, self.rank, self.model, self.optimizer)
+        self.engine.load(folder, self.rank)
 
     def shutdown(self) -> None:
         if dist.is_initialized():

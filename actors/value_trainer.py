@@ -17,22 +17,13 @@ import torch
 
 from raylm.actors.policy_trainer import minibatch_rows, trim
 from raylm.actors.trainer_group import ShardedTrainer
-from raylm.ppo import clipped_value_loss, response_index
+from raylm.ppo import response_index
+from raylm.train.losses import clipped_value_loss
 
 
 @ray.remote
 class ValueTrainer(ShardedTrainer):
-    def build_model(self, checkpoint: str):
-        from raylm.models.hf_checkpoint import load_checkpoint
-
-        model = load_checkpoint(checkpoint, scalar_head=True)
-        self.config = model.config
-        return model
-
-    def plain_model(self):
-        from raylm.models.transformer import TransformerWithScalarHead
-
-        return TransformerWithScalarHead(self.config)
+    scalar_head = True
 
     def forward(self, batch: dict) -> torch.Tensor:
         tokens = batch["tokens"].to(self.device)

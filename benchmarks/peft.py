@@ -55,7 +55,7 @@ def train_method(method: str, args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from raylm.actors.train_worker import optimizer_state_bytes
+    from raylm.train.engine import optimizer_state_bytes
     from raylm.lora import apply_peft, count_parameters
     from raylm.models.config import preset
     from raylm.models.transformer import Transformer

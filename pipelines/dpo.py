@@ -141,6 +141,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
     from raylm.actors.preference_trainer import preference_loop
     from raylm.pipelines.pretrain import launch
     from raylm.preference_data import PreferenceDataError
+    from raylm.train.spec import DPOLoss, Freeze
 
     started = time.perf_counter()
     tokenizer = str(tokenizer_path(config).resolve())
@@ -148,11 +149,12 @@ def run(config: Config, stage_run: StageRun) -> dict:
         pairs = load_pairs(config, stage_run, "dpo")
     except PreferenceDataError as e:
         raise ConfigError(str(e)) from None
-    spec = preference_spec(config, "dpo", stage_run, pairs, tokenizer)
     reference_file = reference_logprobs_file(config, pairs, tokenizer)
     stage_run.log_metrics({"reference_logprobs_s": time.perf_counter() - started})
-    spec.update(objective="dpo", loss=config.loss.model_dump(), reference_logprobs=str(reference_file.resolve()),
-                peft=config.peft.model_dump(), train_layers_from=config.freeze.train_from)
+    spec = preference_spec(config, "dpo", stage_run, pairs, tokenizer, objective="dpo",
+                           dpo=DPOLoss(config.loss.beta, config.loss.kind, str(reference_file.resolve())),
+                           freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
+                           peft=config.peft.model_copy())
     final = launch(config, spec, loop=preference_loop)
     summary = finish(config, stage_run, final, started,
                      ["loss", "initial_val_accuracy", "val_accuracy", "initial_val_logp_margin", "val_logp_margin",

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from raylm.config import ConfigError, ModelStageConfig
 from raylm.tracking import StageRun
+from raylm.train.spec import TokenData, TrainingSpec
 from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
 
@@ -73,23 +74,18 @@ def check_parallel(config, config_path, model=None, model_key: str = "model") ->
                 raise ConfigError(f"{config_path}: {key}: {problem} (parallel.pp={parallel.pp})")
 
 
-def training_spec(config, stage: str, stage_run: StageRun) -> dict:
-    """What every worker needs, as plain data (pickled once into the worker group)."""
-    return {
-        "stage": stage,
-        "seed": config.seed,
-        "train": config.train.model_dump(),
-        "optim": config.optim.model_dump(),
-        "parallel": config.parallel.model_dump(),
-        "stage_run": stage_run,
-        "export_dir": str((config.output_path / "hf").resolve()),
-    }
+def training_spec(config, stage: str, stage_run: StageRun, **fields) -> TrainingSpec:
+    """What every worker needs (pickled once into the worker group): the config's ``train``,
+    ``optim`` and ``parallel`` sections, and the stage's own ``fields`` of ``TrainingSpec``."""
+    return TrainingSpec(stage=stage, seed=config.seed, train=config.train.model_copy(), optim=config.optim.model_copy(),
+                        parallel=config.parallel.model_copy(), stage_run=stage_run,
+                        export_dir=str((config.output_path / "hf").resolve()), **fields)
 
 
-def launch(config, spec: dict, loop=None) -> dict:
+def launch(config, spec: TrainingSpec, loop=None) -> dict:
     """Run the worker group to the end (through failures, up to ``max_failures``); returns the
     final metrics rank 0 reported. ``loop``: the worker loop (default: ``train_worker.train_loop``;
-    the preference stages bring their own)."""
+    the preference stages bring their own); it gets ``{"spec": spec}``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -100,12 +96,12 @@ def launch(config, spec: dict, loop=None) -> dict:
 
     init_ray(config.ray)
     storage = (config.output_path / "ray_train").resolve()
-    name = spec["stage"] if config.train.resume else f"{spec['stage']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec["run_dir"] = str(storage / name)
+    name = spec.stage if config.train.resume else f"{spec.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec.run_dir = str(storage / name)
     parallel = config.parallel
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=spec,
+        train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if parallel.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=parallel.num_workers, use_gpu=parallel.use_gpu,
@@ -116,6 +112,10 @@ def launch(config, spec: dict, loop=None) -> dict:
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            # Ray Train's own INFO lines ("Reporting training result ...") come from every rank at
+            # every report; the console shows rank 0's step lines instead.
+            **({"logging_config": ray.train.LoggingConfig(log_level="WARNING")}
+               if hasattr(ray.train, "LoggingConfig") else {}),
         ),
     )
     result = trainer.fit()
@@ -161,6 +161,7 @@ def finish(config, stage_run: StageRun, final: dict, started: float) -> dict:
         "mfu": final.get("mean_mfu", final.get("mfu")),
         "wall_s": time.perf_counter() - started,
         "ray_checkpoint": final.get("checkpoint_dir"),
+        "resumed_from_step": final.get("resumed_from_step"),  # None: the run started from step 0
     }
     stage_run.log_metrics({"wall_s": summary["wall_s"]})
     return summary
@@ -188,13 +189,14 @@ def find_tokenizer(config: Config) -> Path | None:
 def run(config: Config, stage_run: StageRun) -> dict:
     started = time.perf_counter()
     tokenizer = find_tokenizer(config)
-    spec = training_spec(config, "pretrain", stage_run)
-    spec.update(model=config.model.to_dict(), data={"kind": "tokens", "dir": str(shard_dir(config.data_dir).resolve())},
-                tokenizer_file=str(tokenizer.resolve()) if tokenizer else None)
+    spec = training_spec(config, "pretrain", stage_run, model=config.model.to_dict(),
+                         data=TokenData(str(shard_dir(config.data_dir).resolve())),
+                         tokenizer_file=str(tokenizer.resolve()) if tokenizer else None)
     final = launch(config, spec)
     summary = finish(config, stage_run, final, started)
     summary["unigram_val_loss"] = unigram_loss(shard_dir(config.data_dir))
     stage_run.log_metrics({"unigram_val_loss": summary["unigram_val_loss"]})
-    print(f"raylm pretrain: validation loss {summary['val_loss']} vs unigram baseline "
-          f"{summary['unigram_val_loss']:.4f}", flush=True)
+    if summary["val_loss"] is not None:  # None: no validation (train.eval_every=0)
+        print(f"raylm pretrain: validation loss {summary['val_loss']:.4f} vs unigram baseline "
+              f"{summary['unigram_val_loss']:.4f}", flush=True)
     return summary

@@ -136,31 +136,30 @@ def load_pairs(config, stage_run: StageRun, stage: str = "reward") -> dict[str, 
     return splits
 
 
-def preference_spec(config, stage: str, stage_run: StageRun, pairs: dict, tokenizer: str) -> dict:
-    """What every worker needs, as plain data; sets ``train.steps`` from ``epochs`` if given."""
+def preference_spec(config, stage: str, stage_run: StageRun, pairs: dict, tokenizer: str, **fields):
+    """What every worker needs (a ``TrainingSpec`` over ``PairData``, with the stage's own
+    ``fields``); sets ``train.steps`` from ``epochs`` if given."""
     import math
+
+    from raylm.pipelines.pretrain import training_spec
+    from raylm.train.spec import PairData
 
     if config.epochs is not None:
         per_step = config.train.batch_size * config.train.grad_accum * config.parallel.num_workers // config.parallel.tp
         config.train.steps = max(1, math.ceil(config.epochs * len(pairs["train"]) / per_step))
     stage_run.log_params({"train.steps_resolved": config.train.steps, "data.train_pairs": len(pairs["train"]),
                           "data.validation_pairs": len(pairs["validation"])})
-    from raylm.pipelines.pretrain import training_spec
-
-    return {
-        **training_spec(config, stage, stage_run),
-        "init_checkpoint": str(Path(config.checkpoint).resolve()),
-        "train_layers": config.freeze.train_layers,
-        "tokenizer_file": tokenizer,
-        "data": {"train": pairs["train"], "validation": pairs["validation"], "tokenizer": tokenizer},
-    }
+    return training_spec(config, stage, stage_run, init_checkpoint=str(Path(config.checkpoint).resolve()),
+                         tokenizer_file=tokenizer, data=PairData(pairs["train"], pairs["validation"], tokenizer),
+                         **fields)
 
 
 def finish(config, stage_run: StageRun, final: dict, started: float, keys: list[str]) -> dict:
     export_dir = config.output_path / "hf"
     stage_run.log_artifact(export_dir, "model")
     summary = {"checkpoint": str(export_dir), "steps": final.get("step"), "wall_s": time.perf_counter() - started,
-               **{k: final.get(k) for k in keys}, "ray_checkpoint": final.get("checkpoint_dir")}
+               **{k: final.get(k) for k in keys}, "ray_checkpoint": final.get("checkpoint_dir"),
+               "resumed_from_step": final.get("resumed_from_step")}
     stage_run.log_metrics({"wall_s": summary["wall_s"]})
     return summary
 
@@ -175,6 +174,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
     from raylm.actors.preference_trainer import preference_loop
     from raylm.pipelines.pretrain import launch
     from raylm.preference_data import PreferenceDataError
+    from raylm.train.spec import Freeze
 
     started = time.perf_counter()
     tokenizer = str(tokenizer_path(config).resolve())
@@ -182,8 +182,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
         pairs = load_pairs(config, stage_run)
     except PreferenceDataError as e:
         raise ConfigError(str(e)) from None
-    spec = preference_spec(config, "reward", stage_run, pairs, tokenizer)
-    spec.update(objective="reward", loss=config.loss.model_dump())
+    spec = preference_spec(config, "reward", stage_run, pairs, tokenizer, objective="reward",
+                           freeze=Freeze(config.freeze.train_layers), reward_margin=config.loss.margin)
     final = launch(config, spec, loop=preference_loop)
     summary = finish(config, stage_run, final, started, ["loss", "accuracy", "margin", "initial_val_accuracy",
                                                          "val_accuracy", "val_margin"])

@@ -616,8 +616,11 @@ class Pools:
         """(Re)load the policy and the critic from their starting checkpoints. -> the policy's
         parameter counts (all, and those that train)."""
         p = config.policy
-        peft = config.peft.model_dump() if config.peft.method != "none" else None
-        freeze = config.freeze.model_dump() if config.freeze.train_layers is not None else None
+        from raylm.train.spec import Freeze
+
+        peft = config.peft.model_copy() if config.peft.method != "none" else None
+        freeze = (Freeze(config.freeze.train_layers, config.freeze.train_from)
+                  if config.freeze.train_layers is not None else None)
         futures = [a.setup.remote(str(Path(p.checkpoint).resolve()), p.lr, p.weight_decay, grad_clip=p.grad_clip,
                                   peft=peft, freeze=freeze)
                    for a in self.policy.actors]

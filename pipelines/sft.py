@@ -185,6 +185,7 @@ def steps_for_epochs(config: Config, files: dict, tokenizer: str) -> int:
 def run(config: Config, stage_run: StageRun) -> dict:
     from raylm.pipelines.pretrain import finish, launch, training_spec
     from raylm.sft_data import SFTDataError
+    from raylm.train.spec import ConversationData, Freeze
 
     started = time.perf_counter()
     tokenizer = str(tokenizer_path(config).resolve())
@@ -195,11 +196,10 @@ def run(config: Config, stage_run: StageRun) -> dict:
     except SFTDataError as e:
         raise ConfigError(str(e)) from None
     stage_run.log_params({"train.steps_resolved": config.train.steps})
-    spec = training_spec(config, "sft", stage_run)
-    spec.update(init_checkpoint=str(Path(config.checkpoint).resolve()), train_layers=config.freeze.train_layers,
-                train_layers_from=config.freeze.train_from, peft=config.peft.model_dump(),
-                tokenizer_file=tokenizer,
-                data={"kind": "sft", **files, "tokenizer": tokenizer, "system_prompt": config.data.system_prompt})
+    spec = training_spec(config, "sft", stage_run, init_checkpoint=str(Path(config.checkpoint).resolve()),
+                         freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
+                         peft=config.peft.model_copy(), tokenizer_file=tokenizer,
+                         data=ConversationData(files["train"], files["validation"], tokenizer, config.data.system_prompt))
     final = launch(config, spec)
     summary = finish(config, stage_run, final, started)
     summary["train_examples_file"] = files["train"]
@@ -210,7 +210,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
                               config.data.system_prompt)
         stage_run.log_text(text, "samples.txt")
         print(text, flush=True)
-    print(f"raylm sft: held-out response loss {summary['val_loss']}", flush=True)
+    if summary["val_loss"] is not None:  # None: no validation (train.eval_every=0)
+        print(f"raylm sft: held-out response loss {summary['val_loss']:.4f}", flush=True)
     return summary
 
 

@@ -10,7 +10,8 @@ before token ``t`` is generated; ``logprobs[b, t]`` the log-probability of that 
 - Rewards: the reward model's score (normalised with running moments, clipped) on the last token,
   minus ``kl_coef * KL`` on every token when the KL is a reward penalty.
 - GAE advantages and returns; advantage whitening.
-- The PPO clipped surrogate, the clipped value loss, the entropy bonus.
+- (The PPO clipped surrogate, the clipped value loss and the entropy bonus are objectives: in
+  ``raylm.train.losses``.)
 - The adaptive KL controller of Ziegler et al. (2019).
 - Critic-free group baselines: GRPO (group mean and std) and RLOO (leave-one-out mean).
 """
@@ -18,8 +19,6 @@ before token ``t`` is generated; ``logprobs[b, t]`` the log-probability of that 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 
@@ -175,49 +174,6 @@ def group_advantages(scores: torch.Tensor, group_size: int, baseline: str = "grp
     else:
         raise ValueError(f"unknown group baseline {baseline!r}; known: grpo, rloo")
     return out.view(-1).to(scores.dtype)
-
-
-# ---- losses -------------------------------------------------------------------------------
-
-@dataclass
-class PolicyLoss:
-    loss: torch.Tensor
-    clip_fraction: torch.Tensor  # share of tokens where the clipped branch of the surrogate is taken
-    approx_kl: torch.Tensor  # k3 estimate of KL(old || new) over the minibatch
-
-
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip_eps: float = 0.2) -> PolicyLoss:
-    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = p/p_old."""
-    ratio = (logprobs - old_logprobs).exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)
-    return PolicyLoss(loss, clip_fraction, approx_kl)
-
-
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip_eps: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """0.5 * mean over tokens of max((v - R)^2, (v_clip - R)^2) with v_clip = v_old + clip(v - v_old,
-    +-eps); ``clip_eps=None`` is the plain squared error. Returns (loss, fraction of tokens clipped)."""
-    unclipped = (values - returns) ** 2
-    if clip_eps is None:
-        return 0.5 * masked_mean(unclipped, mask), torch.zeros(())
-    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-    clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        fraction = masked_mean((clipped > unclipped).float(), mask)
-    return loss, fraction
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: [..., V] -> [...]."""
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 # ---- adaptive KL --------------------------------------------------------------------------

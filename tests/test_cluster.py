@@ -288,7 +288,7 @@ def test_submit_runs_on_the_cluster_where_resources_say_and_survives_a_dead_node
     for m in history:
         counts[m.step] = counts.get(m.step, 0) + 1
     assert max(counts) == steps
-    resumed = [int(n) for n in re.findall(r"resumed from the checkpoint at step (\d+)", logs)]
+    resumed = [int(n) for n in re.findall(r"resumed from step (\d+) \(checkpoint ", logs)]
     assert resumed and resumed[0] >= every and resumed[0] % every == 0, logs[-8000:]
     # the work lost is at most the steps since that checkpoint: only those were trained twice
     replayed = sorted(step for step, n in counts.items() if n > 1)

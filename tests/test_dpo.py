@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from preference_fixtures import VALIDATION_FRACTION, shared_sft_checkpoint
-from raylm.actors.preference_trainer import dpo_loss, sequence_logprobs
 from raylm.preference_data import PairDataset
+from raylm.train.losses import dpo_loss, sequence_logprobs
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -301,7 +301,7 @@ def test_sft_config_rejects_peft_conflicts(tmp_path, capsys):
 
 @pytest.mark.parametrize("where, trained", [("last", ["2", "3"]), ("early", ["0", "1"]), ("intermediate", ["1", "2"])])
 def test_freezing_by_depth_early_intermediate_last(where, trained):
-    from raylm.actors.train_worker import freeze_by_depth
+    from raylm.train.engine import freeze_by_depth
 
     model = tiny(n_layers=4, tie_embeddings=False)
     freeze_by_depth(model, 2, where)
@@ -489,7 +489,7 @@ def test_raylm_sft_trains_only_the_chosen_peft_weights(sft_base, tmp_path, metho
     the peak memory; the exported weights (merged model, or the base + hf/adapter via load_peft)
     have a lower loss on the training examples than the base."""
     from raylm import cli
-    from raylm.actors.train_worker import freeze_by_depth
+    from raylm.train.engine import freeze_by_depth
     from raylm.lora import load_peft
 
     folder, splits = sft_base

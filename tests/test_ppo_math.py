@@ -1,4 +1,4 @@
-"""raylm.ppo against values computed by hand (the arithmetic is in the comments)."""
+"""raylm.ppo and the PPO losses of raylm.train.losses against values computed by hand (the arithmetic is in the comments)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ import torch
 from raylm.ppo import (
     AdaptiveKLController,
     RunningMoments,
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_from_logits,
     gae,
     group_advantages,
     kl_estimate,
@@ -20,6 +17,7 @@ from raylm.ppo import (
     normalise_scores,
     whiten,
 )
+from raylm.train.losses import clipped_policy_loss, clipped_value_loss, entropy_from_logits
 
 
 def test_gae_on_a_tiny_example_with_padding():

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from raylm.actors.preference_trainer import bradley_terry_loss
 from raylm.preference_data import (
     PairDataset,
     PreferenceDataError,
@@ -22,6 +21,7 @@ from raylm.preference_data import (
     stdlib_preference_splits,
     stdlib_prompts,
 )
+from raylm.train.losses import bradley_terry_loss
 from preference_fixtures import VALIDATION_FRACTION, shared_sft_checkpoint
 
 pytestmark = pytest.mark.timeout(900)

@@ -108,6 +108,7 @@ def test_two_worker_fsdp_matches_one_process_and_logs_everything(reference, data
     assert history(run, "lr")[1] == pytest.approx(config.optim.lr / 2)  # first of 2 warmup steps
     assert sorted(history(run, "val_loss")) == [4, 8]
     assert summary["val_loss"] == pytest.approx(history(run, "val_loss")[8])
+    assert summary["resumed_from_step"] is None
     assert 0 < summary["unigram_val_loss"] < 7
     # The final model: a Hugging Face checkpoint with the data's tokenizer, also logged to MLflow.
     assert (out / "hf" / "tokenizer.json").exists()
@@ -129,6 +130,7 @@ def test_killed_worker_is_replaced_and_the_run_ends_with_identical_weights(refer
     summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.fail_at_step": 5}), tracking_uri)
     assert (tmp_path / "ray_train" / "pretrain" / "fault_injected_at_step_5").exists()
     assert summary["steps"] == 8
+    assert summary["resumed_from_step"] == 3  # the newest checkpoint, not a restart from step 0
     steps_logged = [m.step for m in run.client.get_metric_history(run.run_id, "loss")]
     assert steps_logged.count(4) == 2  # step 4 ran, was lost with the worker, and ran again
     assert history(run, "loss") == history(ref_run, "loss")
@@ -228,7 +230,7 @@ def test_rerun_resumes_from_the_latest_checkpoint(data_dir, ray_local, tracking_
     run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 3, "train.eval_every": 0}), tracking_uri)
     summary, run = run_stage(pretrain_config(data_dir, tmp_path, **{"train.steps": 5, "train.eval_every": 0}),
                              tracking_uri)
-    assert summary["steps"] == 5
+    assert summary["steps"] == 5 and summary["resumed_from_step"] == 3
     assert sorted(history(run, "loss")) == [4, 5]  # steps 1-3 came from the checkpoint
 
 
@@ -262,3 +264,25 @@ def test_config_errors_name_the_key(data_dir, tmp_path):
     result = subprocess.run([str(Path(sys.executable).with_name("raylm")), "pretrain", "/dev/null",
                              "--set", f"data_dir={tmp_path}/missing"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "data_dir" in result.stderr
+
+
+def test_resume_finds_the_newest_checkpoint_every_rank_finished(tmp_path):
+    """A replaced worker group resumes from the newest checkpoint folder in the run's storage that
+    every rank finished writing, even one Ray Train's controller had not yet registered."""
+    from raylm.actors.train_worker import newest_checkpoint_folder
+
+    def write(step: int, ranks: list[int]) -> None:
+        folder = tmp_path / f"checkpoint_{step:08d}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        (folder / ".metadata").write_bytes(b"")
+        for rank in ranks:
+            (folder / f"rank_state_{rank:05d}.json").write_text("{}")
+            (folder / f"__{rank}_0.distcp").write_bytes(b"")
+
+    write(10, [0, 1])
+    write(20, [0])  # rank 1 died before its files of step 20 arrived
+    (tmp_path / "checkpoint_tmp").mkdir()
+    assert newest_checkpoint_folder(str(tmp_path), world_size=2).name == "checkpoint_00000010"
+    assert newest_checkpoint_folder(str(tmp_path), world_size=1).name == "checkpoint_00000020"
+    assert newest_checkpoint_folder(str(tmp_path / "absent"), world_size=2) is None
