@@ -99,7 +99,9 @@ def check(config: Config, config_path) -> None:
         raise ConfigError(f"{config_path}: submit.working_dir: {working_dir} is not a directory")
     if not Path(config_path).resolve().is_relative_to(working_dir):
         raise ConfigError(f"{config_path}: the config must lie inside submit.working_dir ({working_dir}) "
-                          f"for the job to find it")
+                          f"for the job to find it: run `raylm submit` from the folder its relative paths "
+                          f"start from (the repository root for examples/), or "
+                          f"--set submit.working_dir={Path(config_path).resolve().parent}")
 
 
 def entrypoint(config: Config, config_path: str, overrides: list[str], tracking_uri: str | None) -> str:

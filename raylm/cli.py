@@ -120,33 +120,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "submit":
         return int(module.submit(config, args) or 0)
-    if args.command == "run":
-        try:
+    from raylm.tracking import stage_log_path
+
+    log = stage_log_path(config)  # a lifecycle's stages each write their own, under <output_dir>/<stage>
+    print(f"=== raylm {args.command} ({args.config}) ===", flush=True)
+    if not args.verbose:
+        console.CONSOLE.log_to(log)
+        print(f"raylm {args.command}: Ray, Ray Train and vLLM output goes to "
+              f"{log if args.command != 'run' else log.parent.parent / '<stage>' / 'logs' / log.name} "
+              "(--verbose to see it here)", flush=True)
+    try:
+        if args.command == "run":
             summary = module.run(config, tracking_uri=args.tracking_uri)
-        except StageNotBuilt as e:
-            print(f"raylm: {e}", file=sys.stderr)
-            return 3
-    else:
-        from raylm.tracking import stage_log_path
+        else:
+            if hasattr(module, "WORKER_MODULES"):  # a stage whose actors wait on these imports: Ray first, so
+                from raylm.ray_init import init_ray  # that its workers import them while MLflow sets up
 
-        print(f"=== raylm {args.command} ({args.config}) ===", flush=True)
-        if not args.verbose:
-            console.CONSOLE.log_to(stage_log_path(config))
-            print(f"raylm {args.command}: Ray, Ray Train and vLLM output goes to {stage_log_path(config)} "
-                  "(--verbose to see it here)", flush=True)
-        if hasattr(module, "WORKER_MODULES"):  # a stage whose actors wait on these imports: Ray first, so that its
-            from raylm.ray_init import init_ray  # workers import them while MLflow sets up
-
-            init_ray(config.ray, module.WORKER_MODULES)
-        try:
+                init_ray(config.ray, module.WORKER_MODULES)
             with stage_run(args.command, config, uri=args.tracking_uri) as run:
                 print(f"raylm {args.command}: MLflow run {run.run_id} at {run.uri}", flush=True)
                 summary = module.run(config, run)
-        except Exception:
-            if not args.verbose:
-                print(f"raylm {args.command}: failed; the workers' output is in {stage_log_path(config)}",
-                      file=sys.stderr, flush=True)
-            raise
+    except StageNotBuilt as e:
+        print(f"raylm: {e}", file=sys.stderr)
+        return 3
     print(json.dumps({"command": args.command, **(summary or {})}, indent=2, default=str))
     return 0
 

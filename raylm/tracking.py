@@ -209,6 +209,8 @@ def stage_run(stage: str, config: StageConfig, parent: StageRun | None = None, u
         status = "FAILED"
         with contextlib.suppress(Exception):
             run.log_text(traceback.format_exc(), "error.txt")
+        if not CONSOLE.verbose:
+            print(f"raylm {stage}: failed; Ray's and the workers' output is in {log_path}", file=sys.stderr, flush=True)
         raise
     finally:
         CONSOLE.log_to(outer_log)
