@@ -110,3 +110,14 @@ def test_progress_prints_step_loss_throughput_and_eta(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("[pretrain] step 5/10 loss 2.5 tok/s ") and " eta " in lines[0]
+
+
+def test_parent_run_metrics_are_each_stages_numbers():
+    from raylm.pipelines.lifecycle import headline_metrics
+
+    metrics = headline_metrics("eval", {
+        "mlflow_run": "abc", "seconds": 3.5, "skipped": True, "ok": True, "checkpoint": "out/x",
+        "results": {"sft": {"stdlib_mc (0-shot)": {"acc": 0.5, "acc_stderr": 0.1}}},
+        "preference": {"win_rate": 0.6, "model_a": "sft"}})
+    assert metrics == {"eval/seconds": 3.5, "eval/results/sft/stdlib_mc _0-shot_/acc": 0.5,
+                       "eval/results/sft/stdlib_mc _0-shot_/acc_stderr": 0.1, "eval/preference/win_rate": 0.6}
