@@ -397,3 +397,20 @@ def test_context_parallel_ranks_match_one_process_per_family(tmp_path):
         write_hf_checkpoint(tmp_path / name, config_class, overrides)
         folders.append(str(tmp_path / name))
     mp.spawn(_context_parallel_worker, args=(folders, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("name", ["olmo2", "qwen3-moe", "llama3-rope"])
+def test_pipeline_stages_of_a_family_compose_to_the_whole_model(tmp_path, name):
+    """Two pipeline stages (split_stage: the first keeps the embeddings, the last the norm and head)
+    run one after the other give the whole model's logits: the families' differences stay inside
+    the blocks that stages keep whole."""
+    from raylm.distributed.pipeline_parallel import split_stage
+
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == name)
+    write_hf_checkpoint(tmp_path, config_class, overrides)
+    whole = load_checkpoint(tmp_path).eval()
+    first, last = split_stage(load_checkpoint(tmp_path), 2, 0).eval(), split_stage(load_checkpoint(tmp_path), 2, 1).eval()
+    assert list(first.layers) == ["0"] and list(last.layers) == ["1"]
+    tokens = tokens_for(seed=7)
+    with torch.no_grad():
+        assert torch.equal(last(first(tokens)), whole(tokens))
