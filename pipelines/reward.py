@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, Section, StageConfig, check_one_data_source
+from raylm.config import ConfigError, Section, StageConfig, check_one_data_source, where_relative
 from raylm.tracking import StageRun
 from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
 
@@ -100,7 +100,8 @@ def check_preference_stage(config, config_path) -> None:
         for key in ("train", "validation"):
             path = getattr(config.data, key)
             if path is None or not Path(path).is_file():
-                raise ConfigError(f"{config_path}: data.{key}: {path!r} is not a file (or set data.builtin)")
+                raise ConfigError(f"{config_path}: data.{key}: {path!r} is not a file (or set data.builtin)"
+                                  + where_relative(path, config_path))
             try:
                 read_preferences(path, config.data.on_bad_line)
             except PreferenceDataError as e:

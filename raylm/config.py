@@ -67,6 +67,18 @@ def check_one_data_source(data: Section) -> Section:
     return data
 
 
+def where_relative(path: str | None, config_path) -> str:
+    """For a missing input file: where a relative path was looked for, and whether the file lies
+    beside the config instead (paths resolve against the current directory, not the config's)."""
+    if path is None or Path(path).is_absolute():
+        return ""
+    hint = f" (relative paths resolve against the current directory, {Path.cwd()}"
+    beside = Path(str(config_path).split(" ")[0]).parent / path
+    if config_path is not None and beside.exists():
+        hint += f"; there is one beside the config: {beside}"
+    return hint + ")"
+
+
 def expand_model_preset(data: Any) -> Any:
     """``model: {preset: small, dim: 640}`` -> the preset's fields with the explicit keys on top."""
     if isinstance(data, dict) and "preset" in data:

@@ -73,3 +73,17 @@ def test_cli_refuses_builtin_with_a_users_file_before_any_work(tmp_path, capsys)
     assert main(["sft", str(path), "--set", "data.train=missing.jsonl"]) == 2
     assert "data.builtin: 'stdlib-instructions' and data.train are both set" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_relative_file_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    from raylm.config import where_relative
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.jsonl").write_text("{}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    hint = where_relative("train.jsonl", tmp_path / "configs" / "sft.yaml")
+    assert f"against the current directory, {elsewhere}" in hint
+    assert f"there is one beside the config: {tmp_path / 'configs' / 'train.jsonl'}" in hint
+    assert where_relative("/abs/train.jsonl", "x.yaml") == ""
