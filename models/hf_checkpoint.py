@@ -267,6 +267,13 @@ def _check_numerics(hf: dict, arch: str) -> None:
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """config.json -> TransformerConfig, exact or refused: see ``_check_numerics``."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"config.json: {e.args[0]}: missing (model_type {hf.get('model_type')!r} needs it)") from None
+
+
+def _config_from_hf(hf: dict) -> TransformerConfig:
     arch = hf.get("model_type")
     if arch not in _CLASS_PREFIX:
         raise ValueError(f"config.json: model_type: {arch!r} is not one raylm loads ({', '.join(_CLASS_PREFIX)})")

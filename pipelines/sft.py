@@ -87,6 +87,12 @@ def check_start_checkpoint(config, config_path, made_by: str) -> dict:
         raise ConfigError(f"{config_path}: checkpoint: {hf_config} not found (a Hugging Face folder, e.g. "
                           f"`{made_by}` output's hf/)")
     hf = json.loads(hf_config.read_text())
+    from raylm.models.hf_checkpoint import config_from_hf
+
+    try:  # a family or a field raylm does not implement stops here, named, before any Ray work
+        config_from_hf(hf)
+    except ValueError as e:
+        raise ConfigError(f"{config_path}: checkpoint: {hf_config.parent}/{e}") from None
     if config.train.seq_len > hf.get("max_position_embeddings", config.train.seq_len):
         raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds the checkpoint's "
                           f"max_position_embeddings ({hf['max_position_embeddings']})")

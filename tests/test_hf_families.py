@@ -414,3 +414,17 @@ def test_pipeline_stages_of_a_family_compose_to_the_whole_model(tmp_path, name):
     tokens = tokens_for(seed=7)
     with torch.no_grad():
         assert torch.equal(last(first(tokens)), whole(tokens))
+
+
+def test_raylm_sft_refuses_an_unimplemented_field_before_any_ray_work(tmp_path, capsys):
+    from raylm import cli
+
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "mistral")
+    write_hf_checkpoint(tmp_path / "hf", config_class, {**overrides, "sliding_window": 64})
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    config = tmp_path / "sft.json"
+    config.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "checkpoint": str(tmp_path / "hf"),
+                                  "data": {"train": str(data), "validation": str(data)}, "train": {"seq_len": 128}}))
+    assert cli.main(["sft", str(config)]) == 2
+    assert f"checkpoint: {tmp_path / 'hf'}/config.json: sliding_window: 64" in capsys.readouterr().err
