@@ -63,7 +63,7 @@ _MAPPED_KEYS = {
 _FAMILY_KEYS = {
     "llama": set(),
     "mistral": {"sliding_window"},
-    "qwen2": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "qwen2": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "use_mrope"},
     "qwen3": {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
     "olmo2": set(),
     "mixtral": {"sliding_window", "num_local_experts", "num_experts_per_tok", "router_jitter_noise"},
@@ -257,6 +257,8 @@ def _check_numerics(hf: dict, arch: str) -> None:
     layer_types = hf.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types) and hf.get("use_sliding_window", True) and window is not None:
         _refuse("layer_types", "sliding-attention layers are not implemented by raylm")
+    if hf.get("use_mrope"):
+        _refuse("use_mrope", "true: multimodal rotary embeddings are not implemented by raylm")
     if hf.get("router_jitter_noise"):
         _refuse("router_jitter_noise", f"{hf['router_jitter_noise']}: raylm's router adds no noise")
     if hf.get("decoder_sparse_step", 1) != 1:

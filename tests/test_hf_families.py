@@ -175,6 +175,7 @@ REFUSALS = [
     ("llama", {"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
     ("mistral", {"sliding_window": 64}, "sliding_window"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64}, "sliding_window"),
+    ("qwen2", {"use_mrope": True}, "use_mrope"),
     ("qwen3-moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
     ("qwen3-moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
