@@ -294,9 +294,13 @@ def file_records(path: str, file_index: int, source: str, fmt: str, max_chars: i
 def read_files(batch: dict, max_chars: int, batch_rows: int = 1024) -> Iterator[pa.Table]:
     """Ray Data ``map_batches`` function: a batch of file descriptions -> batches of documents."""
     rows: list[dict] = []
-    for path, index, source, fmt, text_column in zip(batch["path"], batch["file_index"], batch["source"],
-                                                     batch["format"], batch["text_column"]):
+    # an input's configured source names all its records; otherwise a record's own, else the default
+    configured = batch["source_is_set"] if "source_is_set" in batch else [False] * len(batch["path"])
+    for path, index, source, fmt, text_column, forced in zip(batch["path"], batch["file_index"], batch["source"],
+                                                             batch["format"], batch["text_column"], configured):
         for record in file_records(str(path), int(index), str(source), str(fmt), max_chars, str(text_column)):
+            if forced:
+                record["source"] = str(source)
             rows.append(record)
             if len(rows) == batch_rows:
                 yield pa.Table.from_pylist(rows, schema=DOCUMENT_SCHEMA)

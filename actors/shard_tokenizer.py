@@ -39,6 +39,8 @@ class ShardTokenizer:
         from raylm.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_file)
+        # a document's own "<|eos|>" (or "<|user|>") is text, not a special id: one EOS per document
+        self.tokenizer.encode_special_tokens = True
         self.shard_dir, self.vocab_size, self.eos = shard_dir, vocab_size, eos_token_id
         self.validation_fraction, self.weights, self.seed = validation_fraction, source_weights, seed
 

@@ -52,7 +52,7 @@ QUARANTINE = "quarantine:"  # the reader's reason prefix for bad input
 
 class InputConfig(Section):
     path: str  # a file, a directory, a glob, or s3://... ; "embedded" for the stdlib corpus
-    source: str | None = None  # the source name for mixing; default: the record's own, else the file stem
+    source: str | None = None  # the source name of all its records, for mixing; default: the record's own, else the file stem
 
 
 class TokenizerConfig(Section):
@@ -177,7 +177,8 @@ def read_documents(config: Config):
     import ray
 
     items = [{"file_index": i, "path": path, "source": source or Path(path).name.split(".")[0],
-              "format": "auto", "text_column": "text"} for i, (path, source) in enumerate(input_files(config))]
+              "source_is_set": source is not None, "format": "auto", "text_column": "text"}
+             for i, (path, source) in enumerate(input_files(config))]
     if len(items) >= 1 << (63 - RECORD_BITS):
         raise ConfigError(f"inputs: {len(items)} files; at most {(1 << (63 - RECORD_BITS)) - 1} are supported")
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -361,6 +362,11 @@ def kept_documents(config: Config, out: Path):
     removed = np.sort(np.load(out / "removed_keys.npy", allow_pickle=False))
     excluded = np.array(_excluded_files(out), dtype=np.int64)
     files = sorted(str(p) for p in (out / "documents").glob("*.parquet"))
+    if not files:  # no input held a single record (empty files): nothing to tokenize, not an error
+        import pyarrow as pa
+
+        return ray.data.from_arrow(pa.table({"key": pa.array([], pa.int64()), "id": pa.array([], pa.string()),
+                                             "source": pa.array([], pa.string()), "text": pa.array([], pa.string())}))
     return ray.data.read_parquet(files, columns=["key", "id", "source", "text", "reason"]).map_batches(
         keep_batch, batch_format="pyarrow", fn_args=(removed, excluded), batch_size=config.compute.batch_size,
         **config.compute.remote_args())

