@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from raylm.config import ConfigError, load_config
 from raylm.stages import COMMANDS, StageNotBuilt, stage_module
@@ -30,6 +31,7 @@ HELP = {
     "dpo": "direct preference optimisation against a frozen reference",
     "eval": "perplexity, few-shot benchmarks, preference win rates",
     "export": "build or load a model, export it in Hugging Face format, check it in transformers and vLLM",
+    "serve": "serve a checkpoint (and LoRA adapters) on an OpenAI-compatible endpoint (vLLM's server in a Ray actor)",
     "run": "the whole lifecycle as one MLflow parent run",
     "submit": "submit a config to a Ray cluster as a Ray job",
 }
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=HELP[command], description=HELP[command],
                            epilog=f"Every key of the config: `raylm config {command}` or docs/config.md.")
         p.add_argument("config", nargs="?" if command == "submit" else None,
-                       help="YAML config file" + (" (not for --status, --logs, --stop)" if command == "submit" else ""))
+                       help="YAML config file" + (" (not for --status, --logs, --stop)" if command == "submit" else "")
+                       + (", or a checkpoint folder" if command == "serve" else ""))
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set model.dim=256 (repeatable)")
         p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: SQLite in output_dir)")
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from raylm import console
 
     console.set_verbose(args.verbose)
+    console.capture_native_stderr()  # before Ray starts: its C++ core writes to fd 2 itself
     try:
         module = stage_module(args.command)
     except StageNotBuilt as e:
@@ -110,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raylm {args.command}: a config file is required (or --status / --logs / --stop JOB_ID)",
               file=sys.stderr)
         return 2
+    config_file = args.config
+    if args.command == "serve" and Path(args.config).is_dir():  # `raylm serve CHECKPOINT`: no file needed
+        args.overrides, config_file = [f"checkpoint={args.config}", *args.overrides], None
     try:
-        config = load_config(module.Config, args.config, args.overrides,
+        config = load_config(module.Config, config_file, args.overrides,
                              ignore=() if args.command == "submit" else ("submit",))
         if hasattr(module, "check"):  # checks that need more than one section (e.g. files exist)
-            module.check(config, args.config)
+            module.check(config, config_file)
     except ConfigError as e:
         print(f"raylm: invalid config\n{e}", file=sys.stderr)
         return 2

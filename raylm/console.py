@@ -42,6 +42,7 @@ class Console:
         self._lock = threading.Lock()
         self._recent: collections.deque[str] = collections.deque(maxlen=512)
         self._bar_open = False  # a progress bar is drawn on the terminal's current line
+        self._native_fd = None  # the real stderr, once capture_native_stderr took fd 2 over
 
     # ---- where the log goes -----------------------------------------------------------------
 
@@ -99,8 +100,9 @@ class Console:
 CONSOLE = Console()
 
 
-class _LogFileHandler(logging.Handler):
-    """Records of the quiet loggers, into the current log file."""
+class LogFileHandler(logging.Handler):
+    """Records of the quiet loggers (and of Ray Data's, through its logging config), into the
+    current log file."""
 
     def emit(self, record):
         try:
@@ -109,8 +111,59 @@ class _LogFileHandler(logging.Handler):
             pass
 
 
-_FILE_HANDLER = _LogFileHandler()
+_FILE_HANDLER = LogFileHandler()
 _FILE_HANDLER.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+
+# Ray Data sets up its "ray.data" logger again for every dataset, from this config when the
+# environment names one: its file in Ray's session folder as by default, and the run's log instead
+# of the console.
+RAY_DATA_LOGGING = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"ray": {"format": "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"}},
+    "handlers": {"file": {"class": "ray.data._internal.logging.SessionFileHandler", "formatter": "ray",
+                          "filename": "ray-data.log"},
+                 "raylm": {"class": "raylm.console.LogFileHandler", "formatter": "ray", "level": "INFO"}},
+    "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "raylm"], "propagate": False}},
+}
+# A line of Ray's C++ core (glog format), which this process writes to file descriptor 2 itself.
+NATIVE_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\] ")
+
+
+def capture_native_stderr() -> None:
+    """Route what native code writes to this process's stderr (Ray's C++ core worker: ``E ...
+    core_worker.cc`` lines about actors that ended as planned) through a pipe: its log lines go to
+    the run's log, anything else to the real stderr. Python's own ``sys.stderr`` writes straight to
+    the real one. Only for a process whose stderr nobody else has taken over (not under pytest's
+    capture), and undone at exit so that nothing written later can block on the pipe."""
+    import atexit
+    import io
+
+    if CONSOLE.verbose or CONSOLE._native_fd is not None or sys.stderr is not sys.__stderr__:
+        return
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return
+    CONSOLE._native_fd = real
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(os.fdopen(os.dup(real), "wb", buffering=0),
+                                                   encoding="utf-8", errors="replace", line_buffering=True)
+
+    def pump():
+        with os.fdopen(read_end, "rb") as pipe:
+            for raw in pipe:
+                line = raw.decode("utf-8", errors="replace")
+                if NATIVE_LOG_LINE.match(line):
+                    CONSOLE.write_log(line)
+                else:
+                    os.write(real, raw)
+
+    threading.Thread(target=pump, name="raylm-native-stderr", daemon=True).start()
+    atexit.register(lambda: os.dup2(real, 2))
 
 
 def _isatty(stream) -> bool:
@@ -144,6 +197,14 @@ def set_verbose(verbose: bool) -> None:
         # every line and the console shows each of raylm's lines once.
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         os.environ.setdefault("TQDM_DISABLE", "1")  # Hugging Face and vLLM download / load bars
+        if "RAY_DATA_LOGGING_CONFIG" not in os.environ:
+            import tempfile
+
+            import yaml
+
+            path = Path(tempfile.gettempdir()) / f"raylm-ray-data-logging-{os.getpid()}.yaml"
+            path.write_text(yaml.safe_dump(RAY_DATA_LOGGING))
+            os.environ["RAY_DATA_LOGGING_CONFIG"] = str(path)
         for name in QUIET_LOGGERS:
             logger = logging.getLogger(name)
             logger.setLevel(logging.INFO if name.startswith(("ray", "vllm")) else logging.WARNING)
@@ -164,6 +225,12 @@ def install() -> None:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler(HANDLER)
     dispatcher.add_handler(HANDLER, CONSOLE.on_worker_output)
+    # The raylet's messages ("A worker died ...", most often one Ray Train or vLLM meant to end) do
+    # not go through the dispatcher: Ray's error listener prints them with this function.
+    import ray._private.worker as ray_worker
+
+    if hasattr(ray_worker, "print_to_stdstream"):
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: CONSOLE.on_worker_output(data)
     set_verbose(False)  # ray.init configured the "ray" loggers again: send them to the file
     try:  # Ray Data's bars are for terminals
         from ray.data import DataContext
