@@ -32,6 +32,9 @@ class Config(StageConfig):
     # One section per stage, validated by that stage's Config (output_dir, seed, tracking and ray
     # are inherited from the top level; the stage writes under <output_dir>/<stage>).
     sections: dict[str, dict] = Field(default_factory=dict)
+    # Serve the final model once the stages are done: a `raylm serve` section (its checkpoint defaults
+    # to the exported, else the last trained, model of this run); null: end without serving.
+    serve: dict | None = None
 
     @field_validator("stages")
     @classmethod
@@ -101,6 +104,8 @@ def check(config: Config, config_path) -> None:
         # before the stage starts.
         if i == 0 and hasattr(module, "check"):
             module.check(stage_cfg, f"{config_path} sections.{stage}")
+    if config.serve is not None:
+        serve_config(config, config_path)  # its keys now; its checkpoint is written by the stages
 
 
 def run(config: Config, tracking_uri: str | None = None) -> dict:
@@ -139,7 +144,36 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
     finally:
         parent.client.set_terminated(parent.run_id, status)
     print_report(summary, config)
+    if config.serve is not None:
+        summary["serve"] = serve_final_model(config, parent)
     return summary
+
+
+def serve_config(config: Config, config_path=None):
+    """The ``serve:`` section as a `raylm serve` config, with this run's final model as its checkpoint."""
+    from pydantic import ValidationError
+
+    from raylm.pipelines import serve
+
+    final = next((s for s in ("export", *TRAINED) if s in config.stages), None)
+    inherited = {"output_dir": str(config.output_path / "serve"), "seed": config.seed,
+                 "tracking": config.tracking.model_dump(), "ray": config.ray.model_dump()}
+    if final is not None:
+        inherited["checkpoint"] = str(config.output_path / final / "hf")
+    try:
+        return serve.Config.model_validate(deep_merge(inherited, config.serve or {}))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(f"{config_path} serve", e)) from None
+
+
+def serve_final_model(config: Config, parent: StageRun) -> dict:
+    from raylm.pipelines import serve
+
+    serve_cfg = serve_config(config)
+    serve.check(serve_cfg, "serve")
+    print("=== raylm run: serving the final model ===", flush=True)
+    with stage_run("serve", serve_cfg, parent=parent) as run_handle:
+        return serve.run(serve_cfg, run_handle)
 
 
 def metric_name(*parts: str) -> str:

@@ -13,7 +13,7 @@ from types import ModuleType
 # The lifecycle, in the order `raylm run` runs it.
 LIFECYCLE = ["data", "pretrain", "sft", "reward", "rlhf", "dpo", "eval", "export"]
 # Every CLI command -> its driver module under raylm.pipelines.
-COMMANDS = {**{stage: stage for stage in LIFECYCLE}, "run": "lifecycle", "submit": "submit"}
+COMMANDS = {**{stage: stage for stage in LIFECYCLE}, "serve": "serve", "run": "lifecycle", "submit": "submit"}
 
 
 class StageNotBuilt(Exception):
