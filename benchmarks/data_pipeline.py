@@ -1,9 +1,14 @@
 """Documents/s of `raylm data` against datatrove running the same steps on the same corpus and cores.
 
-Steps on both sides: read JSONL -> Gopher quality filter (same thresholds) -> MinHash near-dedup
+Steps on both sides: read JSONL -> Gopher quality filter (same thresholds, and by default the same
+counting: raylm follows the reference's word tokens and stop-word rule) -> MinHash near-dedup
 (5-grams, 14 bands x 8 rows: signatures, buckets, clusters, filter) -> tokenization with the same
 tokenizer.json (EOS appended) into token files. raylm additionally does what it always does (exact
 dedup, quarantine accounting, train/validation split, stats); datatrove runs 2 workers for 2 cores.
+
+Equal work is checked, not assumed: both sides count the documents the Gopher filter keeps and the
+documents they tokenize, and the script fails when the tokenized counts differ by more than LSH
+noise (``--tolerance``, a fraction of the kept documents). A ratio over different work is no result.
 
 Also: raylm's tokenization stage alone (its actors' busy span: encoding, split, shard writing)
 against raw ``Tokenizer.encode_batch_fast`` on the same texts, and the whole tokens phase.
@@ -65,7 +70,21 @@ def train_bench_tokenizer(corpus: Path, work: Path) -> Path:
     return path
 
 
-def run_datatrove(corpus: Path, tokenizer: Path, work: Path, cpus: int) -> float:
+class CountDocuments:
+    """A datatrove pipeline step (a callable) that counts the documents passing through it into a file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, data, rank: int = 0, world_size: int = 1):
+        n = 0
+        for doc in data:
+            n += 1
+            yield doc
+        self.path.write_text(str(n))
+
+
+def run_datatrove(corpus: Path, tokenizer: Path, work: Path, cpus: int) -> tuple[float, dict]:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
     from datatrove.pipeline.dedup.minhash import MinhashConfig
@@ -88,10 +107,13 @@ def run_datatrove(corpus: Path, tokenizer: Path, work: Path, cpus: int) -> float
                           tasks=config.num_buckets, workers=cpus, **common).run()
     LocalPipelineExecutor([MinhashDedupCluster(str(root / "buckets"), str(root / "remove"), config=config)],
                           tasks=1, workers=1, **common).run()
-    LocalPipelineExecutor([reader(), GopherQualityFilter(**GOPHER), MinhashDedupFilter(str(root / "remove")),
+    counts = {"after_filters": root / "after_filters.count", "tokenized": root / "tokenized.count"}
+    LocalPipelineExecutor([reader(), GopherQualityFilter(**GOPHER), CountDocuments(counts["after_filters"]),
+                           MinhashDedupFilter(str(root / "remove")), CountDocuments(counts["tokenized"]),
                            DocumentTokenizer(str(root / "tokens"), tokenizer_name_or_path=str(tokenizer), eos_token="<|eos|>")],
                           tasks=1, workers=1, **common).run()
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start  # the counting steps are a loop over documents each: noise
+    return seconds, {name: int(path.read_text()) for name, path in counts.items()}
 
 
 def raylm_config(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> Path:
@@ -101,10 +123,13 @@ def raylm_config(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> Path:
         "ray": {"num_cpus": cpus},
         "inputs": [{"path": str(corpus)}],
         "filters": {
+            # datatrove filters the text as read: no whitespace collapsing on raylm's side either
+            "normalize": {"collapse_whitespace": False},
             "gopher_quality": {"enabled": True, "min_words": GOPHER["min_doc_words"], "max_words": GOPHER["max_doc_words"]},
             "gopher_repetition": {"enabled": False}, "c4": {"enabled": False}, "fineweb": {"enabled": False},
             "pii": {"enabled": False},
         },
+        "tokenize": {"validation_fraction": 0.0},
         "tokenizer": {"file": str(tokenizer)},
         "compute": {"workers": cpus},
     }
@@ -140,6 +165,8 @@ def main():
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--work", default="out/bench_data")
+    parser.add_argument("--tolerance", type=float, default=0.02,
+                        help="largest difference of the tokenized document counts, as a fraction: LSH noise")
     args = parser.parse_args()
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -156,9 +183,20 @@ def main():
     except ImportError:
         print("datatrove is not installed (pip install -e '.[bench]'): raylm's figures only")
         return
-    dt_seconds = run_datatrove(corpus, tokenizer, work, args.cpus)
+    dt_seconds, dt_counts = run_datatrove(corpus, tokenizer, work, args.cpus)
     dt_rate = n_docs / dt_seconds
     print(f"datatrove:   {dt_seconds:7.1f} s  {dt_rate:9.1f} docs/s")
+    ours = {"after_filters": stats["documents"]["documents_out"],
+            "tokenized": stats["tokens"]["train"]["documents"] + stats["tokens"]["validation"]["documents"]}
+    print(f"documents kept by the Gopher filter: raylm {ours['after_filters']:,}, datatrove {dt_counts['after_filters']:,}")
+    print(f"documents tokenized (after dedup):   raylm {ours['tokenized']:,}, datatrove {dt_counts['tokenized']:,} "
+          f"(raylm removed {stats['dedup']['exact_duplicates_removed']:,} exact, "
+          f"{stats['dedup']['near_duplicates_removed']:,} near duplicates)")
+    difference = abs(ours["tokenized"] - dt_counts["tokenized"]) / max(1, dt_counts["tokenized"])
+    if difference > args.tolerance:
+        print(f"NOT EQUAL WORK: the tokenized counts differ by {difference:.1%} (> {args.tolerance:.0%}); no ratio")
+        sys.exit(1)
+    print(f"equal work: tokenized counts within {difference:.2%} (tolerance {args.tolerance:.0%})")
     print(f"ratio raylm / datatrove: {raylm_rate / dt_rate:.2f}x (target >= 1.5x)")
     raw = raw_encode_rate(corpus, tokenizer)
     tokens = sum(stats["tokens"][split]["tokens"] for split in ("train", "validation"))
