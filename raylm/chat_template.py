@@ -137,8 +137,10 @@ class ChatTemplate:
                                     f"({type(e).__name__}: {e})") from e
 
     def encode_text(self, text: str) -> list[int]:
-        """Ids of ``text`` on its own, as the template's text is tokenised (no special tokens added)."""
-        return self.hf.encode(text, add_special_tokens=False)
+        """Ids of ``text`` on its own, as the template's text is tokenised (no special tokens added):
+        the fast tokenizer's own ``tokenizers`` backend, what ``apply_chat_template`` runs, without
+        transformers' batch wrapper (6x faster here; the tests check the ids equal transformers')."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def _with_system(self, messages: list[dict], system_prompt: str | None) -> list[dict]:
         for i, message in enumerate(messages):
