@@ -12,6 +12,7 @@ compares every trained checkpoint side by side, export takes the last trained on
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from pydantic import Field, field_validator
@@ -170,7 +171,11 @@ def serve_final_model(config: Config, parent: StageRun) -> dict:
     from raylm.pipelines import serve
 
     serve_cfg = serve_config(config)
-    serve.check(serve_cfg, "serve")
+    try:
+        serve.check(serve_cfg, "serve")
+    except ConfigError as e:  # the stages' work is done and kept: say why it is not served
+        print(f"raylm run: not serving the final model: {e}", file=sys.stderr, flush=True)
+        return {"error": str(e)}
     print("=== raylm run: serving the final model ===", flush=True)
     with stage_run("serve", serve_cfg, parent=parent) as run_handle:
         return serve.run(serve_cfg, run_handle)
