@@ -160,7 +160,9 @@ def lineage_tags(config: StageConfig) -> dict[str, str]:
             tags[f"raylm.{key}"] = str(Path(value).resolve()) if "://" not in value else value
     data = getattr(config, "data", None)
     if data is not None and hasattr(data, "builtin"):
-        files = [str(Path(f).resolve()) for f in (data.train, data.validation) if f]
+        # sft/reward/dpo read train/validation files, rlhf a prompts file
+        files = [str(Path(f).resolve()) for name in ("train", "validation", "prompts")
+                 if isinstance(f := getattr(data, name, None), str) and f]
         tags["raylm.data"] = ", ".join(files) if files else f"builtin:{data.builtin}"
     return tags
 

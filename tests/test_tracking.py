@@ -77,6 +77,14 @@ def test_lineage_tags_name_the_starting_checkpoint_and_the_data(tmp_path):
                                     "raylm.data": "builtin:stdlib-instructions"}
     config = load_config(sft.Config, None, ["data.train=a.jsonl", "data.validation=b.jsonl"])
     assert lineage_tags(config)["raylm.data"] == f"{Path('a.jsonl').resolve()}, {Path('b.jsonl').resolve()}"
+    # rlhf's data section names a prompts file, not train/validation files
+    from raylm.pipelines import rlhf
+
+    config = load_config(rlhf.Config, None, [f"policy.checkpoint={tmp_path / 'sft'}"])
+    assert lineage_tags(config)["raylm.data"] == "builtin:stdlib"
+    config = load_config(rlhf.Config, None, [f"policy.checkpoint={tmp_path / 'sft'}", "data.builtin=null",
+                                             "data.prompts=p.jsonl"])
+    assert lineage_tags(config)["raylm.data"] == str(Path("p.jsonl").resolve())
 
 
 def test_default_store_is_sqlite_in_the_output_dir(tmp_path):
