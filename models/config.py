@@ -88,6 +88,13 @@ class TransformerConfig:
             self.moe_ffn_dim = self.ffn_dim
         self.validate()
 
+    @property
+    def end_token_ids(self) -> list[int]:
+        """Every id that ends a completion: a brought-in checkpoint may list several (Llama 3's
+        end-of-turn and end-of-text), which transformers and vLLM both stop on."""
+        ids = (self.hf_metadata or {}).get("eos_token_id")
+        return list(ids) if isinstance(ids, list) else [self.eos_token_id]
+
     def validate(self) -> None:
         """Raises ValueError, its message starting with the field's name, when impossible."""
         positive = ["vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"]

@@ -88,6 +88,7 @@ def generate(
     dtype = next(model.parameters()).dtype
     cache = KVCache(cfg, batch, prompt_len + params.max_new_tokens, device, dtype) if use_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    end_ids = torch.tensor(cfg.end_token_ids, device=device)
     new_tokens = []
     step_input = tokens
     for _ in range(params.max_new_tokens):
@@ -99,7 +100,7 @@ def generate(
         next_token = torch.where(finished, torch.full_like(next_token, cfg.pad_token_id), next_token)
         new_tokens.append(next_token)
         if params.stop_on_eos:
-            finished |= next_token == cfg.eos_token_id
+            finished |= torch.isin(next_token, end_ids)
         if finished.all():
             break
         valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
@@ -108,7 +109,7 @@ def generate(
     out = torch.stack(new_tokens, dim=1).tolist()
     results = []
     for row in out:
-        if params.stop_on_eos and cfg.eos_token_id in row:
-            row = row[: row.index(cfg.eos_token_id) + 1]
+        if params.stop_on_eos:
+            row = row[: next((i + 1 for i, t in enumerate(row) if t in cfg.end_token_ids), len(row))]
         results.append(row)
     return results
