@@ -154,7 +154,10 @@ def test_sft_packed_documents_through_pipeline_stages_match_one_process(sft_star
         "parallel.num_workers": 2, "parallel.pp": 2, "parallel.pp_microbatches": 2, "parallel.pp_schedule": "gpipe"}),
         tracking_uri)
     one = run_sft(sft_config(start, splits, tmp_path / "one", **{"parallel.num_workers": 1}), tracking_uri)
-    assert_same_run(tmp_path / "pp", staged, tmp_path / "one", one, 3)
+    # Weights within a tenth of one step at lr 3e-3: an embedding row whose token gets a near-zero
+    # gradient (seen: 2 of 512 rows) takes an AdamW step g/sqrt(v) that the stages' different
+    # summation order moves by ~1e-4; losses, grad norm and validation loss still match tightly.
+    assert_same_run(tmp_path / "pp", staged, tmp_path / "one", one, 3, atol=3e-4)
 
 
 def test_pipeline_refuses_a_tied_start_checkpoint(sft_start, tmp_path):
