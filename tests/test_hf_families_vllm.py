@@ -15,6 +15,7 @@ from raylm.actors.generation_engine import make_generation_engine
 from raylm.models.generate import SamplingParams, generate
 from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint, to_hf_state_dict
 
+from test_generation_engine import trainer_logprobs
 from test_hf_families import FAMILIES, write_hf_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -34,16 +35,6 @@ def ray_local():
     ray.shutdown()
 
 
-def logprobs_of(model, sequences):
-    out = []
-    with torch.no_grad():
-        for seq in sequences:
-            tokens = torch.tensor([seq])
-            logp = model(tokens).float().log_softmax(-1)[0, :-1]
-            out.append(logp.gather(-1, tokens[0, 1:, None]).squeeze(-1))
-    return out
-
-
 @pytest.mark.parametrize("family", list(SERVED))
 def test_vllm_serves_the_family_as_raylm_computes_it(tmp_path, ray_local, family):
     _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == family)
@@ -56,7 +47,7 @@ def test_vllm_serves_the_family_as_raylm_computes_it(tmp_path, ray_local, family
         assert len({t for row in ours for t in row}) > 8, "degenerate model: the test would prove nothing"
         results = ray.get(engine.generate.remote(PROMPTS, max_new_tokens=16, logprobs=True), timeout=600)
         assert [r["tokens"] for r in results] == ours
-        reference = logprobs_of(model, [p + c for p, c in zip(PROMPTS, ours)])
+        reference = trainer_logprobs(model, [p + c for p, c in zip(PROMPTS, ours)])
         sampled = [(ref[len(p) - 1:] - torch.tensor(r["logprobs"])).abs() for ref, p, r in zip(reference, PROMPTS, results)]
         assert torch.cat(sampled).max().item() < 1e-3
         # A policy update in the family's own names (what RLHF's weight sync sends).
