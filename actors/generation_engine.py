@@ -346,8 +346,8 @@ class TorchEngine:
         self.model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
         self.use_cache = True
         if peft is not None:
-            from raylm.lora import apply_peft
-            from raylm.peft_config import PeftConfig
+            from raylm.peft.lora import apply_peft
+            from raylm.peft.config import PeftConfig
 
             apply_peft(self.model, PeftConfig(**peft))
             self.use_cache = peft["method"] != "prompt_tuning"

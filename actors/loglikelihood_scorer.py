@@ -35,7 +35,7 @@ RAYLM_MODEL_TYPES = ("llama", "mixtral", "qwen2_moe")  # what raylm.models.hf_ch
 
 class LoglikelihoodScorer:
     """raylm checkpoints are scored by raylm's own model with shared-prefix packing (the answers of
-    one question share one pass over the question: ``raylm.eval_scoring``); any other causal LM
+    one question share one pass over the question: ``raylm.eval.scoring``); any other causal LM
     through transformers, in padded batches of similar length."""
 
     def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_batch: int = 32, max_tokens: int = 8192,
@@ -74,7 +74,7 @@ class LoglikelihoodScorer:
         n_scored = [int(n) for n in batch["n_scored"]]
         with torch.inference_mode():
             if self.raylm_model is not None:
-                from raylm.eval_scoring import score_requests
+                from raylm.eval.scoring import score_requests
 
                 logprob, greedy = score_requests(self.raylm_model, sequences, n_scored, batch_tokens=self.max_tokens,
                                                  max_requests=self.max_batch)

@@ -24,7 +24,7 @@ import torch
 
 from raylm.actors.generation_engine import pack_weight_buckets
 from raylm.actors.trainer_group import ShardedTrainer
-from raylm.ppo import response_index, response_logits_and_logprobs
+from raylm.rl.ppo import response_index, response_logits_and_logprobs
 from raylm.train.engine import memory_gb
 from raylm.train.losses import ppo_policy_loss
 
@@ -104,7 +104,7 @@ class PolicyTrainer(ShardedTrainer):
 
         start = time.perf_counter()
         if self.peft is not None:
-            from raylm.lora import adapter_tensors
+            from raylm.peft.lora import adapter_tensors
 
             state = self.engine.trained_state_dict()
             if self.rank != 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from raylm.ppo import response_index, response_logits_and_logprobs
+from raylm.rl.ppo import response_index, response_logits_and_logprobs
 
 
 @ray.remote

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from raylm.distributed.parallel_dims import ParallelDims
-from raylm.peft_config import PeftConfig
+from raylm.peft.config import PeftConfig
 from raylm.train.engine import Engine, build_model
 from raylm.train.spec import Freeze
-from raylm.train_config import OptimConfig
+from raylm.train.config import OptimConfig
 
 
 class ShardedTrainer:

@@ -17,7 +17,7 @@ import torch
 
 from raylm.actors.policy_trainer import minibatch_rows, trim
 from raylm.actors.trainer_group import ShardedTrainer
-from raylm.ppo import response_index
+from raylm.rl.ppo import response_index
 from raylm.train.losses import clipped_value_loss
 
 

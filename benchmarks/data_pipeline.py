@@ -40,7 +40,7 @@ GOPHER = dict(min_doc_words=50, max_doc_words=100_000, min_avg_word_length=3, ma
 
 
 def build_corpus(work: Path, copies: int) -> tuple[Path, int]:
-    from raylm.corpus import build_embedded_corpus
+    from raylm.data.stdlib_corpus import build_embedded_corpus
 
     base = [json.loads(line) for line in build_embedded_corpus(work / "stdlib").read_text().splitlines()]
     rng = random.Random(0)
@@ -62,7 +62,7 @@ def build_corpus(work: Path, copies: int) -> tuple[Path, int]:
 
 
 def train_bench_tokenizer(corpus: Path, work: Path) -> Path:
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.tokenizer import train_tokenizer
 
     texts = (json.loads(line)["text"] for line in corpus.open())
     path = work / "tokenizer.json"

@@ -72,7 +72,7 @@ def lm_eval_task_copy(out: Path) -> tuple[Path, str]:
 
 
 def run_raylm(checkpoint: Path, num_fewshot: int, limit: int, actors: int, max_batch: int, dtype: str) -> dict:
-    from raylm.eval_tasks import load_task
+    from raylm.eval.tasks import load_task
     from raylm.pipelines.eval import Config, ScorerConfig, TaskRef, evaluate_checkpoint, result_key
 
     ref = TaskRef(path=str(TASK), num_fewshot=num_fewshot, limit=limit)

@@ -56,12 +56,12 @@ def train_method(method: str, args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from raylm.train.engine import optimizer_state_bytes
-    from raylm.lora import apply_peft, count_parameters
+    from raylm.peft.lora import apply_peft, count_parameters
     from raylm.models.config import preset
     from raylm.models.transformer import Transformer
-    from raylm.optim import build_optimizer
-    from raylm.peft_config import PeftConfig
-    from raylm.quantize import model_bytes
+    from raylm.train.optim import build_optimizer
+    from raylm.peft.config import PeftConfig
+    from raylm.peft.quantize import model_bytes
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -128,8 +128,8 @@ def quantization_report(args: argparse.Namespace) -> list[dict]:
     import torch.nn.functional as F
 
     from raylm.models.hf_checkpoint import load_checkpoint
-    from raylm.quantize import model_bytes, quantize_model
-    from raylm.token_shards import PackedTokenDataset
+    from raylm.peft.quantize import model_bytes, quantize_model
+    from raylm.data.token_shards import PackedTokenDataset
 
     torch.set_num_threads(args.threads)
     reference = load_checkpoint(args.checkpoint)

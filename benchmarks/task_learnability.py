@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from raylm.chat_template import ChatTemplate  # noqa: E402
+from raylm.data.chat_template import ChatTemplate  # noqa: E402
 from raylm.models.config import preset  # noqa: E402
 from raylm.models.transformer import Transformer, causal_lm_loss  # noqa: E402
-from raylm.sft_data import IGNORE_INDEX, labels_of, read_conversations  # noqa: E402
+from raylm.data.sft import IGNORE_INDEX, labels_of, read_conversations  # noqa: E402
 from raylm.tasks.files import FAMILIES, write_task_files  # noqa: E402
 from raylm.tasks.tool_use import check_transcript, run_episode, to_basic_roles  # noqa: E402
-from raylm.tokenizer import PAD_ID, train_tokenizer  # noqa: E402
+from raylm.data.tokenizer import PAD_ID, train_tokenizer  # noqa: E402
 
 
 @torch.no_grad()

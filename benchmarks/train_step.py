@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def random_shards(folder: Path, vocab_size: int, n_tokens: int) -> Path:
-    from raylm.token_shards import TokenShardWriter, write_index
+    from raylm.data.token_shards import TokenShardWriter, write_index
 
     rng = np.random.default_rng(0)
     splits = {}

@@ -513,8 +513,8 @@ def write_tokenizer_files(tokenizer_json: Path, folder: Path, cfg: TransformerCo
     """tokenizer.json plus the tokenizer_config.json that AutoTokenizer and vLLM read. raylm's own
     tokenizer gets raylm's chat template; another checkpoint's tokenizer keeps the files beside it
     (its chat template, special tokens) as they are, so the model is served as it was trained."""
-    from raylm.chat_template import is_raylm_tokenizer
-    from raylm.tokenizer import RAYLM_CHAT_TEMPLATE
+    from raylm.data.chat_template import is_raylm_tokenizer
+    from raylm.data.tokenizer import RAYLM_CHAT_TEMPLATE
 
     raylm_own = is_raylm_tokenizer(tokenizer_json)
     if tokenizer_json.resolve() != (folder / "tokenizer.json").resolve():

@@ -11,7 +11,7 @@ with the same bytes as an uninterrupted run:
    reason: none of its records goes on, those read before the error included, and they count as
    quarantined; every other file goes on.
 2. ``removed_keys.npy``: exact and near duplicates from the signatures alone: bucket-shard tasks find
-   the candidate links, rounds of partition tasks their clusters (actors/connected_components.py);
+   the candidate links, rounds of partition tasks their clusters (actors/data/connected_components.py);
    each cluster keeps its earliest document.
 3. ``tokenizer.json``: byte-level BPE trained on the kept documents, streamed.
 4. ``tokens/``: the tokenization actor pool writes shards, and per shard batch the kept documents'
@@ -35,15 +35,15 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
-from raylm.actors.document_reader import FILE_QUARANTINE, RECORD_BITS, expand_paths, read_files
-from raylm.actors.connected_components import duplicate_clusters, ray_runner
-from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
-from raylm.actors.quality_filters import DocumentFilter, FilterConfig
-from raylm.actors.shard_tokenizer import ShardTokenizer
+from raylm.actors.data.document_reader import FILE_QUARANTINE, RECORD_BITS, expand_paths, read_files
+from raylm.actors.data.connected_components import duplicate_clusters, ray_runner
+from raylm.actors.data.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
+from raylm.actors.data.quality_filters import DocumentFilter, FilterConfig
+from raylm.actors.data.shard_tokenizer import ShardTokenizer
 from raylm.config import ConfigError, Section, StageConfig, resolved_dict
 from raylm.ray_init import init_ray
-from raylm.token_shards import write_index
-from raylm.tokenizer import EOS_ID, MIN_VOCAB_SIZE, train_tokenizer, vocab_size_of
+from raylm.data.token_shards import write_index
+from raylm.data.tokenizer import EOS_ID, MIN_VOCAB_SIZE, train_tokenizer, vocab_size_of
 from raylm.tracking import StageRun
 
 EMBEDDED = "embedded"  # the input path that means "the standard-library corpus, built on the fly"
@@ -164,7 +164,7 @@ def input_files(config: Config) -> list[tuple[str, str | None]]:
     files = []
     for item in config.inputs:
         if item.path == EMBEDDED:
-            from raylm.corpus import build_embedded_corpus
+            from raylm.data.stdlib_corpus import build_embedded_corpus
 
             files.append((str(build_embedded_corpus(config.output_path / "embedded_corpus")), item.source))
         else:

@@ -1,5 +1,5 @@
 """`raylm dpo`: Direct Preference Optimisation of a Hugging Face checkpoint on preference pairs,
-against a frozen reference model, on a Ray Train worker group (``actors/preference_trainer.py``).
+against a frozen reference model, on a Ray Train worker group (``actors/train/preference_trainer.py``).
 
 The reference's log-probs of every pair are computed once, before training, by plain Ray tasks
 (``<output_dir>/reference_logprobs.safetensors``, reused when the same run is resumed); the
@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import Field
 
 from raylm.config import ConfigError, Section, StageConfig
-from raylm.peft_config import PeftConfig
+from raylm.peft.config import PeftConfig
 from raylm.pipelines.reward import (
     FreezeConfig,
     PreferenceDataConfig,
@@ -42,7 +42,7 @@ from raylm.pipelines.reward import (
     tokenizer_path,
 )
 from raylm.tracking import StageRun
-from raylm.train_config import OptimConfig, ParallelConfig
+from raylm.train.config import OptimConfig, ParallelConfig
 
 
 class DPOLossConfig(Section):
@@ -103,7 +103,7 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
     reference weights, data and sequence length is reused."""
     from safetensors.torch import save_file
 
-    from raylm.actors.preference_trainer import reference_logprobs
+    from raylm.actors.train.preference_trainer import reference_logprobs
     from raylm.ray_init import init_ray
 
     reference = Path(config.reference or config.checkpoint).resolve()
@@ -138,9 +138,9 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
-    from raylm.actors.preference_trainer import preference_loop
+    from raylm.actors.train.preference_trainer import preference_loop
     from raylm.pipelines.pretrain import launch
-    from raylm.preference_data import PreferenceDataError
+    from raylm.data.preferences import PreferenceDataError
     from raylm.train.spec import DPOLoss, Freeze
 
     started = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import Field
 
 from raylm.config import ConfigError, Section, StageConfig
-from raylm.eval_metrics import (
+from raylm.eval.metrics import (
     contaminated,
     generation_metrics,
     multiple_choice_metrics,
@@ -30,7 +30,7 @@ from raylm.eval_metrics import (
     win_rate,
     word_count,
 )
-from raylm.eval_tasks import Task, load_task
+from raylm.eval.tasks import Task, load_task
 from raylm.tracking import StageRun
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -71,7 +71,7 @@ class PreferenceConfig(Section):
     temperature: float = Field(default=0.0, ge=0)
     confidence: float = Field(default=0.95, gt=0, lt=1)
     # true: each model answers the prompt as a user message in its own chat template, and the reward
-    # model scores [user, assistant] in its template, as it was trained (raylm.chat_template); false:
+    # model scores [user, assistant] in its template, as it was trained (raylm.data.chat_template); false:
     # the prompt is plain text, continued and scored as text; unset: chat when all three checkpoints
     # have a chat template, text when none has.
     chat: bool | None = None
@@ -125,7 +125,7 @@ def check(config: Config, config_path) -> None:
             check_checkpoint(config.checkpoints.get(getattr(pref, key), getattr(pref, key)), f"preference.{key}", config_path)
         check_checkpoint(pref.reward_model, "preference.reward_model", config_path)
         if preference_chat(config, config_path):  # every template loads (or the run would fail after the tasks)
-            from raylm.chat_template import ChatTemplate, ChatTemplateError
+            from raylm.data.chat_template import ChatTemplate, ChatTemplateError
 
             for key, folder in preference_folders(config).items():
                 try:
@@ -146,7 +146,7 @@ def preference_folders(config: Config) -> dict[str, str]:
 def preference_chat(config: Config, config_path=None) -> bool:
     """``preference.chat``, or unset: whether all three checkpoints have a chat template (an error
     when only some have one)."""
-    from raylm.chat_template import has_chat_template
+    from raylm.data.chat_template import has_chat_template
 
     if config.preference.chat is not None:
         return config.preference.chat
@@ -307,7 +307,7 @@ def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: 
     budget = cfg.max_model_len - max_new_tokens
     stop_ids = None
     if chat:
-        from raylm.chat_template import ChatTemplate
+        from raylm.data.chat_template import ChatTemplate
 
         template = ChatTemplate(folder)
         ids = [template.prompt([{"role": "user", "content": p}]) for p in prompts]
@@ -417,7 +417,7 @@ def preference_win_rate(config: Config) -> dict:
     import ray
 
     from raylm.actors.loglikelihood_scorer import RewardScorer
-    from raylm.chat_template import ChatTemplate
+    from raylm.data.chat_template import ChatTemplate
 
     pref = config.preference
     prompts = []
@@ -455,7 +455,7 @@ def preference_win_rate(config: Config) -> dict:
 def judge_tokens(judge: Encoder, chat, prompt: str, answer: str) -> list[int]:
     """What the reward model scores: with its ``chat`` template, [user: prompt, assistant: answer]
     encoded as reward training encodes a pair; without, the text, its end kept."""
-    from raylm.preference_data import encode_response
+    from raylm.data.preferences import encode_response
 
     if chat is None:
         return judge.encode(prompt + answer)[-judge.max_length:]
@@ -463,8 +463,8 @@ def judge_tokens(judge: Encoder, chat, prompt: str, answer: str) -> list[int]:
 
 
 def check_decontamination(cfg: DecontaminationConfig, config_path) -> None:
-    from raylm.decontamination import shard_tokenizer
-    from raylm.token_shards import read_index
+    from raylm.eval.decontamination import shard_tokenizer
+    from raylm.data.token_shards import read_index
 
     if not cfg.train_files and not cfg.shard_dirs:
         raise ConfigError(f"{config_path}: decontamination: name train_files (text) or shard_dirs (token shards)")
@@ -484,7 +484,7 @@ def shard_hits(items: list[str], cfg: DecontaminationConfig) -> list[bool | None
     """Token n-gram overlap with every shard folder; None where an item is shorter than n tokens."""
     from tokenizers import Tokenizer
 
-    from raylm.decontamination import contaminated_items, shard_tokenizer
+    from raylm.eval.decontamination import contaminated_items, shard_tokenizer
 
     hits: list[bool | None] = [None] * len(items)
     for folder in cfg.shard_dirs:

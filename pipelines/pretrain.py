@@ -18,7 +18,7 @@ from pydantic import Field
 from raylm.config import ConfigError, ModelStageConfig
 from raylm.tracking import StageRun
 from raylm.train.spec import TokenData, TrainingSpec
-from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
+from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
 
 
 class Config(ModelStageConfig):
@@ -30,7 +30,7 @@ class Config(ModelStageConfig):
 
 
 def check(config: Config, config_path) -> None:
-    from raylm.token_shards import read_index
+    from raylm.data.token_shards import read_index
 
     try:
         index = read_index(shard_dir(config.data_dir))
@@ -89,7 +89,7 @@ def launch(config, spec: TrainingSpec, loop=None) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raylm.actors.train_worker import train_loop
+    from raylm.actors.train.train_worker import train_loop
     from raylm.ray_init import init_ray
 
     train_loop = loop or train_loop
@@ -127,7 +127,7 @@ def launch(config, spec: TrainingSpec, loop=None) -> dict:
 def unigram_loss(data_dir: str) -> float:
     """Cross-entropy (nats/token) of the validation tokens under the training split's unigram
     distribution (add-one smoothed): the loss of a model that ignores context."""
-    from raylm.token_shards import read_index
+    from raylm.data.token_shards import read_index
 
     index = read_index(data_dir)
     dtype = np.dtype(index["dtype"]).newbyteorder("<")

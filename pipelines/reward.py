@@ -1,11 +1,11 @@
 """`raylm reward`: train a reward model (the checkpoint's backbone + a scalar head) on pairwise
 preferences with the Bradley-Terry loss, on a Ray Train worker group (FSDP2, checkpoints, failure
-recovery: ``actors/preference_trainer.py``).
+recovery: ``actors/train/preference_trainer.py``).
 
 Data: JSONL pairs ``{"prompt", "chosen", "rejected"[, "margin"]}`` and rankings ``{"prompt",
 "responses": [best, ..., worst]}`` (all K(K-1)/2 pairs), or ``data.builtin: stdlib-docstrings``, a
 task with a known answer built from this Python's standard library: which of two docstring lines
-belongs to the function in the prompt (see ``raylm.preference_data``). The score is read at the last
+belongs to the function in the prompt (see ``raylm.data.preferences``). The score is read at the last
 token of ``<|bos|><|user|>prompt<|end|><|assistant|>response<|end|><|eos|>``.
 
 Reported: held-out pairwise accuracy and mean reward margin, before training and every
@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, Section, StageConfig, check_one_data_source, where_relative
 from raylm.tracking import StageRun
-from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
+from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
 
 
 class PreferenceDataConfig(Section):
@@ -82,7 +82,7 @@ class Config(StageConfig):
 
 def check_preference_stage(config, config_path) -> None:
     """Checks of the starting checkpoint, the tokenizer and the data files, before any Ray work."""
-    from raylm.preference_data import PreferenceDataError, read_preferences
+    from raylm.data.preferences import PreferenceDataError, read_preferences
 
     from raylm.pipelines.sft import check_start_checkpoint
 
@@ -115,7 +115,7 @@ def tokenizer_path(config) -> Path:
 def load_pairs(config, stage_run: StageRun, stage: str = "reward") -> dict[str, list[dict]]:
     """The train / validation pairs: read from the JSONL files (bad lines quarantined with file, line
     and field when ``on_bad_line: skip``), or the built-in task (written to ``<output_dir>/pairs/``)."""
-    from raylm.preference_data import read_preferences, stdlib_preference_splits, write_jsonl
+    from raylm.data.preferences import read_preferences, stdlib_preference_splits, write_jsonl
 
     data = config.data
     out = config.output_path
@@ -172,9 +172,9 @@ def check(config: Config, config_path) -> None:
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
-    from raylm.actors.preference_trainer import preference_loop
+    from raylm.actors.train.preference_trainer import preference_loop
     from raylm.pipelines.pretrain import launch
-    from raylm.preference_data import PreferenceDataError
+    from raylm.data.preferences import PreferenceDataError
     from raylm.train.spec import Freeze
 
     started = time.perf_counter()

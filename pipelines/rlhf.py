@@ -54,7 +54,7 @@ import torch
 from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, Section, StageConfig
-from raylm.peft_config import PeftConfig
+from raylm.peft.config import PeftConfig
 from raylm.pipelines.sft import FreezeConfig
 from raylm.tracking import Progress, StageRun
 
@@ -145,7 +145,7 @@ class PPOConfig(Section):
 
 
 class DataConfig(Section):
-    builtin: Literal["stdlib"] | None = "stdlib"  # "What does `f(sig)` do?" -> f's docstring line (raylm.preference_data)
+    builtin: Literal["stdlib"] | None = "stdlib"  # "What does `f(sig)` do?" -> f's docstring line (raylm.data.preferences)
     prompts: str | None = None  # or a JSONL file of {"prompt": str, "reference": str (optional)}
     limit: int | None = Field(default=None, ge=2)  # functions of the built-in task (evenly spread), None: all
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # the built-in task's held-out split
@@ -312,7 +312,7 @@ class Task:
     ground truth (word-overlap F1 with the reference answer, where the prompts carry one)."""
 
     def __init__(self, config: Config):
-        from raylm.chat_template import ChatTemplate
+        from raylm.data.chat_template import ChatTemplate
 
         self.template = ChatTemplate(config.tokenizer_file)
         self.stop_ids = [self.template.end_id]
@@ -329,7 +329,7 @@ class Task:
                 if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                     raise ConfigError(f"{data.prompts}:{i + 1}: 'prompt': must be a string")
         else:
-            from raylm.preference_data import stdlib_prompts
+            from raylm.data.preferences import stdlib_prompts
 
             items = stdlib_prompts("train", data.limit, data.validation_fraction, config.seed)
             held_out = stdlib_prompts("validation", data.limit, data.validation_fraction, config.seed)
@@ -355,7 +355,7 @@ class Task:
         return self.template.tokenizer.decode([t for t in response if t != self.template.end_id])
 
     def ground_truth(self, item: dict, response: list[int]) -> float | None:
-        from raylm.preference_data import reference_score
+        from raylm.data.preferences import reference_score
 
         if not item.get("reference"):
             return None
@@ -660,7 +660,7 @@ class Pools:
             return "load_adapter_buckets", {"bucket_refs": buckets, "version": version}
         if not self.config.uses_lora:
             return "load_weight_buckets", {"bucket_refs": buckets, "version": version}
-        from raylm.lora import adapter_config, settings_of
+        from raylm.peft.lora import adapter_config, settings_of
 
         peft = self.config.peft
         config = adapter_config(settings_of(peft), str(Path(self.config.policy.checkpoint).resolve()),
@@ -751,7 +751,7 @@ class RunState:
 
 
 def ppo_step(config: Config, pools: Pools, task: Task, sampler: PromptSampler, state: RunState, step: int) -> dict:
-    from raylm.ppo import (
+    from raylm.rl.ppo import (
         gae,
         group_advantages,
         kl_estimate,
@@ -938,7 +938,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
 def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict:
     """The whole run on pools that are already up (tests start the pools once and train twice).
     Continues from the newest complete checkpoint under ``output_dir`` when there is one."""
-    from raylm.ppo import AdaptiveKLController, FixedKLController, RunningMoments
+    from raylm.rl.ppo import AdaptiveKLController, FixedKLController, RunningMoments
 
     started = time.perf_counter()
     stage_run.set_tags({"raylm.rollout_backend": pools.backend})

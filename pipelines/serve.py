@@ -55,7 +55,7 @@ def check(config: Config, config_path) -> None:
     if not (folder / "tokenizer.json").exists():
         raise ConfigError(f"{where}: checkpoint: {folder} has no tokenizer.json: the server could not read "
                           "or write text (export with `tokenizer:` set, or train from a data stage)")
-    from raylm.chat_template import has_chat_template
+    from raylm.data.chat_template import has_chat_template
 
     if not has_chat_template(folder):
         raise ConfigError(f"{where}: checkpoint: {folder} has no chat template (tokenizer_config.json's "
@@ -86,7 +86,7 @@ def stop_at_end_of_turn(config: Config) -> Path:
     token (``<|end|>``, ``<|im_end|>``, ...) among the ids that end a generation, so a chat answer
     stops where raylm's rollouts and SFT answers stop (vLLM stops on generation_config's
     ``eos_token_id`` list)."""
-    from raylm.chat_template import ChatTemplate
+    from raylm.data.chat_template import ChatTemplate
 
     folder = Path(config.checkpoint)
     source = folder / "generation_config.json"

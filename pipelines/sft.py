@@ -2,14 +2,14 @@
 the same Ray Train worker loop as pretraining (FSDP2, DCP checkpoints, failure recovery).
 
 The loss covers only the assistant's tokens; several examples share a sequence without attending
-to each other (see ``raylm.sft_data``). ``freeze.train_layers`` trains only N blocks (0: only the
+to each other (see ``raylm.data.sft``). ``freeze.train_layers`` trains only N blocks (0: only the
 head on frozen features): the last ones, or the early / intermediate ones (``freeze.train_from``).
 ``peft.method: lora`` trains LoRA adapters on the frozen (optionally int8 / NF4-quantized: QLoRA)
-model instead (``raylm.lora``); the adapter is written in PEFT's format to ``hf/adapter`` beside the
+model instead (``raylm.peft.lora``); the adapter is written in PEFT's format to ``hf/adapter`` beside the
 merged model in ``hf/``. ``peft.method: bottleneck`` (residual adapters after attention / MLP) and
 ``prompt_tuning`` (a soft prompt) cannot merge: ``hf/`` then holds only ``adapter/`` (the soft
 prompt in PEFT's format, the bottleneck adapters in raylm's), applied to the starting checkpoint by
-``raylm.lora.load_peft``; the later stages need a full checkpoint, so they do not take it.
+``raylm.peft.lora.load_peft``; the later stages need a full checkpoint, so they do not take it.
 ``data.builtin: stdlib-instructions`` builds a real instruction set from the running Python ("What
 does `json.dumps` do?" -> its docstring's first line).
 
@@ -27,9 +27,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, Section, StageConfig, check_one_data_source, where_relative
-from raylm.peft_config import PeftConfig
+from raylm.peft.config import PeftConfig
 from raylm.tracking import StageRun
-from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
+from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
 
 
 class DataConfig(Section):
@@ -109,7 +109,7 @@ def check(config: Config, config_path) -> None:
     if tokenizer_path(config) is None or not tokenizer_path(config).exists():
         raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
     if config.data.builtin is None:
-        from raylm.sft_data import SFTDataError, read_conversations
+        from raylm.data.sft import SFTDataError, read_conversations
 
         for key in ("train", "validation"):
             path = getattr(config.data, key)
@@ -169,7 +169,7 @@ def data_files(config: Config) -> dict:
     """The train/validation JSONL paths, building the built-in set into the output folder if asked."""
     if config.data.builtin is None:
         return {"train": str(Path(config.data.train).resolve()), "validation": str(Path(config.data.validation).resolve())}
-    from raylm.preference_data import split_functions, stdlib_functions, write_jsonl
+    from raylm.data.preferences import split_functions, stdlib_functions, write_jsonl
 
     # The preference task's functions and split (same limit, validation_fraction and seed as the
     # reward / DPO / RLHF sections): their held-out functions are never seen in SFT either.
@@ -181,7 +181,7 @@ def data_files(config: Config) -> dict:
 
 
 def steps_for_epochs(config: Config, files: dict, tokenizer: str) -> int:
-    from raylm.sft_data import PackedSFTDataset
+    from raylm.data.sft import PackedSFTDataset
 
     dataset = PackedSFTDataset(files["train"], tokenizer, seq_len=config.train.seq_len, seed=config.seed,
                                world_size=config.parallel.num_workers, system_prompt=config.data.system_prompt)
@@ -191,7 +191,7 @@ def steps_for_epochs(config: Config, files: dict, tokenizer: str) -> int:
 
 def run(config: Config, stage_run: StageRun) -> dict:
     from raylm.pipelines.pretrain import finish, launch, training_spec
-    from raylm.sft_data import SFTDataError
+    from raylm.data.sft import SFTDataError
     from raylm.train.spec import ConversationData, Freeze
 
     started = time.perf_counter()
@@ -230,7 +230,7 @@ def final_model(config: Config):
     export = config.output_path / "hf"
     if (export / "config.json").exists():
         return load_checkpoint(export)
-    from raylm.lora import load_peft
+    from raylm.peft.lora import load_peft
 
     return load_peft(load_checkpoint(config.checkpoint), export / "adapter")
 
@@ -239,7 +239,7 @@ def answer_samples(model, tokenizer: str, path: str, n: int, system_prompt: str 
                    max_new_tokens: int = 48) -> str:
     """The fine-tuned model's greedy answers to the first ``n`` held-out prompts, beside the references."""
     from raylm.models.generate import SamplingParams, generate
-    from raylm.sft_data import ChatTemplate, read_conversations
+    from raylm.data.sft import ChatTemplate, read_conversations
 
     model = model.eval()
     template = ChatTemplate(tokenizer)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from raylm.models.config import preset
 from raylm.models.hf_checkpoint import save_checkpoint
 from raylm.models.transformer import Transformer
-from raylm.preference_data import IGNORE_INDEX, encode_response, pad_batch, split_functions, stdlib_functions
+from raylm.data.preferences import IGNORE_INDEX, encode_response, pad_batch, split_functions, stdlib_functions
 
 VOCAB = 1024
 SEQ_LEN = 128
@@ -27,8 +27,8 @@ SFT_STEPS = 300
 def build_sft_checkpoint(folder: Path, seed: int = 0) -> Path:
     """tokenizer.json + a debug-size model fine-tuned on "What does `f(sig)` do?" -> its docstring's
     first line, for the task's training functions only (the held-out ones stay unseen)."""
-    from raylm.sft_data import ChatTemplate
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.sft import ChatTemplate
+    from raylm.data.tokenizer import train_tokenizer
 
     if (folder / "config.json").exists():
         return folder

@@ -19,9 +19,9 @@ from raylm.models.config import preset
 from raylm.models.generate import SamplingParams, generate
 from raylm.models.hf_checkpoint import save_checkpoint
 from raylm.models.transformer import Transformer, TransformerWithScalarHead, causal_lm_loss
-from raylm.preference_data import reference_score, stdlib_prompts
-from raylm.sft_data import ChatTemplate, labels_of
-from raylm.tokenizer import EOS_ID, train_tokenizer
+from raylm.data.preferences import reference_score, stdlib_prompts
+from raylm.data.sft import ChatTemplate, labels_of
+from raylm.data.tokenizer import EOS_ID, train_tokenizer
 
 VOCAB = 512
 MAX_PROMPT_TOKENS = 64

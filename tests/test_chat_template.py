@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from raylm.chat_template import ChatTemplate, ChatTemplateError
+from raylm.data.chat_template import ChatTemplate, ChatTemplateError
 from raylm.config import ConfigError
 
 CORPUS = ["What does json.dumps do? Serialize obj to a JSON formatted str.",
@@ -188,8 +188,8 @@ def test_templates_without_an_exact_mask_are_refused(tmp_path, folders):
 
 
 def test_sft_and_preference_data_use_the_checkpoints_template(tmp_path, folders):
-    from raylm.preference_data import PairDataset, encode_response
-    from raylm.sft_data import IGNORE_INDEX, PackedSFTDataset
+    from raylm.data.preferences import PairDataset, encode_response
+    from raylm.data.sft import IGNORE_INDEX, PackedSFTDataset
 
     folder = folders["chatml"]
     tok = reference(folder)
@@ -224,7 +224,7 @@ def raylm_checkpoint(tmp_path_factory):
     from raylm.models.config import preset
     from raylm.models.hf_checkpoint import save_checkpoint
     from raylm.models.transformer import Transformer
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("raylm-chat")
     tokenizer = root / "data" / "tokenizer.json"
@@ -237,7 +237,7 @@ def raylm_checkpoint(tmp_path_factory):
 def role_token_format(template: ChatTemplate, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """raylm's format as it was written by hand before chat templates: <|bos|>, then per message its
     role token, its text and <|end|> (answers and their <|end|> are targets), then <|eos|>."""
-    from raylm.tokenizer import BOS_ID, END, EOS_ID
+    from raylm.data.tokenizer import BOS_ID, END, EOS_ID
 
     ids, target = [BOS_ID], [False]
     for m in messages:
@@ -340,7 +340,7 @@ def test_eval_preference_answers_and_judges_in_the_chat_template(tmp_path, raylm
     from raylm.models.generate import SamplingParams, generate
     from raylm.models.hf_checkpoint import load_checkpoint
     from raylm.pipelines.eval import Config, Encoder, GenerationConfig, generate_texts, judge_tokens, preference_chat
-    from raylm.preference_data import encode_response
+    from raylm.data.preferences import encode_response
 
     tokenizer, folder = raylm_checkpoint
     template = ChatTemplate(folder)

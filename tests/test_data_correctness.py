@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raylm.actors.connected_components import components_in_process
-from raylm.actors.document_reader import RECORD_BITS, read_file_records
-from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
-from raylm.actors.quality_filters import DocumentFilter, FilterConfig
-from raylm.corpus import build_embedded_corpus
-from raylm.token_shards import read_index
+from raylm.actors.data.connected_components import components_in_process
+from raylm.actors.data.document_reader import RECORD_BITS, read_file_records
+from raylm.actors.data.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
+from raylm.actors.data.quality_filters import DocumentFilter, FilterConfig
+from raylm.data.stdlib_corpus import build_embedded_corpus
+from raylm.data.token_shards import read_index
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -296,8 +296,8 @@ def test_language_drops_name_the_configured_languages_and_sum_the_rest():
 def test_special_token_text_in_a_document_is_not_a_document_boundary(tmp_path):
     from tokenizers import Tokenizer
 
-    from raylm.actors.shard_tokenizer import ShardTokenizer
-    from raylm.tokenizer import EOS_ID, train_tokenizer
+    from raylm.actors.data.shard_tokenizer import ShardTokenizer
+    from raylm.data.tokenizer import EOS_ID, train_tokenizer
 
     texts = ["plain text here", "a chat log: <|user|> hi <|eos|> and more", "last one"]
     train_tokenizer(texts * 50, 300, tmp_path / "tok.json")

@@ -1,4 +1,4 @@
-"""Near-duplicate removal measured: recall and precision of MinHash LSH (actors/minhash_dedup.py) on
+"""Near-duplicate removal measured: recall and precision of MinHash LSH (actors/data/minhash_dedup.py) on
 planted near duplicates (1-10% of words edited) and on the real duplicates of the embedded corpus,
 against ground truth computed exactly (true 5-gram Jaccard, prefix-filtered all-pairs search)."""
 
@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.actors.connected_components import components_in_process
-from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
-from raylm.corpus import build_embedded_corpus
+from raylm.actors.data.connected_components import components_in_process
+from raylm.actors.data.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
+from raylm.data.stdlib_corpus import build_embedded_corpus
 
 pytestmark = pytest.mark.timeout(600)
 WORD = re.compile(r"\w+")

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.actors.connected_components import components_in_process
-from raylm.actors.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
-from raylm.actors.quality_filters import (C4Config, DocumentFilter, FilterConfig, FineWebConfig,
+from raylm.actors.data.connected_components import components_in_process
+from raylm.actors.data.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
+from raylm.actors.data.quality_filters import (C4Config, DocumentFilter, FilterConfig, FineWebConfig,
                                           GopherQualityConfig, GopherRepetitionConfig, PIIConfig, WORD_RE,
                                           c4_filter, fineweb_filter, gopher_quality, gopher_repetition,
                                           normalize, NormalizeConfig, redact_pii)
-from raylm.corpus import build_embedded_corpus
+from raylm.data.stdlib_corpus import build_embedded_corpus
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -291,7 +291,7 @@ def test_sharded_clusters_equal_union_find_on_hard_graphs(parts):
 def test_sharded_clusters_as_ray_tasks_equal_in_process():
     import ray
 
-    from raylm.actors.connected_components import duplicate_clusters, ray_runner
+    from raylm.actors.data.connected_components import duplicate_clusters, ray_runner
 
     rng = np.random.default_rng(0)
     links = [{"exact": np.zeros((0, 2), np.int64), "near": rng.integers(0, 500, (200, 2))} for _ in range(3)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from raylm.actors.quality_filters import (DocumentFilter, FilterConfig, GopherQualityConfig, reference_words)
+from raylm.actors.data.quality_filters import (DocumentFilter, FilterConfig, GopherQualityConfig, reference_words)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,10 +10,10 @@ import pytest
 
 from raylm.cli import main
 from raylm.config import ConfigError, load_config
-from raylm.jsonl import JSONLError, numbered
+from raylm.data.jsonl import JSONLError, numbered
 from raylm.pipelines import dpo, reward, sft
-from raylm.preference_data import PreferenceDataError, read_preferences
-from raylm.sft_data import SFTDataError, read_conversations
+from raylm.data.preferences import PreferenceDataError, read_preferences
+from raylm.data.sft import SFTDataError, read_conversations
 
 LATIN1 = "Größe".encode("latin-1")  # b"Gr\xf6\xdfe": not UTF-8
 

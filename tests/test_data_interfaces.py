@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from raylm.corpus import build_embedded_corpus, iter_corpus_documents, iter_stdlib_functions
-from raylm.token_shards import PackedTokenDataset, TokenShardWriter, read_index, write_index
-from raylm.tokenizer import SPECIAL_TOKENS, load_hf_tokenizer, train_tokenizer
+from raylm.data.stdlib_corpus import build_embedded_corpus, iter_corpus_documents, iter_stdlib_functions
+from raylm.data.token_shards import PackedTokenDataset, TokenShardWriter, read_index, write_index
+from raylm.data.tokenizer import SPECIAL_TOKENS, load_hf_tokenizer, train_tokenizer
 
 pytestmark = pytest.mark.timeout(300)
 

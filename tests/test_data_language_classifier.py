@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from raylm.actors.language_id import LanguageIdConfig, LanguageIdentifier
-from raylm.actors.quality_classifier import ClassifierConfig, ClassifierFilter, QualityClassifier, train_classifier
-from raylm.corpus import build_embedded_corpus
+from raylm.actors.data.language_id import LanguageIdConfig, LanguageIdentifier
+from raylm.actors.data.quality_classifier import ClassifierConfig, ClassifierFilter, QualityClassifier, train_classifier
+from raylm.data.stdlib_corpus import build_embedded_corpus
 
 pytestmark = pytest.mark.timeout(300)
 

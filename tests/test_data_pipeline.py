@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raylm.corpus import build_embedded_corpus
-from raylm.token_shards import PackedTokenDataset, read_index
+from raylm.data.stdlib_corpus import build_embedded_corpus
+from raylm.data.token_shards import PackedTokenDataset, read_index
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -87,7 +87,7 @@ def test_pipeline_outputs_quarantine_stats_shards_and_tracking(reference_run, in
     assert sorted(q["reason"] for q in quarantine) == sorted(docs["bad_input"])
     assert all(q["file"].endswith("bad.jsonl") and q["line"] >= 4 for q in quarantine)
     # the repeated documents are exact duplicates across files: each one the filters keep is removed
-    from raylm.actors.quality_filters import DocumentFilter, FilterConfig
+    from raylm.actors.data.quality_filters import DocumentFilter, FilterConfig
 
     document_filter = DocumentFilter(FilterConfig(**yaml.safe_load(config.read_text())["filters"]))
     repeated = [json.loads(line)["text"] for line in (inputs_root / "corpus.jsonl").read_text().splitlines()[:20]]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.actors.document_reader import (DOCUMENT_SCHEMA, FILE_QUARANTINE, RECORD_BITS, expand_paths, file_records,
+from raylm.actors.data.document_reader import (DOCUMENT_SCHEMA, FILE_QUARANTINE, RECORD_BITS, expand_paths, file_records,
                                           read_file_records, read_files)
 
 pytestmark = pytest.mark.timeout(120)

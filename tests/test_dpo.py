@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from preference_fixtures import VALIDATION_FRACTION, shared_sft_checkpoint
-from raylm.preference_data import PairDataset
+from raylm.data.preferences import PairDataset
 from raylm.train.losses import dpo_loss, sequence_logprobs
 
 pytestmark = pytest.mark.timeout(900)
@@ -145,9 +145,9 @@ def dpo_base(tmp_path_factory):
     from raylm.models.config import preset
     from raylm.models.hf_checkpoint import save_checkpoint
     from raylm.models.transformer import Transformer
-    from raylm.preference_data import write_jsonl
-    from raylm.sft_data import stdlib_instructions
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.preferences import write_jsonl
+    from raylm.data.sft import stdlib_instructions
+    from raylm.data.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("peft-dpo")
     examples = stdlib_instructions(limit=60)
@@ -198,9 +198,9 @@ def test_raylm_dpo_with_peft_trains_only_the_adapter(dpo_base, tmp_path, method)
     from safetensors.torch import load_file
 
     from raylm import cli
-    from raylm.lora import apply_peft, load_peft
+    from raylm.peft.lora import apply_peft, load_peft
     from raylm.models.hf_checkpoint import load_checkpoint
-    from raylm.peft_config import PeftConfig
+    from raylm.peft.config import PeftConfig
 
     base, files, train_pairs = dpo_base
     peft, expected = DPO_METHODS[method]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raylm.decontamination import contaminated_items, ngram_hashes
-from raylm.token_shards import TokenShardWriter, write_index
+from raylm.eval.decontamination import contaminated_items, ngram_hashes
+from raylm.data.token_shards import TokenShardWriter, write_index
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,7 +58,7 @@ def test_eval_report_flags_items_planted_in_token_shards(tmp_path):
     from tokenizers import Tokenizer
 
     from raylm.config import ConfigError
-    from raylm.eval_tasks import load_task
+    from raylm.eval.tasks import load_task
     from raylm.pipelines.eval import DecontaminationConfig, TaskRef, check_decontamination, decontamination_report
     from test_eval_fixtures import build_tokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from raylm.corpus import iter_stdlib_functions
+from raylm.data.stdlib_corpus import iter_stdlib_functions
 from raylm.models.config import preset
 from raylm.models.hf_checkpoint import save_checkpoint
 from raylm.models.transformer import Transformer, TransformerWithScalarHead, causal_lm_loss

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from raylm.eval_metrics import (
+from raylm.eval.metrics import (
     contaminated,
     corpus_bleu,
     exact_match,

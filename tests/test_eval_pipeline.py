@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from raylm.actors.loglikelihood_scorer import LoglikelihoodScorer
 from raylm.cli import main as raylm_main
-from raylm.eval_metrics import rolling_windows
+from raylm.eval.metrics import rolling_windows
 from raylm.models.hf_checkpoint import load_checkpoint
 from test_eval_fixtures import build_checkpoint, build_tokenizer
 
@@ -175,7 +175,7 @@ def test_one_scorer_pool_serves_the_checkpoints_in_turn(models, ray_local):
     """`raylm eval` keeps its scorer actors across checkpoints and loads each checkpoint into them:
     the same actors throughout, and the same results as scorers started for each checkpoint alone,
     also when it goes back to a checkpoint it scored before."""
-    from raylm.eval_tasks import load_task
+    from raylm.eval.tasks import load_task
     from raylm.pipelines.eval import Config, ScorerConfig, TaskRef, evaluate_checkpoint
 
     refs = [TaskRef(path=str(TASKS / "stdlib_docstring_mc.yaml"), limit=12),

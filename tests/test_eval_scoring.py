@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raylm.eval_scoring import build_trees, pack_rows, score_requests
+from raylm.eval.scoring import build_trees, pack_rows, score_requests
 from raylm.models.config import preset
 from raylm.models.transformer import Transformer
 
@@ -158,7 +158,7 @@ def test_encoder_runs_a_raylm_tokenizer_as_transformers_does(checkpoint, encoder
 
     import transformers
 
-    from raylm.eval_tasks import load_task
+    from raylm.eval.tasks import load_task
     from raylm.pipelines.eval import Encoder
 
     reference = transformers.AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)

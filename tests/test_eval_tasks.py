@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raylm.eval_tasks import TaskError, find_task_files, load_task
+from raylm.eval.tasks import TaskError, find_task_files, load_task
 
 TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 MC_TASK = TASKS / "stdlib_docstring_mc.yaml"

@@ -272,8 +272,8 @@ def test_sft_fine_tunes_a_brought_in_qwen3_checkpoint_and_exports_it_as_qwen3(tm
     import ray
 
     from raylm import cli
-    from raylm.sft_data import stdlib_instructions, write_jsonl_splits
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.sft import stdlib_instructions, write_jsonl_splits
+    from raylm.data.tokenizer import train_tokenizer
 
     examples = stdlib_instructions(limit=120)
     splits = write_jsonl_splits(examples, tmp_path / "data", 0.1, seed=0)
@@ -338,7 +338,7 @@ def test_reward_model_on_a_brought_in_backbone_exports_as_the_family_classifier(
 
 def test_lora_on_qwen2_merges_with_the_biases_kept(tmp_path):
     """LoRA wraps the fused q/k/v projection, bias included; the merged model keeps the biases."""
-    from raylm.lora import LoRASettings, apply_lora, merge_lora
+    from raylm.peft.lora import LoRASettings, apply_lora, merge_lora
 
     _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen2")
     write_hf_checkpoint(tmp_path, config_class, overrides)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raylm.lora import (
+from raylm.peft.lora import (
     LoRASettings,
     apply_lora,
     apply_peft,
@@ -22,9 +22,9 @@ from raylm.lora import (
 from raylm.models.config import preset
 from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
 from raylm.models.transformer import Transformer
-from raylm.optim import build_optimizer
-from raylm.peft_config import PeftConfig
-from raylm.quantize import QuantizedLinear, dequantize_nf4, model_bytes, nf4_levels, quantize_model, quantize_nf4
+from raylm.train.optim import build_optimizer
+from raylm.peft.config import PeftConfig
+from raylm.peft.quantize import QuantizedLinear, dequantize_nf4, model_bytes, nf4_levels, quantize_model, quantize_nf4
 
 VOCAB = 256
 
@@ -206,7 +206,7 @@ def test_config_errors():
 
 def held_out_loss(model, path, tokenizer_file) -> float:
     from raylm.models.transformer import document_causal_mask, document_positions
-    from raylm.sft_data import IGNORE_INDEX, PackedSFTDataset
+    from raylm.data.sft import IGNORE_INDEX, PackedSFTDataset
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -229,8 +229,8 @@ def test_raylm_sft_with_qlora_on_two_fsdp_workers(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from raylm import cli
-    from raylm.sft_data import stdlib_instructions, write_jsonl_splits
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.sft import stdlib_instructions, write_jsonl_splits
+    from raylm.data.tokenizer import train_tokenizer
 
     examples = stdlib_instructions(limit=200)
     tokenizer_file = tmp_path / "tokenizer.json"
@@ -278,7 +278,7 @@ def test_raylm_sft_with_qlora_on_two_fsdp_workers(tmp_path):
 
 def test_sft_config_rejects_peft_conflicts(tmp_path, capsys):
     from raylm import cli
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.tokenizer import train_tokenizer
 
     start = tmp_path / "start"
     train_tokenizer(["a b c d e f"] * 10, 300, tmp_path / "tokenizer.json")
@@ -374,7 +374,7 @@ def test_prompt_tuning_matches_peft_and_keeps_packed_examples_apart(exported):
     from transformers import LlamaForCausalLM
 
     from raylm.models.transformer import document_causal_mask, document_positions
-    from raylm.prompt_tuning import apply_prompt_tuning, load_prompt, save_prompt
+    from raylm.peft.prompt_tuning import apply_prompt_tuning, load_prompt, save_prompt
 
     folder, _ = exported
     model = apply_prompt_tuning(load_checkpoint(folder / "base"), n_virtual=4)
@@ -407,7 +407,7 @@ def test_prompt_tuning_matches_peft_and_keeps_packed_examples_apart(exported):
 
 
 def test_bottleneck_adapters_start_as_the_base_train_alone_and_reload(tmp_path):
-    from raylm.bottleneck_adapter import apply_bottleneck_adapters, load_adapters, save_adapters
+    from raylm.peft.bottleneck_adapter import apply_bottleneck_adapters, load_adapters, save_adapters
 
     x = tokens(batch=4, seq=32, seed=3)
     with torch.no_grad():
@@ -449,8 +449,8 @@ def sft_base(tmp_path_factory):
     a small instruction file; a local Ray shared by the module's CLI runs."""
     import ray
 
-    from raylm.sft_data import stdlib_instructions, write_jsonl_splits
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.sft import stdlib_instructions, write_jsonl_splits
+    from raylm.data.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("peft-sft")
     examples = stdlib_instructions(limit=48)
@@ -490,7 +490,7 @@ def test_raylm_sft_trains_only_the_chosen_peft_weights(sft_base, tmp_path, metho
     have a lower loss on the training examples than the base."""
     from raylm import cli
     from raylm.train.engine import freeze_by_depth
-    from raylm.lora import load_peft
+    from raylm.peft.lora import load_peft
 
     folder, splits = sft_base
     peft, expected = SFT_METHODS.get(method, ({}, None))
@@ -556,7 +556,7 @@ def test_nf4_double_quantization_shrinks_the_scales_at_nearly_the_same_error():
     """QLoRA's double quantization: NF4's per-block float32 scales as int8 codes (one float32 per
     256) cost about a quarter of the memory and barely change the reconstruction; a double-quantized
     QLoRA model merges into a plain model with its own logits."""
-    from raylm.quantize import dequantize_scales, quantize_scales
+    from raylm.peft.quantize import dequantize_scales, quantize_scales
 
     generator = torch.Generator().manual_seed(0)
     for rows, cols in ((1024, 512), (96, 128)):  # 8192 scales (32 groups of 256); 192 (one short group)

@@ -1,4 +1,4 @@
-"""raylm.ppo and the PPO losses of raylm.train.losses against values computed by hand (the arithmetic is in the comments)."""
+"""raylm.rl.ppo and the PPO losses of raylm.train.losses against values computed by hand (the arithmetic is in the comments)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from raylm.ppo import (
+from raylm.rl.ppo import (
     AdaptiveKLController,
     RunningMoments,
     gae,
@@ -143,7 +143,7 @@ def test_entropy():
 
 
 def test_response_logprobs_are_those_of_the_temperature_scaled_distribution():
-    from raylm.ppo import response_index, response_logits_and_logprobs
+    from raylm.rl.ppo import response_index, response_logits_and_logprobs
 
     logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 1.0]]])  # [B=1, T=3, V=3]
     tokens = torch.tensor([[0, 1, 2]])

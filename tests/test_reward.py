@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from raylm.preference_data import (
+from raylm.data.preferences import (
     PairDataset,
     PreferenceDataError,
     encode_response,
@@ -97,7 +97,7 @@ def test_stdlib_task_is_split_by_function_with_hard_negatives():
 
 
 def test_encoding_masks_the_prompt_and_truncates_keeping_eos(tmp_path_factory):
-    from raylm.sft_data import ChatTemplate
+    from raylm.data.sft import ChatTemplate
 
     template = ChatTemplate(shared_sft_checkpoint(tmp_path_factory) / "tokenizer.json")
     ids, labels = encode_response(template, "What does `f` do?", "Return x.", 64)
@@ -111,7 +111,7 @@ def test_encoding_masks_the_prompt_and_truncates_keeping_eos(tmp_path_factory):
 
 
 def test_pair_dataset_ranks_are_disjoint_and_resume(tmp_path):
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.tokenizer import train_tokenizer
 
     pairs = [{"prompt": f"p{i}", "chosen": "yes", "rejected": "no"} for i in range(10)]
     tok = tmp_path / "tokenizer.json"
@@ -132,7 +132,7 @@ def test_pair_dataset_ranks_are_disjoint_and_resume(tmp_path):
 def held_out_accuracy(checkpoint, pairs, tokenizer, seq_len=128) -> tuple[float, float]:
     """Pairwise accuracy and mean margin of a reward-model folder on pairs, in this process."""
     from raylm.models.hf_checkpoint import load_checkpoint
-    from raylm.sft_data import ChatTemplate
+    from raylm.data.sft import ChatTemplate
 
     model = load_checkpoint(checkpoint).eval()
     template = ChatTemplate(tokenizer)
@@ -202,7 +202,7 @@ def test_raylm_reward_learns_the_stdlib_task_and_exports_for_transformers(tmp_pa
     assert {"model", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # transformers reads the same scores from the folder (last non-padding token, right padding).
-    from raylm.sft_data import ChatTemplate
+    from raylm.data.sft import ChatTemplate
 
     template = ChatTemplate(hf / "tokenizer.json")
     batch = reward_inputs(template, [p["prompt"] for p in held_out[:8]], [p["chosen"] for p in held_out[:8]], 128)

@@ -18,7 +18,7 @@ import torch
 from raylm.models.generate import SamplingParams, generate
 from raylm.models.hf_checkpoint import load_checkpoint
 from raylm.pipelines import rlhf
-from raylm.ppo import FixedKLController
+from raylm.rl.ppo import FixedKLController
 from raylm.tracking import start_run
 
 from rlhf_fixtures import MAX_PROMPT_TOKENS, build_all
@@ -123,7 +123,7 @@ def test_published_weights_reach_every_engine_and_logprobs_agree(setup, tmp_path
 def test_logprobs_at_a_sampling_temperature_agree_with_the_engine(setup):
     """Rollouts sampled at temperature 0.7: the policy's and the reference's log-probs are those of
     softmax(logits / 0.7), as the engine's are (at version 0 all three hold the same weights)."""
-    from raylm.ppo import masked_mean
+    from raylm.rl.ppo import masked_mean
 
     config, task, pools = setup
     pools.setup_trainers(config)
@@ -203,7 +203,7 @@ def test_lora_policy_publishes_only_its_adapter_and_the_engine_applies_it(setup,
     """peft: lora. The policy trains adapters on its frozen base; each publication carries the
     adapter's tensors only, and the engine (vLLM LoRA on its base) then samples with log-probs equal
     to the trainer's, which have moved away from the base's."""
-    from raylm.lora import LoRASettings, apply_lora, count_parameters
+    from raylm.peft.lora import LoRASettings, apply_lora, count_parameters
 
     _, task, main_pools = setup
     config = rlhf.Config.model_validate(config_dict(
@@ -281,7 +281,7 @@ def test_prompt_tuned_policy_is_served_by_vllm_as_input_embeddings(setup, built,
     assert summary["policy_version"] == 2 and summary["logprob_diff_vs_trainer"] < 1e-3
     print(f"soft prompt: KL to the base {summary['before']['kl']:.3f} -> {summary['after']['kl']:.3f}")
     assert summary["after"]["kl"] > 1e-2  # the engine's samples come from the prompted policy, not the base
-    from raylm.lora import load_peft
+    from raylm.peft.lora import load_peft
 
     prompted = load_peft(load_checkpoint(built["sft"]), out / "hf" / "adapter")
     assert prompted.tok_embeddings.prompt.shape == (4, 128)
@@ -338,7 +338,7 @@ def test_grpo_with_bottleneck_adapters_through_the_cli_on_the_fallback_generator
     summary = json.loads(printed[printed.index('{\n  "command"'):])
     assert summary["steps"] == 2 and summary["policy_version"] == 2 and summary["rollout_backend"] == "torch"
     assert summary["logprob_diff_vs_trainer"] < 1e-3
-    from raylm.lora import load_peft
+    from raylm.peft.lora import load_peft
 
     adapted = load_peft(load_checkpoint(built["sft"]), out / "hf" / "adapter")
     assert any(p.abs().sum() > 0 for n, p in adapted.named_parameters() if n.endswith("up.weight"))  # trained

@@ -9,9 +9,9 @@ import pytest
 import ray
 import torch
 
-from raylm.chat_template import ChatTemplate
+from raylm.data.chat_template import ChatTemplate
 from raylm.config import ConfigError
-from raylm.lora import LoRASettings, apply_lora, merge_lora, save_adapter
+from raylm.peft.lora import LoRASettings, apply_lora, merge_lora, save_adapter
 from raylm.models.config import preset
 from raylm.models.generate import SamplingParams, generate
 from raylm.models.hf_checkpoint import save_checkpoint
@@ -31,7 +31,7 @@ NEW_TOKENS = 12
 def checkpoints(tmp_path_factory):
     """A tiny raylm checkpoint (raylm's tokenizer and chat template), a LoRA adapter of it in PEFT's
     format, and the two models in memory (the adapter's merged) as the reference."""
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("serve")
     tokenizer = root / "tokenizer.json"

@@ -274,10 +274,10 @@ def test_calculator_runs_arithmetic_only():
 # ---- the files, read back by raylm's own readers ---------------------------------------------------------
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_written_files_are_read_by_raylm_readers(family, tmp_path):
-    from raylm.eval_metrics import exact_match
-    from raylm.eval_tasks import load_task
-    from raylm.preference_data import read_preferences
-    from raylm.sft_data import read_conversations
+    from raylm.eval.metrics import exact_match
+    from raylm.eval.tasks import load_task
+    from raylm.data.preferences import read_preferences
+    from raylm.data.sft import read_conversations
 
     written = write_task_files(family, tmp_path, n_train=30, n_heldout=12, seed=5)
     task = load_task(written["eval_task"])
@@ -317,7 +317,7 @@ def test_shipped_task_files_are_what_the_generator_writes(tmp_path):
     examples/tasks/build_verifiable_tasks.py writes, byte for byte."""
     import runpy
 
-    from raylm.eval_tasks import load_task
+    from raylm.eval.tasks import load_task
 
     build = runpy.run_path(str(TASKS / "build_verifiable_tasks.py"))["build"]
     written = build(tmp_path)
@@ -504,7 +504,7 @@ def test_shipped_tasks_read_the_same_in_lm_eval(tmp_path, monkeypatch):
     monkeypatch.chdir(TASKS)  # lm_eval resolves the relative data paths against its working directory
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from raylm.eval_tasks import load_task
+    from raylm.eval.tasks import load_task
 
     theirs = get_task_dict([f"raylm_{f}" for f in FAMILIES], TaskManager(include_path=str(TASKS)))
     for family in FAMILIES:

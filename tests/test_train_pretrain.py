@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from raylm.config import ConfigError, load_config
-from raylm.corpus import iter_corpus_documents
+from raylm.data.stdlib_corpus import iter_corpus_documents
 from raylm.models.hf_checkpoint import load_checkpoint
 from raylm.pipelines import pretrain
-from raylm.token_shards import TokenShardWriter, write_index
-from raylm.tokenizer import train_tokenizer
+from raylm.data.token_shards import TokenShardWriter, write_index
+from raylm.data.tokenizer import train_tokenizer
 from raylm.tracking import stage_run
 
 VOCAB = 512
@@ -269,7 +269,7 @@ def test_config_errors_name_the_key(data_dir, tmp_path):
 def test_resume_finds_the_newest_checkpoint_every_rank_finished(tmp_path):
     """A replaced worker group resumes from the newest checkpoint folder in the run's storage that
     every rank finished writing, even one Ray Train's controller had not yet registered."""
-    from raylm.actors.train_worker import newest_checkpoint_folder
+    from raylm.actors.train.train_worker import newest_checkpoint_folder
 
     def write(step: int, ranks: list[int]) -> None:
         folder = tmp_path / f"checkpoint_{step:08d}"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from raylm.models.config import preset
 from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
 from raylm.models.transformer import Transformer, document_causal_mask, document_positions
-from raylm.sft_data import (
+from raylm.data.sft import (
     IGNORE_INDEX,
     ChatTemplate,
     PackedSFTDataset,
@@ -24,7 +24,7 @@ from raylm.sft_data import (
     stdlib_instructions,
     write_jsonl_splits,
 )
-from raylm.tokenizer import ASSISTANT, END, train_tokenizer
+from raylm.data.tokenizer import ASSISTANT, END, train_tokenizer
 
 pytestmark = pytest.mark.timeout(900)
 VOCAB = 512
@@ -226,7 +226,7 @@ def test_builtin_set_holds_out_the_preference_tasks_functions(tmp_path):
 
     from raylm.config import load_config
     from raylm.pipelines import sft
-    from raylm.preference_data import stdlib_preference_splits
+    from raylm.data.preferences import stdlib_preference_splits
 
     config = load_config(sft.Config, None, [f"output_dir={tmp_path}", "data.builtin=stdlib-instructions",
                                             "data.builtin_limit=300"])

@@ -17,7 +17,7 @@ import random
 import sys
 from pathlib import Path
 
-from raylm.corpus import iter_stdlib_functions
+from raylm.data.stdlib_corpus import iter_stdlib_functions
 
 SIZES = {"train": 64, "test": 200}
 

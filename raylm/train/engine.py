@@ -1,5 +1,5 @@
 """The one training engine: what every rank does whatever it trains, for the Ray Train stages
-(pretraining, SFT, reward model, DPO: ``actors/train_worker.py``) and for RLHF's policy and critic
+(pretraining, SFT, reward model, DPO: ``actors/train/train_worker.py``) and for RLHF's policy and critic
 trainer groups (``actors/trainer_group.py``) alike.
 
 ``build_model`` makes the model: a fresh seeded one or a Hugging Face checkpoint, with or without
@@ -29,10 +29,10 @@ from raylm.distributed.pipeline_parallel import attach_aux_loss, build_schedule,
 from raylm.distributed.pipeline_parallel import clip_grad_norm_ as clip_pipeline_grad_norm_
 from raylm.distributed.tensor_parallel import clip_grad_norm_ as clip_mixed_grad_norm_
 from raylm.distributed.tensor_parallel import unpermute_state_dict
-from raylm.optim import build_optimizer, build_scheduler
-from raylm.peft_config import PeftConfig
+from raylm.train.optim import build_optimizer, build_scheduler
+from raylm.peft.config import PeftConfig
 from raylm.train.losses import token_cross_entropy
-from raylm.train_config import OptimConfig
+from raylm.train.config import OptimConfig
 
 # ---- the model -------------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ def build_model(*, config: dict | None = None, checkpoint: str | None = None, sc
     if scalar_head:
         model.score.requires_grad_(True)  # the head always trains
     if peft is not None and peft.method != "none":
-        from raylm.lora import apply_peft
+        from raylm.peft.lora import apply_peft
 
         apply_peft(model, peft, seed=seed)  # every rank: the same initial adapter
     return model
@@ -254,7 +254,7 @@ class Engine:
             return None
         cfg = self.config
         if self.peft is not None:
-            from raylm.lora import export_peft
+            from raylm.peft.lora import export_peft
 
             adapter = Path(folder) / "adapter"
             state = export_peft(state, cfg, self.peft, adapter, base=self.base_checkpoint)

@@ -4,7 +4,7 @@ value losses. Free of Ray and of parallelism: the engine (``raylm.train.engine``
 
 Sums, not means, where ranks and micro-batches hold different numbers of items (tokens): the
 loop divides by the global count once, so the step's loss is the exact mean over the whole step.
-The rollout-side PPO math (KL estimators, GAE, group baselines) is in ``raylm.ppo``.
+The rollout-side PPO math (KL estimators, GAE, group baselines) is in ``raylm.rl.ppo``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raylm.ppo import kl_estimate, masked_mean
+from raylm.rl.ppo import kl_estimate, masked_mean
 
 IGNORE_INDEX = -100
 

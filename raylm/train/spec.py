@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from raylm.peft_config import PeftConfig
-from raylm.train_config import OptimConfig, ParallelConfig, TrainConfig
+from raylm.peft.config import PeftConfig
+from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
 
 
 @dataclass(frozen=True)

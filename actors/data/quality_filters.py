@@ -16,8 +16,8 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from raylm.actors.language_id import LanguageIdConfig, LanguageIdentifier
-from raylm.actors.quality_classifier import ClassifierConfig, ClassifierFilter
+from raylm.actors.data.language_id import LanguageIdConfig, LanguageIdentifier
+from raylm.actors.data.quality_classifier import ClassifierConfig, ClassifierFilter
 from raylm.config import Section
 
 STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])

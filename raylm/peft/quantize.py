@@ -9,7 +9,7 @@ subtracted and the rest stored as int8 with one float32 absmax per 256 scales, s
 The projections inside the blocks become ``QuantizedLinear`` modules that keep only the codes and
 scales and dequantize on the fly, in forward and again in backward (so no full-precision copy of the
 weight is held between the two). Embeddings, norms and the output head stay in full precision, as in
-QLoRA. Used for QLoRA fine-tuning (``raylm.lora`` wraps these modules) and for inference.
+QLoRA. Used for QLoRA fine-tuning (``raylm.peft.lora`` wraps these modules) and for inference.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raylm.peft_config import NF4_BLOCK
+from raylm.peft.config import NF4_BLOCK
 
 QuantKind = Literal["int8", "nf4"]
 

@@ -10,7 +10,7 @@ template that does not gives none. vLLM's chat endpoint and ``transformers.pipel
 
 The source is a ``tokenizer.json`` or the folder holding it. Beside a ``tokenizer_config.json`` the
 folder is loaded by ``transformers.AutoTokenizer`` (any Hugging Face checkpoint); without one, or
-when the config has no chat template, the file must be raylm's own tokenizer (``raylm.tokenizer``),
+when the config has no chat template, the file must be raylm's own tokenizer (``raylm.data.tokenizer``),
 whose template ``RAYLM_CHAT_TEMPLATE`` is raylm's role-token format. Anything else is an error.
 
 The assistant mask is found by incremental rendering, not by the template's ``{% generation %}``
@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raylm.tokenizer import ASSISTANT, BOS, END, EOS, PAD, RAYLM_CHAT_TEMPLATE, SPECIAL_TOKENS, SYSTEM, USER
+from raylm.data.tokenizer import ASSISTANT, BOS, END, EOS, PAD, RAYLM_CHAT_TEMPLATE, SPECIAL_TOKENS, SYSTEM, USER
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers save a template beside tokenizer_config.json
@@ -77,7 +77,7 @@ def load_chat_tokenizer(source: str | Path):
         if not is_raylm_tokenizer(tokenizer_json):
             raise ChatTemplateError(f"{tokenizer_json}: not raylm's tokenizer and no tokenizer_config.json beside it; "
                                     "give the checkpoint folder's tokenizer.json with its tokenizer_config.json")
-        from raylm.tokenizer import load_hf_tokenizer
+        from raylm.data.tokenizer import load_hf_tokenizer
 
         tokenizer = load_hf_tokenizer(tokenizer_json)
     else:

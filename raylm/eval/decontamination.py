@@ -1,5 +1,5 @@
 """Decontamination against token shards: which evaluation items share a token n-gram with the
-training data, read straight from the shards ``raylm data`` wrote (``raylm.token_shards`` format).
+training data, read straight from the shards ``raylm data`` wrote (``raylm.data.token_shards`` format).
 
 Eval items are tokenised with the tokenizer the shards were made with, so an n-gram here is n
 consecutive training tokens, exactly what the model saw. Every n-gram of the training stream is
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raylm.token_shards import TokenStream
+from raylm.data.token_shards import TokenStream
 
 _BASE = np.uint64(1_000_003)
 

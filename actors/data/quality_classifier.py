@@ -30,7 +30,7 @@ class ClassifierConfig(Section):
     def _model_exists(self):
         if self.enabled and (self.model is None or not Path(self.model).is_file()):
             raise ValueError(f"model: the classifier is enabled but its model file {self.model!r} does not exist "
-                             "(train one with raylm.actors.quality_classifier.train_classifier(...).save(path))")
+                             "(train one with raylm.actors.data.quality_classifier.train_classifier(...).save(path))")
         return self
 
 

@@ -3,7 +3,7 @@
 clipping, bf16 autocast over fp32 master weights, DCP checkpoints, Hugging Face export).
 
 ``train_loop`` is pretraining's and SFT's (next-token cross-entropy over packed sequences);
-``actors/preference_trainer.py`` holds the reward model's and DPO's, over pairs. What every
+``actors/train/preference_trainer.py`` holds the reward model's and DPO's, over pairs. What every
 worker does around its loop is here: start (``start_worker``), resume from the newest checkpoint
 (``resume``), report checkpoints to Ray Train and export the final model. The driver passes one
 typed ``raylm.train.spec.TrainingSpec`` as ``config["spec"]``.
@@ -42,12 +42,12 @@ DATASHEET_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121
 def build_dataset(spec: TrainingSpec, split: str, rank: int, world_size: int, training: bool):
     data, train = spec.data, spec.train
     if isinstance(data, TokenData):
-        from raylm.token_shards import PackedTokenDataset
+        from raylm.data.token_shards import PackedTokenDataset
 
         return PackedTokenDataset(data.dir, split=split, seq_len=train.seq_len, seed=spec.seed, rank=rank,
                                   world_size=world_size, shuffle=training, loop=training)
     if isinstance(data, ConversationData):
-        from raylm.sft_data import PackedSFTDataset
+        from raylm.data.sft import PackedSFTDataset
 
         return PackedSFTDataset(getattr(data, split), data.tokenizer, seq_len=train.seq_len, seed=spec.seed,
                                 rank=rank, world_size=world_size, shuffle=training, loop=training,
@@ -244,7 +244,7 @@ def export_final_model(spec: TrainingSpec, engine: Engine, rank: int) -> None:
         return
     if spec.peft is not None and written.name == "adapter":
         print(f"[{spec.stage}] wrote the {spec.peft.method} weights to {written} (they do not merge into the base: "
-              f"raylm.lora.load_peft(load_checkpoint(base), folder) applies them)", flush=True)
+              f"raylm.peft.lora.load_peft(load_checkpoint(base), folder) applies them)", flush=True)
     else:
         print(f"[{spec.stage}] wrote the final model to {written}", flush=True)
 

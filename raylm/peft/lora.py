@@ -11,11 +11,11 @@ RoPE uses the same half-rotation layout in raylm and Hugging Face, so no row is 
     save_adapter(model, "out/adapter", base="out/sft/hf")  # adapter_config.json + adapter_model.safetensors
     merged = merge_lora(model)                         # a plain Transformer with W + (alpha/r) B A folded in
 
-The base under LoRA may be a full-precision ``nn.Linear`` or a ``raylm.quantize.QuantizedLinear``
+The base under LoRA may be a full-precision ``nn.Linear`` or a ``raylm.peft.quantize.QuantizedLinear``
 (QLoRA). Only the A and B matrices require gradients.
 
 The stages' ``peft:`` section goes through here for every method: ``apply_peft`` (LoRA, or
-``raylm.bottleneck_adapter`` / ``raylm.prompt_tuning``), ``export_peft`` (the trained weights to
+``raylm.peft.bottleneck_adapter`` / ``raylm.peft.prompt_tuning``), ``export_peft`` (the trained weights to
 ``hf/adapter``, plus the merged state where the method merges) and ``load_peft`` (any of those
 folders back onto its base).
 """
@@ -34,8 +34,8 @@ from torch import nn
 
 from raylm.models.config import TransformerConfig
 from raylm.models.transformer import Transformer
-from raylm.peft_config import ALL_PROJECTIONS, PeftConfig
-from raylm.quantize import QuantizedLinear, dequantize, quantize_model, scales_of
+from raylm.peft.config import ALL_PROJECTIONS, PeftConfig
+from raylm.peft.quantize import QuantizedLinear, dequantize, quantize_model, scales_of
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 QUANT_SCALE_KEYS = (".scales", ".scale_codes", ".scale_absmax", ".scale_offset")  # QuantizedLinear's buffers
@@ -150,11 +150,11 @@ def apply_peft(model: Transformer, config: PeftConfig, seed: int = 0) -> Transfo
     if config.method == "none":
         return model
     if config.method == "bottleneck":
-        from raylm.bottleneck_adapter import apply_bottleneck_adapters
+        from raylm.peft.bottleneck_adapter import apply_bottleneck_adapters
 
         return apply_bottleneck_adapters(model, config.bottleneck, tuple(config.adapter_where), seed)
     if config.method == "prompt_tuning":
-        from raylm.prompt_tuning import apply_prompt_tuning
+        from raylm.peft.prompt_tuning import apply_prompt_tuning
 
         return apply_prompt_tuning(model, config.num_virtual_tokens, seed)
     if config.quantize != "none":
@@ -319,12 +319,12 @@ def export_peft(state: dict[str, torch.Tensor], cfg: TransformerConfig, config: 
         save_adapter_state(state, settings, folder, base)
         return merged_state_dict(state, cfg, settings)
     if config.method == "bottleneck":
-        from raylm.bottleneck_adapter import save_adapters_state
+        from raylm.peft.bottleneck_adapter import save_adapters_state
 
         save_adapters_state(state, {"bottleneck": config.bottleneck, "where": list(config.adapter_where)}, folder, base)
         return None
     if config.method == "prompt_tuning":
-        from raylm.prompt_tuning import save_prompt_state
+        from raylm.peft.prompt_tuning import save_prompt_state
 
         save_prompt_state(state["tok_embeddings.prompt"], cfg, folder, base)
         return None
@@ -334,9 +334,9 @@ def export_peft(state: dict[str, torch.Tensor], cfg: TransformerConfig, config: 
 def load_peft(model: Transformer, path) -> Transformer:
     """Apply whatever ``export_peft`` wrote in ``path`` (a LoRA or PROMPT_TUNING adapter in PEFT's
     format, or raylm's bottleneck adapters) to ``model``, the base it was trained on, in place."""
-    from raylm.bottleneck_adapter import CONFIG as BOTTLENECK_CONFIG
-    from raylm.bottleneck_adapter import load_adapters
-    from raylm.prompt_tuning import load_prompt
+    from raylm.peft.bottleneck_adapter import CONFIG as BOTTLENECK_CONFIG
+    from raylm.peft.bottleneck_adapter import load_adapters
+    from raylm.peft.prompt_tuning import load_prompt
 
     path = Path(path)
     if (path / BOTTLENECK_CONFIG).exists():

@@ -3,8 +3,8 @@ out of the loss -> several examples packed into each training sequence.
 
 Each JSONL line is either ``{"prompt": ..., "response": ...}`` (optionally ``"system"``) or
 ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``. Conversations are
-formatted with the checkpoint's own chat template (``raylm.chat_template.ChatTemplate``); raylm's
-tokenizer has its role-token format (``raylm.tokenizer.RAYLM_CHAT_TEMPLATE``)::
+formatted with the checkpoint's own chat template (``raylm.data.chat_template.ChatTemplate``); raylm's
+tokenizer has its role-token format (``raylm.data.tokenizer.RAYLM_CHAT_TEMPLATE``)::
 
     <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> ... <|eos|>
 
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from raylm.chat_template import ChatTemplate, ChatTemplateError
-from raylm.jsonl import numbered
-from raylm.tokenizer import PAD_ID
+from raylm.data.chat_template import ChatTemplate, ChatTemplateError
+from raylm.data.jsonl import numbered
+from raylm.data.tokenizer import PAD_ID
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -191,8 +191,8 @@ def stdlib_instructions(limit: int | None = None) -> list[dict]:
     """Real instruction data from the running Python: "What does `module.function(signature)` do?"
     answered with the first line of its docstring, for every public documented stdlib function (the
     prompt format of the preference task, so that SFT, the reward model and RLHF agree)."""
-    from raylm.corpus import iter_stdlib_functions
-    from raylm.preference_data import stdlib_prompt
+    from raylm.data.stdlib_corpus import iter_stdlib_functions
+    from raylm.data.preferences import stdlib_prompt
 
     examples, seen = [], set()
     for function in iter_stdlib_functions():

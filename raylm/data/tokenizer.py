@@ -7,7 +7,7 @@ loads; encoding adds no special tokens by itself (the tokenization stage appends
 
 ``RAYLM_CHAT_TEMPLATE`` is the chat format in transformers' Jinja chat-template form, written into the
 ``tokenizer_config.json`` of raylm's checkpoints so that ``apply_chat_template``, ``pipeline`` and
-vLLM's chat endpoint format a conversation token for token as training did (``raylm.chat_template``)::
+vLLM's chat endpoint format a conversation token for token as training did (``raylm.data.chat_template``)::
 
     <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> ... <|eos|>
 

@@ -7,7 +7,7 @@ Two objectives on one loop (``spec.objective``; the losses are in ``raylm.train.
 - ``dpo``: a policy ``Transformer`` against a frozen reference whose log-probs were computed once,
   before training, by ``reference_logprobs`` (plain Ray tasks); sigmoid (DPO) or IPO loss.
 
-The set-up is pretraining's (``actors/train_worker.py`` over the engine of ``raylm.train.engine``):
+The set-up is pretraining's (``actors/train/train_worker.py`` over the engine of ``raylm.train.engine``):
 one process per rank, FSDP2 (and tensor parallel) applied from outside the model, AdamW with
 warmup + cosine, gradient accumulation and clipping, sharded DCP checkpoints reported to Ray Train
 (a replaced worker resumes from the newest one), rank 0 logging to MLflow and exporting the final
@@ -24,9 +24,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from raylm.actors.train_worker import export_final_model, inject_fault, report_checkpoint, resume, start_worker
+from raylm.actors.train.train_worker import export_final_model, inject_fault, report_checkpoint, resume, start_worker
 from raylm.models.hf_checkpoint import load_checkpoint
-from raylm.preference_data import PairDataset
+from raylm.data.preferences import PairDataset
 from raylm.tracking import Progress
 from raylm.train.engine import Engine, memory_gb
 from raylm.train.losses import dpo_pair_outputs, reward_pair_outputs, sequence_logprobs
@@ -44,7 +44,7 @@ def reference_logprobs_chunk(checkpoint: str, pairs: list[dict], tokenizer_file:
     torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint).eval()
     if quantize is not None:
-        from raylm.quantize import quantize_model
+        from raylm.peft.quantize import quantize_model
 
         quantize_model(model, *quantize)
     data = PairDataset(pairs, tokenizer_file, seq_len, shuffle=False)

@@ -20,7 +20,7 @@ reference answers (for RLHF rollouts), and ``reference_score`` scores a generate
 the reference (word-overlap F1), the ground truth a reward model should agree with.
 
 Encoding: a (prompt, response) is the conversation [user: prompt, assistant: response] in the
-checkpoint's chat template (``raylm.chat_template.ChatTemplate``); with raylm's tokenizer
+checkpoint's chat template (``raylm.data.chat_template.ChatTemplate``); with raylm's tokenizer
 ``<|bos|> <|user|> prompt <|end|> <|assistant|> response <|end|> <|eos|>``. A reward model reads its
 score at the last token; DPO sums the log-probabilities of the response tokens and the end-of-turn
 token that closes them (``<|end|>``).
@@ -38,8 +38,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from raylm.jsonl import numbered
-from raylm.sft_data import ResumablePosition
+from raylm.data.jsonl import numbered
+from raylm.data.sft import ResumablePosition
 
 IGNORE_INDEX = -100
 MAX_REPORTED_ERRORS = 20
@@ -164,7 +164,7 @@ def stdlib_prompt(qualified_name: str, signature: str, max_signature: int = 100)
 def stdlib_functions(limit: int | None = None) -> list[dict]:
     """Public documented stdlib functions with a first docstring line of 3+ words, one per name:
     ``{"function", "module", "prompt", "reference"}``, in a fixed order."""
-    from raylm.corpus import iter_stdlib_functions
+    from raylm.data.stdlib_corpus import iter_stdlib_functions
 
     items, seen = [], set()
     for function in iter_stdlib_functions():
@@ -270,7 +270,7 @@ def encode_response(template, prompt: str, response: str, seq_len: int) -> tuple
     labels are -100 everywhere but the response and its end-of-turn token. Too long: the prompt's
     text is cut from its left, then the response's from its right, so the sequence still ends as the
     template ends it (raylm's: ``<|end|> <|eos|>``)."""
-    from raylm.sft_data import labels_of
+    from raylm.data.sft import labels_of
 
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     ids, target = template.encode(messages)
@@ -337,7 +337,7 @@ class PairDataset(ResumablePosition):
 
     def __init__(self, pairs: list[dict], tokenizer_file: str | Path, seq_len: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, default_margin: float = 0.0, drop_remainder: bool = True):
-        from raylm.chat_template import ChatTemplate
+        from raylm.data.chat_template import ChatTemplate
 
         template = ChatTemplate(tokenizer_file)
         self.pairs = pairs

@@ -130,7 +130,7 @@ def bucket_edges(files: list[str], shard: int, cfg: DedupConfig, excluded_files=
     """The links (kept key, duplicate key) of one bucket shard, exact and near kept apart. Rows of
     ``excluded_files`` (file indices quarantined whole) take no part: a discarded copy must never be
     the one a cluster keeps."""
-    from raylm.actors.document_reader import RECORD_BITS
+    from raylm.actors.data.document_reader import RECORD_BITS
 
     keys, exact, bands, sigs = [], [], [], []
     excluded = np.asarray(list(excluded_files), dtype=np.int64)

@@ -1,5 +1,5 @@
 """The ``peft:`` config section (parameter-efficient fine-tuning) of `raylm sft`, `dpo` and `rlhf`, kept
-free of torch so that stage configs load and validate without importing it; ``raylm.lora.apply_peft``
+free of torch so that stage configs load and validate without importing it; ``raylm.peft.lora.apply_peft``
 applies it. Methods:
 
 - ``lora``: low-rank updates of the chosen projections (``rank``, ``alpha``, ``dropout``,

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from raylm.token_shards import TokenShardWriter
+from raylm.data.token_shards import TokenShardWriter
 
 
 def unit_hash(key: int, salt: str) -> float:
@@ -36,7 +36,7 @@ def copies(key: int, weight: float, seed: int) -> int:
 class ShardTokenizer:
     def __init__(self, tokenizer_file: str, shard_dir: str, vocab_size: int, eos_token_id: int,
                  validation_fraction: float, source_weights: dict[str, float], seed: int):
-        from raylm.tokenizer import load_tokenizer
+        from raylm.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_file)
         # a document's own "<|eos|>" (or "<|user|>") is text, not a special id: one EOS per document

@@ -1,0 +1,1 @@
+"""Evaluation: task files, scoring rules, metrics with intervals, decontamination."""

@@ -1,0 +1,1 @@
+"""Reinforcement learning from feedback: the PPO/GRPO math and the RLHF driver's parts."""
