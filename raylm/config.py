@@ -8,8 +8,11 @@ Defaults run on a laptop.
 from __future__ import annotations
 
 import copy
+import os
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +22,28 @@ from raylm.models.config import PRESETS, TransformerConfig
 
 class ConfigError(Exception):
     """A configuration that cannot run; the message names the file and the key."""
+
+
+class FromConfigFolder:
+    """Marks a config field that names an input (a file, a folder, a glob): a relative path written
+    in a config file is relative to that file's folder, so a config runs the same from any current
+    directory. Values given with ``--set`` are typed in a shell and stay relative to the current
+    directory; defaults too. ``keep`` lists words that are not paths (e.g. ``embedded``)."""
+
+    def __init__(self, keep: tuple[str, ...] = ()):
+        self.keep = keep
+
+    def resolve(self, value: Any, base: Path) -> Any:
+        if not isinstance(value, str) or not value or value in self.keep or "://" in value:
+            return value
+        path = os.path.expanduser(value)
+        if os.path.isabs(path):
+            return path
+        return os.path.normpath(base / path)
+
+
+# An input file or folder named in a config file: relative to the config file's folder.
+InputPath = Annotated[str, FromConfigFolder()]
 
 
 class Section(BaseModel):
@@ -67,16 +92,13 @@ def check_one_data_source(data: Section) -> Section:
     return data
 
 
-def where_relative(path: str | None, config_path) -> str:
-    """For a missing input file: where a relative path was looked for, and whether the file lies
-    beside the config instead (paths resolve against the current directory, not the config's)."""
+def where_relative(path: str | None, config_path=None) -> str:
+    """For a missing input file: where a relative path was looked for. A path written in a config
+    file was already made relative to its folder (``resolve_input_paths``); a ``--set`` value is
+    relative to the current directory."""
     if path is None or Path(path).is_absolute():
         return ""
-    hint = f" (relative paths resolve against the current directory, {Path.cwd()}"
-    beside = Path(str(config_path).split(" ")[0]).parent / path
-    if config_path is not None and beside.exists():
-        hint += f"; there is one beside the config: {beside}"
-    return hint + ")"
+    return f" (looked for at {Path(path).resolve()}; paths in a config file are relative to its folder, --set values to the current directory)"
 
 
 def expand_model_preset(data: Any) -> Any:
@@ -99,6 +121,58 @@ class ModelStageConfig(StageConfig):
     @classmethod
     def _preset(cls, value):
         return expand_model_preset(value)
+
+
+def _path_kind(annotation) -> tuple[str, Any] | None:
+    """How a field's annotation holds input paths: ("path", marker), ("list"|"dict", inner kind),
+    ("model", the Section class), or None."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *extras = typing.get_args(annotation)
+        marker = next((e for e in extras if isinstance(e, FromConfigFolder)), None)
+        return ("path", marker) if marker is not None else _path_kind(base)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [k for k in (_path_kind(a) for a in typing.get_args(annotation)) if k is not None]
+        return kinds[0] if kinds else None
+    if origin in (list, tuple):
+        inner = _path_kind(typing.get_args(annotation)[0]) if typing.get_args(annotation) else None
+        return ("list", inner) if inner is not None else None
+    if origin is dict:
+        inner = _path_kind(typing.get_args(annotation)[1])
+        return ("dict", inner) if inner is not None else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return ("model", annotation)
+    return None
+
+
+def _resolve_value(value: Any, kind: tuple[str, Any], base: Path) -> Any:
+    what, inner = kind
+    if what == "path":
+        return inner.resolve(value, base)
+    if what == "list" and isinstance(value, list):
+        return [_resolve_value(v, inner, base) for v in value]
+    if what == "dict" and isinstance(value, dict):
+        return {k: _resolve_value(v, inner, base) for k, v in value.items()}
+    if what == "model" and isinstance(value, dict):
+        return resolve_input_paths(value, inner, base)
+    return value
+
+
+def resolve_input_paths(data: dict, cls: type[BaseModel], base: str | Path) -> dict:
+    """``data`` (a config file's mapping for ``cls``) with every relative input path made relative
+    to ``base`` (the file's folder) instead of the current directory. Keys ``cls`` does not know
+    are left for validation to name."""
+    base = Path(base)
+    out = dict(data)
+    for name, field in cls.model_fields.items():
+        if name not in out:
+            continue
+        kind = _path_kind(field.annotation) if not field.metadata else _path_kind(
+            Annotated[(field.annotation, *field.metadata)])
+        if kind is not None:
+            out[name] = _resolve_value(out[name], kind, base)
+    hook = getattr(cls, "resolve_nested_input_paths", None)  # sections typed only at run time
+    return hook(out, base) if hook is not None else out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
