@@ -1,6 +1,6 @@
 """`raylm run`: the lifecycle stages of one config, in order, as one MLflow parent run with a nested
 run per stage. Each stage's section is validated by that stage's own config class before anything
-starts; a stage that is not built yet stops the run before it starts, and says so.
+starts.
 
 Lineage: a stage reads what the stage before it wrote unless its section says otherwise:
 pretrain trains on <output_dir>/data, SFT starts from <output_dir>/pretrain/hf, the reward model,
@@ -20,8 +20,8 @@ from pydantic import Field, field_validator
 import re
 
 from raylm.config import ConfigError, StageConfig, deep_merge, flatten, format_validation_error, read_yaml, resolved_dict
-from raylm.stages import LIFECYCLE, StageNotBuilt, built_stages, stage_module
-from raylm.tracking import StageRun, start_run, resolve_tracking_uri, stage_run
+from raylm.stages import COMMANDS, LIFECYCLE, run_stage, stage_module
+from raylm.tracking import StageRun, start_run, resolve_tracking_uri
 
 
 class Config(StageConfig):
@@ -80,7 +80,7 @@ def lineage(config: Config, stage: str) -> dict:
 def stage_config(config: Config, stage: str, config_path=None):
     from pydantic import ValidationError
 
-    module = stage_module(stage)
+    module = COMMANDS[stage].module
     inherited = {"output_dir": str(config.output_path / stage), "seed": config.seed,
                  "tracking": config.tracking.model_dump(), "ray": config.ray.model_dump(), **lineage(config, stage)}
     base = read_yaml(config.stage_files[stage]) if stage in config.stage_files else {}
@@ -97,22 +97,16 @@ def check(config: Config, config_path) -> None:
             if name not in LIFECYCLE:
                 raise ConfigError(f"{config_path}: {key}.{name}: unknown stage")
     for i, stage in enumerate(config.stages):
-        try:
-            module, stage_cfg = stage_config(config, stage, config_path)
-        except StageNotBuilt:
-            continue  # reported by run(), which exits 3
+        _, stage_cfg = stage_config(config, stage, config_path)
         # Later stages' inputs are written by the stages before them: those are checked just
         # before the stage starts.
-        if i == 0 and hasattr(module, "check"):
-            module.check(stage_cfg, f"{config_path} sections.{stage}")
+        if i == 0:
+            COMMANDS[stage].check(stage_cfg, f"{config_path} sections.{stage}")
     if config.serve is not None:
         serve_config(config, config_path)  # its keys now; its checkpoint is written by the stages
 
 
 def run(config: Config, tracking_uri: str | None = None) -> dict:
-    missing = [s for s in config.stages if s not in built_stages()]
-    if missing:
-        raise StageNotBuilt(f"stages not built yet: {', '.join(missing)}")
     uri = resolve_tracking_uri(config, tracking_uri)
     parent = start_run(uri, config.tracking.experiment, "lifecycle", config.output_dir)
     parent.log_params(flatten(resolved_dict(config)))
@@ -120,21 +114,19 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
     status = "FAILED"
     try:
         for stage in config.stages:
-            module, stage_cfg = stage_config(config, stage)
+            _, stage_cfg = stage_config(config, stage)
             done = stage_cfg.output_path / "DONE.json"
             if done.exists():
                 print(f"=== raylm run: stage {stage}: done in an earlier run ({done}), skipped ===", flush=True)
                 summary["stages"][stage] = {"skipped": True, **json.loads(done.read_text())}
                 log_stage_results(parent, stage, summary["stages"][stage])
                 continue
-            if hasattr(module, "check"):
-                module.check(stage_cfg, f"sections.{stage}")
+            COMMANDS[stage].check(stage_cfg, f"sections.{stage}")
             start = time.perf_counter()
             print(f"=== raylm run: stage {stage} ===", flush=True)
-            with stage_run(stage, stage_cfg, parent=parent, lineage=run_lineage(config, stage, summary)) as run_handle:
-                result = module.run(stage_cfg, run_handle)
-            result = {"seconds": round(time.perf_counter() - start, 1), "mlflow_run": run_handle.run_id,
-                      **(result or {})}
+            result, run_id = run_stage(COMMANDS[stage], stage_cfg, parent=parent,
+                                       lineage=run_lineage(config, stage, summary), announce=False)
+            result = {"seconds": round(time.perf_counter() - start, 1), "mlflow_run": run_id, **result}
             done.write_text(json.dumps(result, indent=2, default=str))
             summary["stages"][stage] = result
             log_stage_results(parent, stage, result)
@@ -177,8 +169,7 @@ def serve_final_model(config: Config, parent: StageRun) -> dict:
         print(f"raylm run: not serving the final model: {e}", file=sys.stderr, flush=True)
         return {"error": str(e)}
     print("=== raylm run: serving the final model ===", flush=True)
-    with stage_run("serve", serve_cfg, parent=parent) as run_handle:
-        return serve.run(serve_cfg, run_handle)
+    return run_stage(COMMANDS["serve"], serve_cfg, parent=parent, announce=False)[0]
 
 
 def metric_name(*parts: str) -> str:
@@ -279,9 +270,6 @@ def print_report(summary: dict, config: Config) -> None:
         print("    " + table.read_text().strip().replace("\n", "\n    "))
     if summary.get("plots"):
         print(f"\n  plots: {', '.join(summary['plots'])}")
-    not_built = [s for s in LIFECYCLE if s not in built_stages()]
-    if not_built:
-        print(f"  not built yet: {', '.join(not_built)}")
     print(f"  artifacts: {config.output_path.resolve()}")
     print(f"  MLflow: {summary['tracking_uri']} (parent run {summary['mlflow_parent_run']})")
     if summary.get("registered_model"):

@@ -3,8 +3,7 @@
 `raylm config STAGE [CONFIG] [--set ...]` prints a stage's resolved config, every key with its
 default and a one-line description (docs/config.md has them all).
 
-Exit status: 0 done, 1 the stage failed, 2 the configuration is invalid (nothing was started),
-3 the command is not built yet.
+Exit status: 0 done, 1 the stage failed, 2 the configuration is invalid (nothing was started).
 
 The console shows raylm's own lines: a header per stage, progress, results. What Ray, Ray Train
 and vLLM print goes to the stage's ``<output_dir>/logs/ray.log`` (logged to its MLflow run);
@@ -19,30 +18,16 @@ import sys
 from pathlib import Path
 
 from raylm.config import ConfigError, load_config
-from raylm.stages import COMMANDS, StageNotBuilt, stage_module
-from raylm.tracking import stage_run
+from raylm.stages import COMMANDS, run_stage
 
-HELP = {
-    "data": "raw text -> deduplicated, filtered, tokenized training shards (Ray Data)",
-    "pretrain": "pretrain a dense or MoE model on token shards (Ray Train)",
-    "sft": "instruction-tune a checkpoint, prompt masked out of the loss",
-    "reward": "train a reward model on pairwise preferences",
-    "rlhf": "PPO with policy, vLLM rollout, reward and reference actor pools",
-    "dpo": "direct preference optimisation against a frozen reference",
-    "eval": "perplexity, few-shot benchmarks, preference win rates",
-    "export": "build or load a model, export it in Hugging Face format, check it in transformers and vLLM",
-    "serve": "serve a checkpoint (and LoRA adapters) on an OpenAI-compatible endpoint (vLLM's server in a Ray actor)",
-    "run": "the whole lifecycle as one MLflow parent run",
-    "submit": "submit a config to a Ray cluster as a Ray job",
-}
 CONFIG_HELP = "print a stage's resolved config: every key, its value and what it is"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description="A language model's whole life on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
-        p = sub.add_parser(command, help=HELP[command], description=HELP[command],
+    for command, stage in COMMANDS.items():
+        p = sub.add_parser(command, help=stage.help, description=stage.help,
                            epilog=f"Every key of the config: `raylm config {command}` or docs/config.md.")
         p.add_argument("config", nargs="?" if command == "submit" else None,
                        help="YAML config file" + (" (not for --status, --logs, --stop)" if command == "submit" else "")
@@ -71,11 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def print_config(args) -> int:
     from raylm.config_reference import commented_yaml, config_class
 
-    try:
-        module = stage_module(args.stage)
-    except StageNotBuilt as e:
-        print(f"raylm: {e}", file=sys.stderr)
-        return 3
+    module = COMMANDS[args.stage].module
     try:
         if args.stage == "submit":
             config = load_config(module.Config, args.config, args.overrides).submit
@@ -103,11 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console.set_verbose(args.verbose)
     console.capture_native_stderr()  # before Ray starts: its C++ core writes to fd 2 itself
-    try:
-        module = stage_module(args.command)
-    except StageNotBuilt as e:
-        print(f"raylm: {e}", file=sys.stderr)
-        return 3
+    stage = COMMANDS[args.command]
+    module = stage.module
     if args.command == "submit" and (args.status or args.logs or args.stop):
         return module.job_command(args)  # a job id is all it needs
     if args.config is None:
@@ -118,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve" and Path(args.config).is_dir():  # `raylm serve CHECKPOINT`: no file needed
         args.overrides, config_file = [f"checkpoint={args.config}", *args.overrides], None
     try:
-        config = load_config(module.Config, config_file, args.overrides,
+        config = load_config(stage.config_class, config_file, args.overrides,
                              ignore=() if args.command == "submit" else ("submit",))
-        if hasattr(module, "check"):  # checks that need more than one section (e.g. files exist)
-            module.check(config, config_file)
+        stage.check(config, config_file)
     except ConfigError as e:
         print(f"raylm: invalid config\n{e}", file=sys.stderr)
         return 2
@@ -136,20 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raylm {args.command}: Ray, Ray Train and vLLM output goes to "
               f"{log if args.command != 'run' else log.parent.parent / '<stage>' / 'logs' / log.name} "
               "(--verbose to see it here)", flush=True)
-    try:
-        if args.command == "run":
-            summary = module.run(config, tracking_uri=args.tracking_uri)
-        else:
-            if hasattr(module, "WORKER_MODULES"):  # a stage whose actors wait on these imports: Ray first, so
-                from raylm.ray_init import init_ray  # that its workers import them while MLflow sets up
-
-                init_ray(config.ray, module.WORKER_MODULES)
-            with stage_run(args.command, config, uri=args.tracking_uri) as run:
-                print(f"raylm {args.command}: MLflow run {run.run_id} at {run.uri}", flush=True)
-                summary = module.run(config, run)
-    except StageNotBuilt as e:
-        print(f"raylm: {e}", file=sys.stderr)
-        return 3
+    if stage.tracked:
+        summary, _ = run_stage(stage, config, tracking_uri=args.tracking_uri)
+    else:  # `raylm run`: a parent MLflow run, and each stage's nested in it
+        summary = module.run(config, tracking_uri=args.tracking_uri)
     print(json.dumps({"command": args.command, **(summary or {})}, indent=2, default=str))
     return 0
 

@@ -166,7 +166,6 @@ def config_class(command: str) -> type:
 
 def markdown() -> str:
     """docs/config.md: a table of keys for every command."""
-    from raylm.cli import HELP
     from raylm.stages import COMMANDS
 
     lines = ["# Configuration reference", "",
@@ -179,7 +178,7 @@ def markdown() -> str:
     for command in COMMANDS:
         cls = config_class(command)
         title = f"`raylm {command}`" + (" (its `submit:` section)" if command == "submit" else "")
-        lines += [f"## {title}", "", HELP[command] + ".", "", "| key | default | description |", "| --- | --- | --- |"]
+        lines += [f"## {title}", "", COMMANDS[command].help + ".", "", "| key | default | description |", "| --- | --- | --- |"]
         defaults = _flat_defaults(cls)
         prefix = "submit." if command == "submit" else ""
         for key, description in key_rows(cls):

@@ -1,5 +1,5 @@
 """Config validation and the CLI's exit codes: every bad config exits 2 naming the file and key,
-before any Ray work; a command that is not built exits 3."""
+before any Ray work."""
 
 from __future__ import annotations
 
@@ -88,15 +88,6 @@ def test_lifecycle_sections_are_validated_by_their_stage(tmp_path, capsys):
     path = write(tmp_path, "stages: [pretrian]\n", "typo.yaml")
     assert main(["run", str(path)]) == 2
     assert "unknown stage 'pretrian'" in capsys.readouterr().err
-
-
-def test_command_not_built_exits_3(tmp_path, monkeypatch, capsys):
-    """A command whose driver module does not exist says so and exits non-zero."""
-    import raylm.stages
-
-    monkeypatch.setitem(raylm.stages.COMMANDS, "pretrain", "not_written_yet")
-    assert main(["pretrain", str(write(tmp_path, "{}\n"))]) == 3
-    assert "`raylm pretrain` is not built yet (no pipelines/not_written_yet.py)" in capsys.readouterr().err
 
 
 def test_submit_requires_an_address(tmp_path):

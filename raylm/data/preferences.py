@@ -224,14 +224,6 @@ def stdlib_preference_splits(limit: int | None = None, validation_fraction: floa
             for k, (name, items) in enumerate(splits.items())}
 
 
-def write_stdlib_preferences(out_dir: str | Path, limit: int | None = None, validation_fraction: float = 0.1,
-                             seed: int = 0, negatives: Literal["same_module", "random"] = "same_module",
-                             per_prompt: int = 1) -> dict[str, str]:
-    """Write the built-in task as ``train.jsonl`` / ``validation.jsonl`` in ``out_dir``; returns their paths."""
-    splits = stdlib_preference_splits(limit, validation_fraction, seed, negatives, per_prompt)
-    return {name: str(write_jsonl(pairs, Path(out_dir) / f"{name}.jsonl")) for name, pairs in splits.items()}
-
-
 def stdlib_prompts(split: Literal["train", "validation"] = "train", limit: int | None = None,
                    validation_fraction: float = 0.1, seed: int = 0) -> list[dict]:
     """Prompts of the built-in task for RLHF rollouts, ``{"prompt", "reference", "function"}``: the

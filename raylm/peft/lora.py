@@ -92,17 +92,6 @@ class LoRALinear(nn.Module):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(rows, settings.rank, device=device))
 
-    def delta_weight(self) -> torch.Tensor:
-        """The full update (scaling included) as one [out, in] matrix; zero rows where untargeted."""
-        blocks = []
-        for name, rows in self.splits:
-            if name in self.lora_A:
-                blocks.append(self.lora_B[name] @ self.lora_A[name])
-            else:
-                reference = next(iter(self.lora_A.values()))
-                blocks.append(reference.new_zeros(rows, self.base.in_features))
-        return torch.cat(blocks) * self.scaling
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = self.dropout(x)
