@@ -215,7 +215,7 @@ def test_submit_runs_on_the_cluster_where_resources_say_and_survives_a_dead_node
     data_dir = build_shards(tmp_path / "shards", n_documents=400)
     workdir = tmp_path / "job"
     workdir.mkdir()
-    steps, every = 200, 10
+    steps, every = 60, 10
     config = {
         "output_dir": str(tmp_path / "out"),
         "stages": ["pretrain", "export"],
