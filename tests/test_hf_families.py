@@ -6,6 +6,8 @@ raylm does not implement refused, naming it."""
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,7 +274,8 @@ def test_sft_fine_tunes_a_brought_in_qwen3_checkpoint_and_exports_it_as_qwen3(tm
     import ray
 
     from raylm import cli
-    from raylm.data.sft import stdlib_instructions, write_jsonl_splits
+    from raylm.data.jsonl import write_jsonl_splits
+    from raylm.data.stdlib_task import stdlib_instructions
     from raylm.data.tokenizer import train_tokenizer
 
     examples = stdlib_instructions(limit=120)
@@ -429,3 +432,64 @@ def test_raylm_sft_refuses_an_unimplemented_field_before_any_ray_work(tmp_path, 
                                   "data": {"train": str(data), "validation": str(data)}, "train": {"seq_len": 128}}))
     assert cli.main(["sft", str(config)]) == 2
     assert f"checkpoint: {tmp_path / 'hf'}/config.json: sliding_window: 64" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dpo_on_a_brought_in_llama3_checkpoint_keeps_its_family_and_rope_scaling(tmp_path):
+    """`raylm dpo` from a Llama 3 folder (llama3 rope scaling, two end ids) that transformers wrote,
+    on the arithmetic family's preference pairs: the export is a Llama checkpoint with the same
+    rope scaling and end ids, transformers computes the same logits from it as raylm, and the DPO
+    loss on the training pairs went down from log 2 (the policy starts equal to its reference)."""
+    import shutil
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from raylm import cli
+    from raylm.data.tokenizer import train_tokenizer
+    from raylm.tasks.files import write_task_files
+
+    files = write_task_files("arithmetic", tmp_path / "tasks", n_train=256, n_heldout=48, seed=0,
+                             parts=("preference",))
+    texts = [line for split in ("train", "heldout") for line in Path(files[f"preference_{split}"]).read_text().splitlines()]
+    train_tokenizer(texts, 512, tmp_path / "tokenizer.json")
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "llama3-rope")
+    start = tmp_path / "llama3"
+    write_hf_checkpoint(start, config_class, {**overrides, "vocab_size": 512})
+    shutil.copyfile(tmp_path / "tokenizer.json", start / "tokenizer.json")
+    config = tmp_path / "dpo.json"
+    config.write_text(json.dumps({
+        "output_dir": str(tmp_path / "out"), "seed": 0, "ray": {"num_cpus": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "checkpoint": str(start),
+        "data": {"train": files["preference_train"], "validation": files["preference_heldout"]},
+        "loss": {"kind": "sigmoid", "beta": 0.1},
+        "train": {"steps": 30, "batch_size": 16, "seq_len": 96, "log_every": 10, "eval_every": 30,
+                  "checkpoint_every": 1000},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "parallel": {"num_workers": 1},
+    }))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert cli.main(["dpo", str(config)]) == 0
+    finally:
+        ray.shutdown()
+    export = tmp_path / "out" / "hf"
+    written, original = (json.loads((f / "config.json").read_text()) for f in (export, start))
+    assert written["model_type"] == "llama" and written["architectures"] == ["LlamaForCausalLM"]
+    rope = lambda c: c.get("rope_parameters") or c.get("rope_scaling")  # noqa: E731
+    assert rope(written) == rope(original)
+    assert json.loads((export / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
+    tuned = load_checkpoint(export).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    tokens = torch.randint(3, 512, (2, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(tokens).logits
+        assert (tuned(tokens) - expected).abs().max().item() < 1e-4 * max(expected.abs().max().item(), 1.0)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])
+    margins = sorted(client.get_metric_history(run.info.run_id, "val_logp_margin"), key=lambda m: m.step)
+    assert [m.step for m in margins] == [0, 30]
+    losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert losses[0].value == pytest.approx(math.log(2), abs=0.02)
+    assert losses[-1].value < losses[0].value - 0.1, [(m.step, m.value) for m in losses]
