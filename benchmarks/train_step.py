@@ -41,6 +41,9 @@ def random_shards(folder: Path, vocab_size: int, n_tokens: int) -> Path:
 def run_one(args, workers: int, data_dir: Path, out: Path) -> dict:
     from raylm.config import load_config
     from raylm.pipelines import pretrain
+    from raylm.ray_init import init_ray
+    from raylm.train.launcher import launch, training_spec
+    from raylm.train.spec import TokenData
 
     overrides = [
         f"output_dir={out}", f"data_dir={data_dir}", f"model.preset={args.preset}",
@@ -53,9 +56,9 @@ def run_one(args, workers: int, data_dir: Path, out: Path) -> dict:
         f"parallel.use_gpu={str(args.gpu).lower()}",
     ] + ([f"ray.num_cpus={args.num_cpus}"] if args.num_cpus else [])
     config = load_config(pretrain.Config, None, overrides)
-    spec = pretrain.training_spec(config, "pretrain", None)
-    spec.update(model=config.model.to_dict(), data={"kind": "tokens", "dir": str(data_dir)}, tokenizer_file=None)
-    final = pretrain.launch(config, spec)
+    init_ray(config.ray)
+    spec = training_spec(config, "pretrain", None, model=config.model.to_dict(), data=TokenData(str(data_dir)))
+    final = launch(config, spec)
     return {"workers": workers, "tokens_per_s": final["mean_tokens_per_s"], "mfu": final["mean_mfu"],
             "peak_flops_per_device": final["peak_flops_per_device"], "memory_gb": final["memory_gb"]}
 

@@ -32,6 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from typing import Annotated
+
 import numpy as np
 from pydantic import Field, field_validator
 
@@ -40,8 +42,7 @@ from raylm.actors.data.connected_components import duplicate_clusters, ray_runne
 from raylm.actors.data.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
 from raylm.actors.data.quality_filters import DocumentFilter, FilterConfig
 from raylm.actors.data.shard_tokenizer import ShardTokenizer
-from raylm.config import ConfigError, Section, StageConfig, resolved_dict
-from raylm.ray_init import init_ray
+from raylm.config import ConfigError, FromConfigFolder, InputPath, Section, StageConfig, resolved_dict
 from raylm.data.token_shards import write_index
 from raylm.data.tokenizer import EOS_ID, MIN_VOCAB_SIZE, train_tokenizer, vocab_size_of
 from raylm.tracking import StageRun
@@ -51,7 +52,7 @@ QUARANTINE = "quarantine:"  # the reader's reason prefix for bad input
 
 
 class InputConfig(Section):
-    path: str  # a file, a directory, a glob, or s3://... ; "embedded" for the stdlib corpus
+    path: Annotated[str, FromConfigFolder(keep=("embedded",))]  # a file, a directory, a glob, or s3://... ; "embedded" for the stdlib corpus
     source: str | None = None  # the source name of all its records, for mixing; default: the record's own, else the file stem
 
 
@@ -59,7 +60,7 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(default=8192, ge=MIN_VOCAB_SIZE)
     min_frequency: int = Field(default=2, ge=1)
     max_documents: int | None = Field(default=None, ge=1)  # train on the first N kept documents
-    file: str | None = None  # an existing tokenizer.json to use instead of training one
+    file: InputPath | None = None  # an existing tokenizer.json to use instead of training one
 
 
 class TokenizeConfig(Section):
@@ -451,7 +452,6 @@ def run(config: Config, stage_run: StageRun) -> dict:
 
     out = config.output_path
     phases = Phases(out, _fingerprint(config))
-    init_ray(config.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same order in, same shards out
     if config.compute.object_store_budget is not None:

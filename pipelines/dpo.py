@@ -29,20 +29,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from raylm.config import ConfigError, Section, StageConfig
+from raylm.config import ConfigError, InputPath, Section, StageConfig
 from raylm.peft.config import PeftConfig
-from raylm.pipelines.reward import (
-    FreezeConfig,
-    PreferenceDataConfig,
-    PreferenceTrainConfig,
-    check_preference_stage,
-    finish,
-    load_pairs,
-    preference_spec,
-    tokenizer_path,
-)
 from raylm.tracking import StageRun
-from raylm.train.config import OptimConfig, ParallelConfig
+from raylm.train.config import FreezeConfig, OptimConfig, ParallelConfig
+from raylm.train.launcher import check_peft, finish, launch, tokenizer_path
+from raylm.train.preference_stage import (PreferenceDataConfig, PreferenceTrainConfig, check_preference_stage,
+                                          load_pairs, preference_spec)
 
 
 class DPOLossConfig(Section):
@@ -56,17 +49,13 @@ class DPOOptimConfig(OptimConfig):
     weight_decay: float = Field(default=0.0, ge=0)
 
 
-class DPOFreezeConfig(FreezeConfig):
-    train_from: Literal["last", "early", "intermediate"] = "last"  # which train_layers blocks train
-
-
 class Config(StageConfig):
-    checkpoint: str = "out/sft/hf"  # the policy starts here (`raylm sft` output)
-    reference: str | None = None  # the frozen reference; None: the starting checkpoint
+    checkpoint: InputPath = "out/sft/hf"  # the policy starts here (`raylm sft` output)
+    reference: InputPath | None = None  # the frozen reference; None: the starting checkpoint
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
     epochs: float | None = Field(default=None, gt=0)  # sets train.steps from the training pairs; None: train.steps
     loss: DPOLossConfig = Field(default_factory=DPOLossConfig)
-    freeze: DPOFreezeConfig = Field(default_factory=DPOFreezeConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)  # LoRA / QLoRA, bottleneck adapters, prompt tuning
     train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig)
     optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
@@ -84,8 +73,6 @@ def check(config: Config, config_path) -> None:
             hf = json.loads((Path(path) / "config.json").read_text())
             if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures", [])):
                 raise ConfigError(f"{config_path}: {key}: {path} is a reward model; DPO needs a language model")
-    from raylm.pipelines.sft import check_peft
-
     check_peft(config, config_path, json.loads((Path(config.checkpoint) / "config.json").read_text()))
 
 
@@ -104,7 +91,6 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
     from safetensors.torch import save_file
 
     from raylm.actors.train.preference_trainer import reference_logprobs
-    from raylm.ray_init import init_ray
 
     reference = Path(config.reference or config.checkpoint).resolve()
     quantize = reference_quantization(config)
@@ -122,7 +108,6 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
             if (f.metadata() or {}).get("key") == key.hexdigest():
                 print(f"[dpo] reference log-probs reused from {path}", flush=True)
                 return path
-    init_ray(config.ray)
     started = time.perf_counter()
     tensors = {}
     for name in ("train", "validation"):
@@ -139,7 +124,6 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
 
 def run(config: Config, stage_run: StageRun) -> dict:
     from raylm.actors.train.preference_trainer import preference_loop
-    from raylm.pipelines.pretrain import launch
     from raylm.data.preferences import PreferenceDataError
     from raylm.train.spec import DPOLoss, Freeze
 
@@ -156,9 +140,9 @@ def run(config: Config, stage_run: StageRun) -> dict:
                            freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
                            peft=config.peft.model_copy())
     final = launch(config, spec, loop=preference_loop)
-    summary = finish(config, stage_run, final, started,
-                     ["loss", "initial_val_accuracy", "val_accuracy", "initial_val_logp_margin", "val_logp_margin",
-                      "val_reward_accuracy", "val_reward_margin"])
+    summary = finish(config, stage_run, final, started, {k: final.get(k) for k in (
+        "loss", "initial_val_accuracy", "val_accuracy", "initial_val_logp_margin", "val_logp_margin",
+        "val_reward_accuracy", "val_reward_margin")})
     print(f"raylm dpo: held-out preference accuracy {summary['initial_val_accuracy']} -> {summary['val_accuracy']}, "
           f"chosen-minus-rejected log-prob margin {summary['initial_val_logp_margin']} -> {summary['val_logp_margin']}",
           flush=True)

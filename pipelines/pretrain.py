@@ -1,5 +1,5 @@
 """`raylm pretrain`: train a dense or MoE model from scratch on the token shards of `raylm data`,
-as a Ray Train worker group (FSDP2 over gloo on CPU, NCCL on GPU).
+as a Ray Train worker group (FSDP2 over gloo on CPU, NCCL on GPU; ``raylm.train.launcher``).
 
 Checkpoints are sharded (DCP) and reported to Ray Train every ``train.checkpoint_every`` steps under
 ``<output_dir>/ray_train/<stage>``; a worker that dies is replaced and the group resumes from the
@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from raylm.config import ConfigError, ModelStageConfig
+from raylm.config import ConfigError, InputPath, ModelStageConfig
 from raylm.tracking import StageRun
-from raylm.train.spec import TokenData, TrainingSpec
 from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
+from raylm.train.launcher import check_parallel, finish, launch, lm_results, training_spec
+from raylm.train.spec import TokenData
 
 
 class Config(ModelStageConfig):
-    data_dir: str = "out/data"  # `raylm data`'s output_dir (shards in tokens/), or a folder holding index.json
+    data_dir: InputPath = "out/data"  # `raylm data`'s output_dir (shards in tokens/), or a folder holding index.json
     tokenizer: str | None = None  # shipped with the exported model; None: the data stage's tokenizer.json
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -45,83 +46,6 @@ def check(config: Config, config_path) -> None:
     if config.tokenizer and not Path(config.tokenizer).exists():
         raise ConfigError(f"{config_path}: tokenizer: {config.tokenizer} does not exist")
     check_parallel(config, config_path)
-
-
-def check_parallel(config, config_path, model=None, model_key: str = "model") -> None:
-    """The parallel section against the workers, the sequence and the model (a TransformerConfig;
-    default ``config.model``; ``model_key`` names where it comes from in errors: ``model.<field>``
-    for pretraining, ``checkpoint`` for a fine-tuning start)."""
-    if config.train.fail_at_step is not None and config.train.fail_rank >= config.parallel.num_workers:
-        raise ConfigError(f"{config_path}: train.fail_rank: {config.train.fail_rank} is not a rank of "
-                          f"{config.parallel.num_workers} workers")
-    parallel = config.parallel
-    if parallel.cp > 1 and config.train.seq_len % parallel.cp:
-        raise ConfigError(f"{config_path}: parallel.cp: {parallel.cp} does not divide train.seq_len "
-                          f"({config.train.seq_len})")
-    if parallel.pp > 1:
-        model = model if model is not None else config.model
-        field = (lambda name: f"model.{name}") if model_key == "model" else (lambda name: model_key)
-        problems = [
-            (field("tie_embeddings"), model.tie_embeddings and "tied embeddings would span the first and last stage; "
-                                                              "pretrain with model.tie_embeddings=false"),
-            (field("n_layers"), model.n_layers < parallel.pp and f"{model.n_layers} blocks for {parallel.pp} stages"),
-            ("train.batch_size", config.train.batch_size % parallel.pp_microbatches
-                                and f"{config.train.batch_size} is not divisible by parallel.pp_microbatches "
-                                    f"({parallel.pp_microbatches})"),
-        ]
-        for key, problem in problems:
-            if problem:
-                raise ConfigError(f"{config_path}: {key}: {problem} (parallel.pp={parallel.pp})")
-
-
-def training_spec(config, stage: str, stage_run: StageRun, **fields) -> TrainingSpec:
-    """What every worker needs (pickled once into the worker group): the config's ``train``,
-    ``optim`` and ``parallel`` sections, and the stage's own ``fields`` of ``TrainingSpec``."""
-    return TrainingSpec(stage=stage, seed=config.seed, train=config.train.model_copy(), optim=config.optim.model_copy(),
-                        parallel=config.parallel.model_copy(), stage_run=stage_run,
-                        export_dir=str((config.output_path / "hf").resolve()), **fields)
-
-
-def launch(config, spec: TrainingSpec, loop=None) -> dict:
-    """Run the worker group to the end (through failures, up to ``max_failures``); returns the
-    final metrics rank 0 reported. ``loop``: the worker loop (default: ``train_worker.train_loop``;
-    the preference stages bring their own); it gets ``{"spec": spec}``."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raylm.actors.train.train_worker import train_loop
-    from raylm.ray_init import init_ray
-
-    train_loop = loop or train_loop
-
-    init_ray(config.ray)
-    storage = (config.output_path / "ray_train").resolve()
-    name = spec.stage if config.train.resume else f"{spec.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec.run_dir = str(storage / name)
-    parallel = config.parallel
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec},
-        torch_config=TorchConfig(backend="nccl" if parallel.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=parallel.num_workers, use_gpu=parallel.use_gpu,
-            resources_per_worker={"CPU": parallel.cpus_per_worker, **({"GPU": 1} if parallel.use_gpu else {}),
-                                  **parallel.resources_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-            # Ray Train's own INFO lines ("Reporting training result ...") come from every rank at
-            # every report; the console shows rank 0's step lines instead.
-            **({"logging_config": ray.train.LoggingConfig(log_level="WARNING")}
-               if hasattr(ray.train, "LoggingConfig") else {}),
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    return {**(result.metrics or {}), "checkpoint_dir": result.checkpoint.path if result.checkpoint else None}
 
 
 def unigram_loss(data_dir: str) -> float:
@@ -147,24 +71,6 @@ def unigram_loss(data_dir: str) -> float:
         total -= logp[tokens].sum()
         n += len(tokens)
     return total / max(n, 1)
-
-
-def finish(config, stage_run: StageRun, final: dict, started: float) -> dict:
-    export_dir = config.output_path / "hf"
-    stage_run.log_artifact(export_dir, "model")
-    summary = {
-        "checkpoint": str(export_dir),
-        "steps": final.get("step"),
-        "loss": final.get("loss"),
-        "val_loss": final.get("val_loss"),
-        "tokens_per_s": final.get("mean_tokens_per_s", final.get("tokens_per_s")),
-        "mfu": final.get("mean_mfu", final.get("mfu")),
-        "wall_s": time.perf_counter() - started,
-        "ray_checkpoint": final.get("checkpoint_dir"),
-        "resumed_from_step": final.get("resumed_from_step"),  # None: the run started from step 0
-    }
-    stage_run.log_metrics({"wall_s": summary["wall_s"]})
-    return summary
 
 
 def shard_dir(data_dir: str | Path) -> Path:
@@ -193,7 +99,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
                          data=TokenData(str(shard_dir(config.data_dir).resolve())),
                          tokenizer_file=str(tokenizer.resolve()) if tokenizer else None)
     final = launch(config, spec)
-    summary = finish(config, stage_run, final, started)
+    summary = finish(config, stage_run, final, started, lm_results(final))
     summary["unigram_val_loss"] = unigram_loss(shard_dir(config.data_dir))
     stage_run.log_metrics({"unigram_val_loss": summary["unigram_val_loss"]})
     if summary["val_loss"] is not None:  # None: no validation (train.eval_every=0)

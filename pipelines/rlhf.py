@@ -55,7 +55,7 @@ from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, Section, StageConfig
 from raylm.peft.config import PeftConfig
-from raylm.pipelines.sft import FreezeConfig
+from raylm.train.config import FreezeConfig
 from raylm.tracking import Progress, StageRun
 
 log = logging.getLogger("raylm.rlhf")
@@ -329,7 +329,7 @@ class Task:
                 if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                     raise ConfigError(f"{data.prompts}:{i + 1}: 'prompt': must be a string")
         else:
-            from raylm.data.preferences import stdlib_prompts
+            from raylm.data.stdlib_task import stdlib_prompts
 
             items = stdlib_prompts("train", data.limit, data.validation_fraction, config.seed)
             held_out = stdlib_prompts("validation", data.limit, data.validation_fraction, config.seed)
@@ -355,7 +355,7 @@ class Task:
         return self.template.tokenizer.decode([t for t in response if t != self.template.end_id])
 
     def ground_truth(self, item: dict, response: list[int]) -> float | None:
-        from raylm.data.preferences import reference_score
+        from raylm.data.stdlib_task import reference_score
 
         if not item.get("reference"):
             return None

@@ -18,7 +18,6 @@ Defaults suit fine-tuning: LR 3e-4 with a short warmup, ``epochs: 3`` (sets ``tr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -26,31 +25,28 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, Section, StageConfig, check_one_data_source, where_relative
+from raylm.config import ConfigError, InputPath, Section, StageConfig, check_one_data_source, where_relative
 from raylm.peft.config import PeftConfig
 from raylm.tracking import StageRun
-from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
+from raylm.train.config import FreezeConfig, OptimConfig, ParallelConfig, TrainConfig
+from raylm.train.launcher import (check_parallel, check_peft, check_start_checkpoint, finish, launch, lm_results,
+                                  tokenizer_path, training_spec)
 
 
 class DataConfig(Section):
     """The instruction data: train/validation JSONL files, or a built-in set (not both)."""
 
-    train: str | None = None  # JSONL: {"prompt", "response"[, "system"]} or {"messages": [...]} per line
-    validation: str | None = None  # held-out JSONL, the validation (response) loss
+    train: InputPath | None = None  # JSONL: {"prompt", "response"[, "system"]} or {"messages": [...]} per line
+    validation: InputPath | None = None  # held-out JSONL, the validation (response) loss
     builtin: Literal["stdlib-instructions"] | None = None  # instead of train/validation files
     builtin_limit: int | None = Field(default=None, ge=2)  # examples of the built-in set (None: all)
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # of the built-in set's functions (as reward's)
-    tokenizer: str | None = None  # tokenizer.json; default: the checkpoint's
+    tokenizer: InputPath | None = None  # tokenizer.json; default: the checkpoint's
     system_prompt: str | None = None  # prepended to conversations that have none
 
     @model_validator(mode="after")
     def _one_source(self):
         return check_one_data_source(self)
-
-
-class FreezeConfig(Section):
-    train_layers: int | None = Field(default=None, ge=0)  # None: full fine-tuning
-    train_from: Literal["last", "early", "intermediate"] = "last"  # which train_layers blocks train
 
 
 class SFTTrainConfig(TrainConfig):
@@ -68,7 +64,7 @@ class SFTOptimConfig(OptimConfig):
 
 
 class Config(StageConfig):
-    checkpoint: str = "out/pretrain/hf"  # Hugging Face folder (`raylm pretrain` output) to start from
+    checkpoint: InputPath = "out/pretrain/hf"  # Hugging Face folder (`raylm pretrain` output) to start from
     data: DataConfig = Field(default_factory=DataConfig)
     epochs: float | None = Field(default=3.0, gt=0)  # sets train.steps from the packed data; None: use train.steps
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
@@ -77,30 +73,6 @@ class Config(StageConfig):
     optim: SFTOptimConfig = Field(default_factory=SFTOptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     samples: int = Field(default=4, ge=0)  # held-out prompts answered (greedy) by the final model, logged to MLflow
-
-
-def check_start_checkpoint(config, config_path, made_by: str) -> dict:
-    """The Hugging Face folder a fine-tuning stage starts from (``config.checkpoint``, e.g. the output
-    of ``made_by``) against ``train.seq_len`` and ``freeze.train_layers``; returns its config.json."""
-    hf_config = Path(config.checkpoint) / "config.json"
-    if not hf_config.exists():
-        raise ConfigError(f"{config_path}: checkpoint: {hf_config} not found (a Hugging Face folder, e.g. "
-                          f"`{made_by}` output's hf/)")
-    hf = json.loads(hf_config.read_text())
-    from raylm.models.hf_checkpoint import config_from_hf
-
-    try:  # a family or a field raylm does not implement stops here, named, before any Ray work
-        config_from_hf(hf)
-    except ValueError as e:
-        raise ConfigError(f"{config_path}: checkpoint: {hf_config.parent}/{e}") from None
-    if config.train.seq_len > hf.get("max_position_embeddings", config.train.seq_len):
-        raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds the checkpoint's "
-                          f"max_position_embeddings ({hf['max_position_embeddings']})")
-    n_layers = hf.get("num_hidden_layers")
-    if config.freeze.train_layers is not None and n_layers is not None and config.freeze.train_layers > n_layers:
-        raise ConfigError(f"{config_path}: freeze.train_layers: {config.freeze.train_layers} exceeds the "
-                          f"checkpoint's {n_layers} layers")
-    return hf
 
 
 def check(config: Config, config_path) -> None:
@@ -121,55 +93,16 @@ def check(config: Config, config_path) -> None:
             except SFTDataError as e:
                 raise ConfigError(f"{config_path}: data.{key}: {e}") from None
     from raylm.models.hf_checkpoint import config_from_hf
-    from raylm.pipelines.pretrain import check_parallel
 
     check_parallel(config, config_path, config_from_hf(hf), "checkpoint")
-
-
-def check_peft(config, config_path, hf: dict) -> None:
-    """The ``peft:`` section against the rest of a stage config (`raylm sft` and `raylm dpo`)."""
-    peft = config.peft
-    if peft.quantize != "none" and peft.method != "lora":
-        raise ConfigError(f"{config_path}: peft.quantize: {peft.quantize} needs peft.method: lora "
-                          "(a quantized base is not trained)")
-    if peft.method == "none":
-        return
-    if config.freeze.train_layers is not None:
-        raise ConfigError(f"{config_path}: freeze.train_layers and peft.method: {peft.method} both set; "
-                          f"{peft.method} already freezes the whole base: choose one")
-    parallel = config.parallel
-    for key in ("tp", "pp", "ep"):
-        if getattr(parallel, key, 1) > 1:
-            raise ConfigError(f"{config_path}: parallel.{key}: peft.method {peft.method} runs with data (FSDP2) "
-                              "and context parallelism only")
-    if peft.method == "prompt_tuning" and peft.num_virtual_tokens + config.train.seq_len > hf.get(
-            "max_position_embeddings", math.inf):
-        raise ConfigError(f"{config_path}: peft.num_virtual_tokens: {peft.num_virtual_tokens} soft-prompt positions + "
-                          f"train.seq_len {config.train.seq_len} exceed the checkpoint's max_position_embeddings "
-                          f"({hf['max_position_embeddings']})")
-    if peft.method != "lora":
-        return
-    mlp = sorted(set(peft.target_modules) & {"gate_proj", "up_proj", "down_proj"})
-    if hf.get("model_type", "llama") != "llama" and mlp:
-        raise ConfigError(f"{config_path}: peft.target_modules: {mlp} on a Mixture-of-Experts model (its experts "
-                          "are not Linear layers); target the attention projections")
-    if peft.double_quant and peft.quantize != "nf4":
-        raise ConfigError(f"{config_path}: peft.double_quant quantizes NF4's scales: it needs peft.quantize: nf4")
-    if peft.quantize == "nf4":
-        dims = [hf.get("hidden_size", 0), hf.get("intermediate_size", 0)]
-        if any(d * dims[0] % peft.block_size for d in dims):
-            raise ConfigError(f"{config_path}: peft.block_size: {peft.block_size} does not divide the weights")
-
-
-def tokenizer_path(config: Config) -> Path | None:
-    return Path(config.data.tokenizer) if config.data.tokenizer else Path(config.checkpoint) / "tokenizer.json"
 
 
 def data_files(config: Config) -> dict:
     """The train/validation JSONL paths, building the built-in set into the output folder if asked."""
     if config.data.builtin is None:
         return {"train": str(Path(config.data.train).resolve()), "validation": str(Path(config.data.validation).resolve())}
-    from raylm.data.preferences import split_functions, stdlib_functions, write_jsonl
+    from raylm.data.jsonl import write_jsonl
+    from raylm.data.stdlib_task import split_functions, stdlib_functions
 
     # The preference task's functions and split (same limit, validation_fraction and seed as the
     # reward / DPO / RLHF sections): their held-out functions are never seen in SFT either.
@@ -190,7 +123,6 @@ def steps_for_epochs(config: Config, files: dict, tokenizer: str) -> int:
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
-    from raylm.pipelines.pretrain import finish, launch, training_spec
     from raylm.data.sft import SFTDataError
     from raylm.train.spec import ConversationData, Freeze
 
@@ -208,7 +140,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
                          peft=config.peft.model_copy(), tokenizer_file=tokenizer,
                          data=ConversationData(files["train"], files["validation"], tokenizer, config.data.system_prompt))
     final = launch(config, spec)
-    summary = finish(config, stage_run, final, started)
+    summary = finish(config, stage_run, final, started, lm_results(final))
     summary["train_examples_file"] = files["train"]
     if config.samples and config.peft.method == "prompt_tuning":
         print("raylm sft: no samples: a soft prompt cannot run with the KV-cached generator", flush=True)

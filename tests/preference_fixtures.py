@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from raylm.models.config import preset
 from raylm.models.hf_checkpoint import save_checkpoint
 from raylm.models.transformer import Transformer
-from raylm.data.preferences import IGNORE_INDEX, encode_response, pad_batch, split_functions, stdlib_functions
+from raylm.data.preferences import IGNORE_INDEX, encode_response, pad_batch
+from raylm.data.stdlib_task import split_functions, stdlib_functions
 
 VOCAB = 1024
 SEQ_LEN = 128

@@ -19,7 +19,7 @@ from raylm.models.config import preset
 from raylm.models.generate import SamplingParams, generate
 from raylm.models.hf_checkpoint import save_checkpoint
 from raylm.models.transformer import Transformer, TransformerWithScalarHead, causal_lm_loss
-from raylm.data.preferences import reference_score, stdlib_prompts
+from raylm.data.stdlib_task import reference_score, stdlib_prompts
 from raylm.data.sft import ChatTemplate, labels_of
 from raylm.data.tokenizer import EOS_ID, train_tokenizer
 

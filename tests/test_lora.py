@@ -229,7 +229,8 @@ def test_raylm_sft_with_qlora_on_two_fsdp_workers(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from raylm import cli
-    from raylm.data.sft import stdlib_instructions, write_jsonl_splits
+    from raylm.data.jsonl import write_jsonl_splits
+    from raylm.data.stdlib_task import stdlib_instructions
     from raylm.data.tokenizer import train_tokenizer
 
     examples = stdlib_instructions(limit=200)
@@ -449,7 +450,8 @@ def sft_base(tmp_path_factory):
     a small instruction file; a local Ray shared by the module's CLI runs."""
     import ray
 
-    from raylm.data.sft import stdlib_instructions, write_jsonl_splits
+    from raylm.data.jsonl import write_jsonl_splits
+    from raylm.data.stdlib_task import stdlib_instructions
     from raylm.data.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("peft-sft")

@@ -16,11 +16,9 @@ from raylm.data.preferences import (
     encode_response,
     ranking_pairs,
     read_preferences,
-    reference_score,
     reward_inputs,
-    stdlib_preference_splits,
-    stdlib_prompts,
 )
+from raylm.data.stdlib_task import reference_score, stdlib_preference_splits, stdlib_prompts
 from raylm.train.losses import bradley_terry_loss
 from preference_fixtures import VALIDATION_FRACTION, shared_sft_checkpoint
 

@@ -21,9 +21,9 @@ from raylm.data.sft import (
     PackedSFTDataset,
     SFTDataError,
     read_conversations,
-    stdlib_instructions,
-    write_jsonl_splits,
 )
+from raylm.data.jsonl import write_jsonl_splits
+from raylm.data.stdlib_task import stdlib_instructions
 from raylm.data.tokenizer import ASSISTANT, END, train_tokenizer
 
 pytestmark = pytest.mark.timeout(900)
@@ -226,7 +226,7 @@ def test_builtin_set_holds_out_the_preference_tasks_functions(tmp_path):
 
     from raylm.config import load_config
     from raylm.pipelines import sft
-    from raylm.data.preferences import stdlib_preference_splits
+    from raylm.data.stdlib_task import stdlib_preference_splits
 
     config = load_config(sft.Config, None, [f"output_dir={tmp_path}", "data.builtin=stdlib-instructions",
                                             "data.builtin_limit=300"])

@@ -1,6 +1,7 @@
-"""Reading JSONL input line by line, with the file and line number of anything that cannot be read.
+"""JSONL files: reading them line by line, with the file and line number of anything that cannot
+be read, and writing them whole.
 
-The SFT and preference readers open a file in binary mode and iterate ``numbered(f, path, ...)``:
+The SFT and preference readers open a file in binary mode and iterate ``records(f, path, ...)``:
 each line is decoded on its own, so a line that is not UTF-8 is reported as ``file:line`` (with
 the offending byte) instead of an exception from deep inside the text decoder, and under
 ``on_bad_line: skip`` it is quarantined like any other bad line while every valid line is kept.
@@ -8,8 +9,11 @@ the offending byte) instead of an exception from deep inside the text decoder, a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
 
 
 class JSONLError(ValueError):
@@ -38,3 +42,40 @@ def numbered(f: BinaryIO, path: str | Path, bad: list[dict] | None = None,
                         "error": message.split(": ", 1)[1]})
             continue
         yield line_no, text
+
+
+def records(f: BinaryIO, path: str | Path, bad: list[dict] | None = None,
+            error: type[Exception] = JSONLError) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` of every non-blank line of the binary file ``f``. A line that
+    is not UTF-8 or not JSON raises ``error`` naming the file and line, or, when ``bad`` is a list,
+    is appended to it as ``{"file", "line", "field": "(line)", "error"}`` and skipped."""
+    for line_no, text in numbered(f, path, bad, error):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            message = f"not valid JSON ({e.msg})"
+            if bad is None:
+                raise error(f"{path}:{line_no}: {message}") from None
+            bad.append({"file": str(path), "line": line_no, "field": "(line)", "error": message})
+            continue
+        yield line_no, record
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """``rows`` as one JSON object a line, written whole (a temporary file, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_jsonl_splits(examples: list[dict], out_dir: str | Path, validation_fraction: float, seed: int) -> dict:
+    """Shuffle once with ``seed`` and write ``train.jsonl`` / ``validation.jsonl``; returns their paths."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = max(1, int(len(examples) * validation_fraction))
+    return {split: str(write_jsonl([examples[i] for i in indices], Path(out_dir) / f"{split}.jsonl"))
+            for split, indices in (("validation", order[:n_val]), ("train", order[n_val:]))}

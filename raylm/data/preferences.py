@@ -1,5 +1,5 @@
-"""Preference data for reward modelling, DPO and RLHF: JSONL pairs and rankings, a ground-truth
-preference task built from the standard library, and the chat encoding every stage scores with.
+"""Preference data for reward modelling, DPO and RLHF: JSONL pairs and rankings, and the chat
+encoding every stage scores with (the built-in standard-library task is ``raylm.data.stdlib_task``).
 
 JSONL, one record a line (blank lines are skipped):
 
@@ -11,14 +11,6 @@ A bad line is reported with the file, the line and the field (``pairs.jsonl:7: '
 missing ...``). ``on_bad_line="error"`` (the default) refuses the file and names every bad line;
 ``"skip"`` keeps every valid line and returns the bad ones as records to quarantine.
 
-The built-in task (``stdlib_*``): the prompt asks what a standard-library function does, showing its
-qualified name and signature; the preferred answer is the first line of its own docstring, the
-rejected one the first line of another function's from the same top-level module (a hard
-negative: same topic, same vocabulary). Train and held-out splits are disjoint by function, and
-negatives are drawn only from the same split. ``stdlib_prompts`` gives the prompts with their
-reference answers (for RLHF rollouts), and ``reference_score`` scores a generated answer against
-the reference (word-overlap F1), the ground truth a reward model should agree with.
-
 Encoding: a (prompt, response) is the conversation [user: prompt, assistant: response] in the
 checkpoint's chat template (``raylm.data.chat_template.ChatTemplate``); with raylm's tokenizer
 ``<|bos|> <|user|> prompt <|end|> <|assistant|> response <|end|> <|eos|>``. A reward model reads its
@@ -28,20 +20,17 @@ token that closes them (``<|end|>``).
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from raylm.data.jsonl import numbered
-from raylm.data.sft import ResumablePosition
+from raylm.data.jsonl import records
+from raylm.data.sft import ResumablePosition, labels_of
+from raylm.train.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 MAX_REPORTED_ERRORS = 20
 
 
@@ -119,14 +108,8 @@ def read_preferences(path: str | Path, on_bad_line: Literal["error", "skip"] = "
         raise PreferenceDataError(f"{path}: no such file")
     pairs, bad = [], []
     with path.open("rb") as f:
-        for line_no, line in numbered(f, path, bad):  # a non-UTF-8 line is a bad line, file:line
-            if not line.strip():
-                continue
+        for line_no, record in records(f, path, bad):  # not UTF-8 or not JSON: a bad line, file:line
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _BadLine("(line)", f"not valid JSON ({e.msg})") from None
                 pairs += pairs_of_record(record)
             except _BadLine as e:
                 bad.append({"file": str(path), "line": line_no, "field": e.field, "error": e.error})
@@ -140,121 +123,6 @@ def read_preferences(path: str | Path, on_bad_line: Literal["error", "skip"] = "
     return pairs, bad
 
 
-def write_jsonl(records: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-# ---- the built-in ground-truth task: the right docstring for a standard-library function -----------
-
-def first_line(docstring: str) -> str:
-    return docstring.strip().split("\n", 1)[0].strip()
-
-
-def stdlib_prompt(qualified_name: str, signature: str, max_signature: int = 100) -> str:
-    if len(signature) > max_signature:
-        signature = signature[: max_signature - 4] + " ...)"
-    return f"What does `{qualified_name}{signature}` do?"
-
-
-def stdlib_functions(limit: int | None = None) -> list[dict]:
-    """Public documented stdlib functions with a first docstring line of 3+ words, one per name:
-    ``{"function", "module", "prompt", "reference"}``, in a fixed order."""
-    from raylm.data.stdlib_corpus import iter_stdlib_functions
-
-    items, seen = [], set()
-    for function in iter_stdlib_functions():
-        reference = first_line(function.docstring)
-        if len(reference.split()) < 3 or function.qualified_name in seen:
-            continue
-        seen.add(function.qualified_name)
-        items.append({"function": function.qualified_name, "module": function.qualified_name.split(".")[0],
-                      "prompt": stdlib_prompt(function.qualified_name, function.signature), "reference": reference})
-    if limit is not None:  # an evenly spread subset, so that a small task still spans many modules
-        keep = np.linspace(0, len(items) - 1, num=min(limit, len(items))).round().astype(int)
-        items = [items[i] for i in sorted(set(keep.tolist()))]
-    return items
-
-
-def split_functions(items: list[dict], validation_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Disjoint train / validation functions (a seeded permutation)."""
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_val = max(1, int(round(len(items) * validation_fraction)))
-    return {"train": [items[i] for i in sorted(order[n_val:])], "validation": [items[i] for i in sorted(order[:n_val])]}
-
-
-def preference_pairs(items: list[dict], negatives: Literal["same_module", "random"] = "same_module",
-                     per_prompt: int = 1, seed: int = 0) -> list[dict]:
-    """For every function, ``per_prompt`` pairs: its docstring line chosen over another function's.
-    ``same_module`` draws the rejected line from the same top-level module when it has another
-    function with a different line (else from anywhere); ``random`` from anywhere in ``items``."""
-    rng = np.random.default_rng(seed)
-    by_module = defaultdict(list)
-    for i, item in enumerate(items):
-        by_module[item["module"]].append(i)
-    pairs = []
-    for i, item in enumerate(items):
-        pool = by_module[item["module"]] if negatives == "same_module" else []
-        pool = [j for j in pool if items[j]["reference"] != item["reference"]]
-        picks = []
-        for _ in range(per_prompt):
-            if pool:
-                j = pool[int(rng.integers(len(pool)))]
-            else:
-                j = int(rng.integers(len(items)))
-                while items[j]["reference"] == item["reference"]:
-                    j = int(rng.integers(len(items)))
-            picks.append(j)
-        for j in picks:
-            pairs.append({"prompt": item["prompt"], "chosen": item["reference"], "rejected": items[j]["reference"],
-                          "function": item["function"], "rejected_function": items[j]["function"]})
-    return pairs
-
-
-def stdlib_preference_splits(limit: int | None = None, validation_fraction: float = 0.1, seed: int = 0,
-                             negatives: Literal["same_module", "random"] = "same_module",
-                             per_prompt: int = 1) -> dict[str, list[dict]]:
-    """The built-in preference task: ``{"train": pairs, "validation": pairs}``, disjoint by function."""
-    splits = split_functions(stdlib_functions(limit), validation_fraction, seed)
-    return {name: preference_pairs(items, negatives, per_prompt if name == "train" else 1, seed + k)
-            for k, (name, items) in enumerate(splits.items())}
-
-
-def stdlib_prompts(split: Literal["train", "validation"] = "train", limit: int | None = None,
-                   validation_fraction: float = 0.1, seed: int = 0) -> list[dict]:
-    """Prompts of the built-in task for RLHF rollouts, ``{"prompt", "reference", "function"}``: the
-    same functions, split the same way, as ``stdlib_preference_splits`` with the same arguments."""
-    items = split_functions(stdlib_functions(limit), validation_fraction, seed)[split]
-    return [{"prompt": i["prompt"], "reference": i["reference"], "function": i["function"]} for i in items]
-
-
-_WORD = re.compile(r"[A-Za-z0-9_]+")
-
-
-def reference_score(response: str, reference: str) -> float:
-    """Ground truth for a generated answer: word-overlap F1 (case-folded) with the reference, in [0, 1]."""
-    got = [w.lower() for w in _WORD.findall(response)]
-    want = [w.lower() for w in _WORD.findall(reference)]
-    if not got or not want:
-        return 0.0
-    counts = defaultdict(int)
-    for w in want:
-        counts[w] += 1
-    common = 0
-    for w in got:
-        if counts[w] > 0:
-            counts[w] -= 1
-            common += 1
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(got), common / len(want)
-    return 2 * precision * recall / (precision + recall)
-
-
 # ---- encoding -------------------------------------------------------------------------------------
 
 def encode_response(template, prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
@@ -262,8 +130,6 @@ def encode_response(template, prompt: str, response: str, seq_len: int) -> tuple
     labels are -100 everywhere but the response and its end-of-turn token. Too long: the prompt's
     text is cut from its left, then the response's from its right, so the sequence still ends as the
     template ends it (raylm's: ``<|end|> <|eos|>``)."""
-    from raylm.data.sft import labels_of
-
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     ids, target = template.encode(messages)
     if len(ids) > seq_len:

@@ -16,7 +16,6 @@ example (``models.transformer.document_causal_mask`` / ``document_positions``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +24,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 from raylm.data.chat_template import ChatTemplate, ChatTemplateError
-from raylm.data.jsonl import numbered
+from raylm.data.jsonl import records
 from raylm.data.tokenizer import PAD_ID
+from raylm.train.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 
@@ -44,15 +43,8 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
         raise SFTDataError(f"{path}: no such file")
     conversations = []
     with path.open("rb") as f:
-        for line_no, line in numbered(f, path, error=SFTDataError):  # a non-UTF-8 line: file:line
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{where}: not valid JSON ({e.msg})") from None
-            conversations.append(conversation_of(record, where))
+        for line_no, record in records(f, path, error=SFTDataError):  # not UTF-8 or not JSON: file:line
+            conversations.append(conversation_of(record, f"{path}:{line_no}"))
     if not conversations:
         raise SFTDataError(f"{path}: no examples")
     return conversations
@@ -185,38 +177,3 @@ class PackedSFTDataset(ResumablePosition, IterableDataset):
     def sequences_per_epoch(self) -> int:
         """Sequences each rank reads in the first epoch (later epochs pack to about as many)."""
         return self.per_rank(0)
-
-
-def stdlib_instructions(limit: int | None = None) -> list[dict]:
-    """Real instruction data from the running Python: "What does `module.function(signature)` do?"
-    answered with the first line of its docstring, for every public documented stdlib function (the
-    prompt format of the preference task, so that SFT, the reward model and RLHF agree)."""
-    from raylm.data.stdlib_corpus import iter_stdlib_functions
-    from raylm.data.preferences import stdlib_prompt
-
-    examples, seen = [], set()
-    for function in iter_stdlib_functions():
-        first_line = function.docstring.strip().split("\n", 1)[0].strip()
-        if len(first_line.split()) < 3 or function.qualified_name in seen:
-            continue
-        seen.add(function.qualified_name)
-        examples.append({"prompt": stdlib_prompt(function.qualified_name, function.signature), "response": first_line})
-        if limit is not None and len(examples) == limit:
-            break
-    return examples
-
-
-def write_jsonl_splits(examples: list[dict], out_dir: str | Path, validation_fraction: float, seed: int) -> dict:
-    """Shuffle once with ``seed`` and write ``train.jsonl`` / ``validation.jsonl``; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng(seed).permutation(len(examples))
-    n_val = max(1, int(len(examples) * validation_fraction))
-    paths = {}
-    for split, indices in (("validation", order[:n_val]), ("train", order[n_val:])):
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(examples[i]) + "\n" for i in indices), encoding="utf-8")
-        tmp.replace(path)
-        paths[split] = str(path)
-    return paths

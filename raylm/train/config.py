@@ -1,7 +1,8 @@
-"""Config sections shared by the training stages (``raylm pretrain``, ``raylm sft``).
+"""Config sections shared by the training stages (``raylm pretrain``, ``sft``, ``reward``, ``dpo``,
+and RLHF's policy).
 
-The defaults fit a 2-core laptop with the ``debug`` model; SFT overrides the ones that differ
-for fine-tuning (lower LR, fewer steps)."""
+The defaults fit a 2-core laptop with the ``debug`` model; the fine-tuning stages override the ones
+that differ (lower LR, fewer steps)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,10 @@ class ParallelConfig(Section):
             raise ValueError(f"dp_shard: pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x "
                              f"cp={self.cp} x tp={self.tp} does not equal num_workers={self.num_workers}")
         return self
+
+
+class FreezeConfig(Section):
+    """Fine-tuning: train only some blocks (plus the final norm and the head)."""
+
+    train_layers: int | None = Field(default=None, ge=0)  # None: full fine-tuning
+    train_from: Literal["last", "early", "intermediate"] = "last"  # which train_layers blocks train
