@@ -131,6 +131,7 @@ def run(config: Config, tracking_uri: str | None = None) -> dict:
             summary["stages"][stage] = result
             log_stage_results(parent, stage, result)
         log_eval_table(parent, config)
+        summary["gains"] = log_gains(parent, config, summary)
         summary["plots"] = [str(p) for p in plot_curves(summary, config, parent)]
         summary["registered_model"] = register_final_model(parent, config, summary)
         status = "FINISHED"
@@ -210,6 +211,50 @@ def log_eval_table(parent: StageRun, config: Config) -> None:
             parent.log_artifact(out / name, "eval")
 
 
+def held_out_pairs(config: Config, stage: str) -> int | None:
+    """How many held-out pairs the reward / DPO stage scored: its validation file's pairs, at most
+    what its eval_batches reach (raylm.actors.train.preference_trainer.evaluate)."""
+    from pathlib import Path
+
+    _, stage_cfg = stage_config(config, stage)
+    validation = getattr(stage_cfg.data, "validation", None)
+    if not validation or not Path(validation).exists():
+        return None
+    with open(validation, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    per_rank = -(-n // stage_cfg.parallel.num_workers)
+    reached = stage_cfg.train.eval_batches * stage_cfg.train.batch_size
+    return n if reached >= per_rank else reached * stage_cfg.parallel.num_workers
+
+
+def measure_gains(config: Config, summary: dict) -> list:
+    """Each stage's gain over the one before it on held-out items (raylm.eval.gains)."""
+    from raylm.eval.gains import stage_gains
+
+    stages = {s: r for s, r in summary["stages"].items() if s in config.stages}
+    eval_file = config.output_path / "eval" / "results.json"
+    eval_results = json.loads(eval_file.read_text()).get("results") if eval_file.exists() else None
+    data_dir = None
+    if "pretrain" in stages:
+        _, pretrain_cfg = stage_config(config, "pretrain")
+        data_dir = pretrain_cfg.data_dir
+    pairs = {s: held_out_pairs(config, s) for s in ("reward", "dpo") if s in stages}
+    return stage_gains(stages, eval_results, data_dir, {s: n for s, n in pairs.items() if n})
+
+
+def log_gains(parent: StageRun, config: Config, summary: dict) -> list[dict]:
+    """The stages' gains as parent-run metrics (``gain/<stage>/...``) and <output_dir>/gains.json."""
+    gains = [g.as_dict() for g in measure_gains(config, summary)]
+    for g in gains:
+        if "delta" in g:
+            key = metric_name("gain", g["stage"], g["versus"], g["metric"].split(" (")[0])
+            parent.log_metrics({key: g["delta"], f"{key}/low": g["low"], f"{key}/high": g["high"]})
+    path = config.output_path / "gains.json"
+    path.write_text(json.dumps(gains, indent=2))
+    parent.log_artifact(path)
+    return gains
+
+
 def run_lineage(config: Config, stage: str, summary: dict) -> dict:
     """Registry tags only the lifecycle knows: the runs that made this stage's inputs."""
     runs = {name: r["mlflow_run"] for name, r in summary["stages"].items() if r.get("mlflow_run")}
@@ -255,8 +300,38 @@ def plot_curves(summary: dict, config: Config, parent: StageRun) -> list:
     return paths
 
 
+def report_text(summary: dict, config: Config) -> str:
+    """The run's results as Markdown (<output_dir>/results.md): each stage's gain over the one before
+    it with its 95% interval, the stages' wall times, the eval table."""
+    from raylm.eval.gains import from_dict, markdown_gains
+
+    lines = [f"# raylm run {config.output_dir}: what each stage gained", ""]
+    gains = summary.get("gains") or []
+    if gains:
+        rows = [from_dict(g) for g in gains]
+        lines += ["Held-out items only; the interval is 95%; a gain is shown when the whole interval is above 0.", "",
+                  *[f"- {r.line()}" for r in rows], "", markdown_gains(rows)]
+    times = {s: r.get("seconds") for s, r in summary["stages"].items()}
+    lines += ["## Stage times (s)", "", "| stage | seconds | |", "|---|---|---|"]
+    lines += [f"| {s} | {t} | {'done in an earlier run' if summary['stages'][s].get('skipped') else ''} |"
+              for s, t in times.items()]
+    total = sum(t for s, t in times.items() if isinstance(t, (int, float)) and not summary["stages"][s].get("skipped"))
+    lines += [f"| total (this run) | {total:.0f} | |", ""]
+    table = config.output_path / "eval" / "results.md"
+    if table.exists():
+        lines += ["## Eval, checkpoint by checkpoint", "", table.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
 def print_report(summary: dict, config: Config) -> None:
     print("\n=== raylm run: report ===")
+    if summary.get("gains"):
+        from raylm.eval.gains import from_dict
+
+        print("  each stage against the one before it, on held-out items (95% interval):")
+        for g in summary["gains"]:
+            print(f"    {from_dict(g).line()}")
+        print()
     for stage, result in summary["stages"].items():
         # scalars, and one level of named scalars (e.g. RLHF's before / after reward and KL)
         flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) and k != "mlflow_run"}
@@ -270,6 +345,9 @@ def print_report(summary: dict, config: Config) -> None:
         print("    " + table.read_text().strip().replace("\n", "\n    "))
     if summary.get("plots"):
         print(f"\n  plots: {', '.join(summary['plots'])}")
+    results = config.output_path / "results.md"
+    results.write_text(report_text(summary, config))
+    print(f"  results: {results}")
     print(f"  artifacts: {config.output_path.resolve()}")
     print(f"  MLflow: {summary['tracking_uri']} (parent run {summary['mlflow_parent_run']})")
     if summary.get("registered_model"):
