@@ -1,10 +1,10 @@
-"""Log-likelihood scoring and reward scoring as Ray Data ``map_batches`` actors.
+"""Log-likelihood scoring as a Ray Data ``map_batches`` actor.
 
 ``LoglikelihoodScorer`` loads any Hugging Face causal LM (raylm's own checkpoints are Llama/Mixtral/
 Qwen2-MoE folders) once per actor and scores rows ``{id, tokens, n_scored}``: the summed log-prob of
 the last ``n_scored`` tokens of ``tokens`` given everything before them, and whether each of them was
-the greedy choice. Multiple-choice answers and perplexity windows are both such rows.
-``RewardScorer`` scores rows ``{id, tokens}`` with a reward model's last-token score.
+the greedy choice. Multiple-choice answers and perplexity windows are both such rows. (A reward
+model's scores of such rows: ``actors/reward_scorer.py``.)
 """
 
 from __future__ import annotations
@@ -107,29 +107,3 @@ class LoglikelihoodScorer:
                 logprob[i] = scored.gather(-1, targets[:, None]).sum().item()
                 greedy[i] = bool((scored.argmax(-1) == targets).all())
         return {"id": ids, "logprob": logprob, "is_greedy": greedy}
-
-
-class RewardScorer:
-    def __init__(self, checkpoint_dir: str, max_batch: int = 16):
-        from raylm.models.hf_checkpoint import load_checkpoint
-
-        self.model = load_checkpoint(checkpoint_dir, scalar_head=True).eval()
-        self.max_batch = max_batch
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        sequences = [list(t) for t in batch["tokens"]]
-        scores = np.zeros(len(sequences), dtype=np.float64)
-        for rows in _micro_batches([len(s) for s in sequences], self.max_batch, 1 << 30):
-            width = len(sequences[rows[0]])
-            tokens = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for r, i in enumerate(rows):
-                tokens[r, : len(sequences[i])] = torch.tensor(sequences[i])
-                mask[r, : len(sequences[i])] = 1
-            with torch.inference_mode():
-                values = self.model.sequence_scores(tokens, mask).tolist()
-            for r, value in zip(rows, values):
-                scores[r] = value
-        return {"id": batch["id"], "score": scores}

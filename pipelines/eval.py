@@ -416,7 +416,7 @@ def result_key(ref: TaskRef, task: Task) -> str:
 def preference_win_rate(config: Config) -> dict:
     import ray
 
-    from raylm.actors.loglikelihood_scorer import RewardScorer
+    from raylm.actors.reward_scorer import RewardRowScorer
     from raylm.data.chat_template import ChatTemplate
 
     pref = config.preference
@@ -442,7 +442,7 @@ def preference_win_rate(config: Config) -> dict:
     for i, item in enumerate(items):
         item["id"] = i
     scored = ray.data.from_items(items).map_batches(
-        RewardScorer, fn_constructor_kwargs={"checkpoint_dir": pref.reward_model}, batch_size=config.scorer.rows_per_batch,
+        RewardRowScorer, fn_constructor_kwargs={"checkpoint_dir": pref.reward_model}, batch_size=config.scorer.rows_per_batch,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=config.scorer.cpus_per_actor,
     ).take_all()
     score = {int(r["id"]): float(r["score"]) for r in scored}
