@@ -16,10 +16,11 @@ import pytest
 
 from raylm.actors.data.connected_components import components_in_process
 from raylm.actors.data.minhash_dedup import DedupConfig, MinHashSignatures, bucket_edges
-from raylm.actors.data.quality_filters import (C4Config, DocumentFilter, FilterConfig, FineWebConfig,
-                                          GopherQualityConfig, GopherRepetitionConfig, PIIConfig, WORD_RE,
-                                          c4_filter, fineweb_filter, gopher_quality, gopher_repetition,
-                                          normalize, NormalizeConfig, redact_pii)
+from raylm.actors.data.c4_filter import C4Config, c4_filter
+from raylm.actors.data.fineweb_filter import FineWebConfig, fineweb_filter
+from raylm.actors.data.gopher_filters import GopherQualityConfig, GopherRepetitionConfig, gopher_quality, gopher_repetition
+from raylm.actors.data.quality_filters import WORD_RE, DocumentFilter, FilterConfig
+from raylm.actors.data.text_cleanup import NormalizeConfig, PIIConfig, normalize, redact_pii
 from raylm.data.stdlib_corpus import build_embedded_corpus
 
 pytestmark = pytest.mark.timeout(300)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from raylm.actors.data.quality_filters import (DocumentFilter, FilterConfig, GopherQualityConfig, reference_words)
+from raylm.actors.data.gopher_filters import GopherQualityConfig, reference_words
+from raylm.actors.data.quality_filters import DocumentFilter, FilterConfig
 
 pytestmark = pytest.mark.timeout(120)
 

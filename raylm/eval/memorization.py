@@ -74,7 +74,7 @@ def greedy_match_length(generated: list[int], suffix: list[int]) -> int:
 def pii_patterns() -> dict[str, re.Pattern]:
     """The data stage's own redaction patterns (imported here, where used: the data actors' module
     pulls in its filters' dependencies)."""
-    from raylm.actors.data.quality_filters import EMAIL_RE, IPV4_RE, PHONE_RE
+    from raylm.actors.data.text_cleanup import EMAIL_RE, IPV4_RE, PHONE_RE
 
     return {"email": EMAIL_RE, "phone": PHONE_RE, "ip_address": IPV4_RE}
 
