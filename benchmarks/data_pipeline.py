@@ -99,7 +99,8 @@ def run_datatrove(corpus: Path, tokenizer: Path, work: Path, cpus: int) -> tuple
     # sha1: datatrove 0.10's xxhash path passes str to xxhash 4, which refuses it (TypeError)
     config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(hash_fc="sha1", precision=64))
     reader = lambda: JsonlReader(str(corpus.parent), glob_pattern="*.jsonl")  # noqa: E731
-    common = dict(logging_dir=None, skip_completed=False)
+    # logging_dir=None would make datatrove write logs/<timestamp>/ into the current directory
+    common = dict(logging_dir=str(root / "datatrove_logs"), skip_completed=False)
     start = time.perf_counter()
     LocalPipelineExecutor([reader(), GopherQualityFilter(**GOPHER), MinhashDedupSignature(str(root / "sigs"), config=config)],
                           tasks=1, workers=1, **common).run()  # one input file: datatrove reads a file in one task
