@@ -40,6 +40,9 @@ class TaskRef(Section):
     path: str  # an lm-evaluation-harness-style task YAML
     num_fewshot: int | None = Field(default=None, ge=0)  # None: the YAML's num_fewshot
     limit: int | None = Field(default=None, ge=1)  # evaluate only the first N documents
+    # generate_until only: true: each context is a user message in the checkpoint's chat template,
+    # answered up to its end-of-turn (an instruction-tuned model's format); false: plain text
+    chat: bool = False
 
 
 class ScorerConfig(Section):
@@ -398,7 +401,7 @@ def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]
         else:
             started = time.perf_counter()
             predictions = generate_texts(folder, task.contexts(ref.num_fewshot), task.max_gen_toks, task.until,
-                                         config.generation, config.seed)
+                                         config.generation, config.seed, chat=ref.chat)
             references = [task.target_text(doc) for doc in task.eval_docs]
             metrics = generation_metrics(predictions, references, **task.metric_kwargs.get("exact_match", {}))
             metrics["items_per_s"] = len(predictions) / (time.perf_counter() - started)

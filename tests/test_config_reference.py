@@ -51,7 +51,7 @@ def test_lifecycle_config_shows_each_stage_resolved(capsys):
     docs = capsys.readouterr().out.split("\n---\n")
     assert len(docs) == 1 + len(yaml.safe_load(laptop.read_text())["stages"])
     pretrain = yaml.safe_load(docs[2])
-    assert pretrain["output_dir"] == "out/laptop/pretrain" and pretrain["train"]["steps"] == 300
+    assert pretrain["output_dir"] == "out/laptop/pretrain" and pretrain["train"]["steps"] == 200
     assert pretrain["data_dir"] == "out/laptop/data"  # lineage: what the data stage wrote
 
 
