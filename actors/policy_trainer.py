@@ -23,8 +23,10 @@ import ray
 import torch
 
 from raylm.actors.generation_engine import pack_weight_buckets
-from raylm.actors.trainer_group import ShardedTrainer
+from raylm.actors.trainer_group import ShardedTrainer, TrainerGroup, mean_dicts
+from raylm.rl.batching import cat_padded
 from raylm.rl.ppo import response_index, response_logits_and_logprobs
+from raylm.rl.remote import Pending
 from raylm.train.engine import memory_gb
 from raylm.train.losses import ppo_policy_loss
 
@@ -69,12 +71,15 @@ class PolicyTrainer(ShardedTrainer):
         return (logprobs * batch["response_mask"].to(logprobs.device)).cpu()
 
     def update(self, batch: dict, epochs: int, minibatches: int, clip_eps: float, entropy_coef: float = 0.0,
-               kl_loss_coef: float = 0.0, kl_estimator: str = "k3", step: int = 0, temperature: float = 1.0) -> dict:
+               kl_loss_coef: float = 0.0, kl_estimator: str = "k3", step: int = 0, temperature: float = 1.0,
+               clip_high: float | None = None, aggregation: str = "token_mean") -> dict:
         """``epochs`` passes over this rank's rollouts in ``minibatches`` optimizer steps each: PPO's
-        clipped surrogate, minus the entropy bonus, plus the KL to the reference when it is a loss.
-        Log-probabilities and entropy are those of softmax(logits / temperature), the distribution
-        the rollouts were sampled from.
-        Each rank's loss is the token mean of its own minibatch; FSDP2 averages the gradients."""
+        clipped surrogate (ratio clipped to [1 - clip_eps, 1 + clip_high]), minus the entropy bonus,
+        plus the KL to the reference when it is a loss. Log-probabilities and entropy are those of
+        softmax(logits / temperature), the distribution the rollouts were sampled from.
+        The batch may carry ``loss_mask`` (the tokens that carry loss; default ``response_mask``)
+        and ``is_weights`` (per-token truncated importance weights).
+        Each rank's loss is aggregated over its own minibatch; FSDP2 averages the gradients."""
         generator = torch.Generator().manual_seed(self.seed * 100003 + step)
         stats = defaultdict(list)
         start = time.perf_counter()
@@ -82,10 +87,12 @@ class PolicyTrainer(ShardedTrainer):
             for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
                 mb = trim(batch, rows)
                 logits, logprobs = self.forward(mb, temperature)
+                weights = mb["is_weights"].to(self.device) if "is_weights" in mb else None
                 loss, numbers = ppo_policy_loss(
                     logits, logprobs, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
-                    mb["response_mask"].to(self.device), clip_eps, entropy_coef,
-                    mb["ref_logprobs"].to(self.device) if kl_loss_coef > 0 else None, kl_loss_coef, kl_estimator)
+                    mb.get("loss_mask", mb["response_mask"]).to(self.device), clip_eps, entropy_coef,
+                    mb["ref_logprobs"].to(self.device) if kl_loss_coef > 0 else None, kl_loss_coef, kl_estimator,
+                    clip_high, aggregation, weights)
                 loss.backward()
                 stats["policy/grad_norm"].append(self.optimizer_step())
                 for key, value in numbers.items():
@@ -120,3 +127,29 @@ class PolicyTrainer(ShardedTrainer):
         refs = [ray.put(bucket) for bucket in buckets]
         return {"buckets": refs, "seconds": time.perf_counter() - start,
                 "bytes": sum(b["data"].nbytes for b in buckets)}
+
+
+class PolicyGroup(TrainerGroup):
+    """The driver's handle on the policy's ranks."""
+
+    def __init__(self, world_size: int, strategies: list, num_cpus: float, num_gpus: float, startup_s: float,
+                 remote_s: float, seed: int = 0):
+        super().__init__("policy", PolicyTrainer, world_size, strategies, num_cpus, num_gpus, startup_s, remote_s, seed)
+
+    def logprobs(self, batch: dict, temperature: float) -> Pending[torch.Tensor]:
+        """-> [B, R] log-probabilities of the batch's response tokens (see ``PolicyTrainer.logprobs``)."""
+        return self.sharded(lambda a, shard: a.logprobs.remote(shard, temperature=temperature), batch, "logprobs",
+                            combine=cat_padded)
+
+    def update(self, batch: dict, epochs: int, minibatches: int, clip_eps: float, entropy_coef: float,
+               kl_loss_coef: float, kl_estimator: str, step: int, temperature: float, clip_high: float | None = None,
+               aggregation: str = "token_mean") -> Pending[dict]:
+        """PPO epochs over the batch, each rank on its rows; -> the ranks' mean metrics."""
+        return self.sharded(lambda a, shard: a.update.remote(
+            shard, epochs=epochs, minibatches=minibatches, clip_eps=clip_eps, entropy_coef=entropy_coef,
+            kl_loss_coef=kl_loss_coef, kl_estimator=kl_estimator, step=step, temperature=temperature,
+            clip_high=clip_high, aggregation=aggregation), batch, "update", combine=mean_dicts)
+
+    def publish_weights(self, bucket_bytes: int) -> dict:
+        """-> rank 0's publication: ``{"buckets": [ObjectRef, ...], "seconds", "bytes"}``."""
+        return self.each(lambda a: a.publish_weights.remote(bucket_bytes), "publish_weights").result()[0]

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from typing import Callable
 
 import ray
 import torch
 import torch.distributed as dist
+from ray.actor import ActorHandle
 
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.peft.config import PeftConfig
+from raylm.rl.remote import Pending, wait
 from raylm.train.engine import Engine, build_model
 from raylm.train.spec import Freeze
 from raylm.train.config import OptimConfig
@@ -99,43 +102,60 @@ class ShardedTrainer:
 
 
 class TrainerGroup:
-    """The driver's handle on one trainer group."""
+    """The driver's handle on one trainer group: typed calls fanned out to every rank, in flight
+    (``Pending``) until the driver waits on them (each wait with a timeout)."""
 
     def __init__(self, name: str, actor_cls, world_size: int, strategies: list, num_cpus: float, num_gpus: float,
-                 timeout_s: float, seed: int = 0):
-        self.name, self.timeout_s = name, timeout_s
+                 startup_s: float, remote_s: float, seed: int = 0):
+        self.name, self.startup_s, self.remote_s = name, startup_s, remote_s
         threads = max(1, int(num_cpus))
         self.actors = [
             actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=strategies[rank]).remote(
                 rank, world_size, threads=threads, use_gpu=num_gpus > 0, seed=seed)
             for rank in range(world_size)
         ]
-        address, port = self.wait(self.actors[0].rendezvous_address.remote(), "rendezvous_address")
-        self.wait([a.join.remote(address, port, timeout_s) for a in self.actors], "join")
+        address, port = wait(self.actors[0].rendezvous_address.remote(), startup_s, f"{name}.rendezvous_address")
+        wait([a.join.remote(address, port, startup_s) for a in self.actors], startup_s, f"{name}.join")
 
     @property
     def world_size(self) -> int:
         return len(self.actors)
 
-    def wait(self, refs, what: str):
-        try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"{self.name}.{what}: no answer within {self.timeout_s:.0f} s") from None
+    def each(self, call: Callable[[ActorHandle], ray.ObjectRef], what: str, combine=list,
+             timeout_s: float | None = None) -> Pending:
+        """Every rank runs the same call."""
+        return Pending([call(a) for a in self.actors], f"{self.name}.{what}", timeout_s or self.remote_s, combine)
 
-    def run(self, method: str, *args, **kwargs) -> list:
-        """Every rank runs ``method`` with the same arguments; -> every rank's result."""
-        return self.wait([getattr(a, method).remote(*args, **kwargs) for a in self.actors], method)
+    def sharded(self, call: Callable[[ActorHandle, dict], ray.ObjectRef], batch: dict, what: str,
+                combine=list) -> Pending:
+        """Rank i runs the call on its contiguous slice of the batch's rows."""
+        from raylm.rl.batching import shard_batch
 
-    def submit_sharded(self, method: str, shards: list, **kwargs) -> list:
-        """Rank i runs ``method(shards[i], **kwargs)``; -> the futures (wait on them with ``wait``)."""
-        if len(shards) != len(self.actors):
-            raise ValueError(f"{self.name}: {len(shards)} shards for {len(self.actors)} ranks")
-        return [getattr(a, method).remote(shard, **kwargs) for a, shard in zip(self.actors, shards)]
+        shards = shard_batch(batch, self.world_size)
+        return Pending([call(a, s) for a, s in zip(self.actors, shards)], f"{self.name}.{what}", self.remote_s, combine)
 
-    def run_sharded(self, method: str, shards: list, **kwargs) -> list:
-        return self.wait(self.submit_sharded(method, shards, **kwargs), method)
+    def setup(self, checkpoint: str, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
+              peft: PeftConfig | None = None, freeze: Freeze | None = None) -> Pending:
+        """Every rank loads the checkpoint (see ``ShardedTrainer.setup``); -> rank 0's parameter counts."""
+        return self.each(lambda a: a.setup.remote(checkpoint, lr, weight_decay, grad_clip=grad_clip, peft=peft,
+                                                  freeze=freeze), "setup", combine=lambda counts: counts[0],
+                         timeout_s=self.startup_s)
+
+    def save(self, folder: str, tokenizer_file: str | None = None) -> str | None:
+        """A Hugging Face checkpoint of the current weights (see ``ShardedTrainer.save``)."""
+        return self.each(lambda a: a.save.remote(folder, tokenizer_file), "save").result()[0]
+
+    def save_state(self, folder: str) -> None:
+        self.each(lambda a: a.save_state.remote(folder), "save_state").result()
+
+    def load_state(self, folder: str) -> None:
+        self.each(lambda a: a.load_state.remote(folder), "load_state").result()
 
     def kill(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def mean_dicts(parts: list[dict]) -> dict:
+    """The ranks' metrics, averaged key by key."""
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}

@@ -16,8 +16,10 @@ import ray
 import torch
 
 from raylm.actors.policy_trainer import minibatch_rows, trim
-from raylm.actors.trainer_group import ShardedTrainer
+from raylm.actors.trainer_group import ShardedTrainer, TrainerGroup, mean_dicts
+from raylm.rl.batching import cat_padded
 from raylm.rl.ppo import response_index
+from raylm.rl.remote import Pending
 from raylm.train.losses import clipped_value_loss
 
 
@@ -57,3 +59,21 @@ class ValueTrainer(ShardedTrainer):
         metrics = {k: sum(v) / len(v) for k, v in stats.items()}
         metrics["time/critic_update_s"] = time.perf_counter() - start
         return metrics
+
+
+class CriticGroup(TrainerGroup):
+    """The driver's handle on the critic's ranks."""
+
+    def __init__(self, world_size: int, strategies: list, num_cpus: float, num_gpus: float, startup_s: float,
+                 remote_s: float, seed: int = 0):
+        super().__init__("critic", ValueTrainer, world_size, strategies, num_cpus, num_gpus, startup_s, remote_s, seed)
+
+    def values(self, batch: dict) -> Pending[torch.Tensor]:
+        """-> [B, R] values before each response token."""
+        return self.sharded(lambda a, shard: a.values.remote(shard), batch, "values", combine=cat_padded)
+
+    def update(self, batch: dict, epochs: int, minibatches: int, value_clip_eps: float | None,
+               step: int) -> Pending[dict]:
+        return self.sharded(lambda a, shard: a.update.remote(shard, epochs=epochs, minibatches=minibatches,
+                                                             value_clip_eps=value_clip_eps, step=step),
+                            batch, "update", combine=mean_dicts)

@@ -9,6 +9,8 @@ reward model is; the tests then check that PPO raises the ground truth, not only
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +166,20 @@ def build_reward_model(policy: Transformer, template: ChatTemplate, items: list[
     return model, stats
 
 
+def cached_folder(name: str) -> Path | None:
+    """With RAYLM_TEST_CACHE set, a folder there that keeps the built models between runs (the build
+    is seeded, so a rerun would rebuild the same ones)."""
+    root = os.environ.get("RAYLM_TEST_CACHE")
+    return Path(root) / name if root else None
+
+
 def build_all(folder: Path, limit: int = 20, sft_steps: int = 40, reward_steps: int = 300, samples: int = 24) -> dict:
+    done = folder / "built.json"
+    key = {"limit": limit, "sft_steps": sft_steps, "reward_steps": reward_steps, "samples": samples}
+    if done.exists() and json.loads(done.read_text())["key"] == key:
+        stats = json.loads(done.read_text())["reward_stats"]
+        return {"tokenizer": folder / "tokenizer.json", "sft": folder / "sft", "reward": folder / "reward",
+                "reward_stats": stats}
     folder.mkdir(parents=True, exist_ok=True)
     items = task_items(limit)
     tokenizer = build_tokenizer(items, folder / "tokenizer.json")
@@ -174,5 +189,6 @@ def build_all(folder: Path, limit: int = 20, sft_steps: int = 40, reward_steps: 
     reward, stats = build_reward_model(policy, template, items, reward_steps, samples)
     save_checkpoint(policy, folder / "sft", tokenizer_file=tokenizer)
     save_checkpoint(reward, folder / "reward", tokenizer_file=tokenizer)
+    done.write_text(json.dumps({"key": key, "reward_stats": stats}))
     return {"tokenizer": tokenizer, "sft": folder / "sft", "reward": folder / "reward", "items": items,
             "policy": policy, "reward_stats": stats}

@@ -9,6 +9,10 @@ import torch
 
 from raylm.rl.ppo import (
     AdaptiveKLController,
+    aggregate,
+    informative_groups,
+    truncated_importance_weights,
+    truncated_responses,
     RunningMoments,
     gae,
     group_advantages,
@@ -154,3 +158,62 @@ def test_response_logprobs_are_those_of_the_temperature_scaled_distribution():
     assert scaled[0, 1].tolist() == [0.0, 6.0, 0.0]
     with pytest.raises(ValueError, match="temperature"):
         response_logits_and_logprobs(logits, tokens, index, temperature=0.0)
+
+
+def test_asymmetric_clipping_lets_the_ratio_rise_further_than_it_falls():
+    old = torch.zeros(4)
+    logprobs = torch.tensor([math.log(1.5), math.log(0.5), math.log(0.5), math.log(1.5)], requires_grad=True)
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    out = clipped_policy_loss(logprobs, old, advantages, torch.ones(4), clip_eps=0.2, clip_high=0.6)
+    # ratio clipped to [0.8, 1.6]: token 0 (r 1.5, A +1) is no longer clipped: -1.5; token 2 still is: 0.8
+    assert out.loss.item() == pytest.approx((-1.5 - 0.5 + 0.8 + 1.5) / 4)
+    assert out.clip_fraction.item() == pytest.approx(0.25)
+    out.loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([-1.5 / 4, -0.5 / 4, 0.0, 1.5 / 4]))
+    # clip_high None is the symmetric clip of before
+    same = clipped_policy_loss(logprobs.detach(), old, advantages, torch.ones(4), clip_eps=0.2, clip_high=None)
+    assert same.loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5) / 4)
+
+
+def test_token_and_sequence_loss_aggregation():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # the last row masked out entirely (overlong)
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx((1 + 2 + 3 + 10) / 4)
+    assert aggregate(per_token, mask, "sequence_mean").item() == pytest.approx((2 + 10) / 2)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate(per_token, mask, "sum")
+    # through the surrogate: r = 1 everywhere, so the loss is -A aggregated
+    advantages = -per_token
+    zeros = torch.zeros(3, 3)
+    out = clipped_policy_loss(zeros, zeros, advantages, mask, aggregation="sequence_mean")
+    assert out.loss.item() == pytest.approx(6.0)
+    # per-token importance weights scale each token's term
+    weights = torch.tensor([[0.5, 1.0, 2.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    out = clipped_policy_loss(zeros, zeros, advantages, mask, weights=weights)
+    assert out.loss.item() == pytest.approx((0.5 + 2 + 6 + 10) / 4)
+
+
+def test_dynamic_sampling_finds_the_groups_with_a_signal():
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert informative_groups(scores, 4).tolist() == [False, True, False]
+    # the all-equal groups are exactly those whose GRPO advantages are all zero
+    advantages = group_advantages(scores, 4).view(3, 4)
+    assert (advantages.abs().sum(-1) > 0).tolist() == [False, True, False]
+
+
+def test_overlong_responses_are_those_the_length_limit_cut():
+    end = 5
+    responses = [[1, 2, 3, end], [1, 2, 3, 4], [1, 2], [1, 2, 3, 4, 4]]
+    assert truncated_responses(responses, [end], max_new_tokens=4).tolist() == [False, True, False, True]
+
+
+def test_truncated_importance_weights_by_hand():
+    trainer = torch.tensor([[math.log(0.5), math.log(0.9), 0.0]])
+    engine = torch.tensor([[math.log(0.25), math.log(0.3), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    weights, stats = truncated_importance_weights(trainer, engine, mask, cap=2.5)
+    # exp(trainer - engine): 2.0 and 3.0 -> capped at 2.5; padding 0
+    torch.testing.assert_close(weights, torch.tensor([[2.0, 2.5, 0.0]]))
+    assert stats["is_weight/mean"] == pytest.approx(2.25)
+    assert stats["is_weight/max"] == pytest.approx(3.0)
+    assert stats["is_weight/truncated_fraction"] == pytest.approx(0.5)

@@ -197,3 +197,51 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
+
+
+# ---- the GRPO family's options ------------------------------------------------------------
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean") -> torch.Tensor:
+    """[B, R] per-token losses -> one number.
+
+    ``token_mean``: the mean over every real token of the batch (each token weighs the same, so long
+    responses weigh more: DAPO's choice); ``sequence_mean``: each response's token mean, then the
+    mean over responses (each response weighs the same: the GRPO paper's). A row with no real token
+    (masked out entirely, e.g. by overlong filtering) does not count in either."""
+    if mode == "token_mean":
+        return masked_mean(per_token, mask)
+    if mode == "sequence_mean":
+        mask = mask.to(per_token.dtype)
+        counts = mask.sum(-1)
+        rows = counts > 0
+        per_row = (per_token * mask).sum(-1) / counts.clamp(min=1)
+        return per_row[rows].sum() / rows.sum().clamp(min=1)
+    raise ValueError(f"unknown loss aggregation {mode!r}; known: token_mean, sequence_mean")
+
+
+def informative_groups(scores: torch.Tensor, group_size: int, tol: float = 1e-6) -> torch.Tensor:
+    """[B] scores of consecutive groups -> [B / group_size] bool: the groups whose scores are not all
+    equal. A group whose samples all score the same has zero group-normalised advantage: no signal
+    (DAPO's dynamic sampling drops it)."""
+    groups = scores.view(-1, group_size)
+    return (groups.max(-1).values - groups.min(-1).values) > tol
+
+
+def truncated_responses(responses: list[list[int]], stop_ids: list[int], max_new_tokens: int) -> torch.Tensor:
+    """[B] bool: the responses the length limit cut (``max_new_tokens`` long, no stop token at the end)."""
+    stops = set(stop_ids)
+    return torch.tensor([len(r) >= max_new_tokens and (not r or r[-1] not in stops) for r in responses])
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor,
+                                 mask: torch.Tensor, cap: float) -> tuple[torch.Tensor, dict]:
+    """Truncated importance sampling for the trainer/engine mismatch: the rollouts were sampled by the
+    engine (another numerics, or older weights when rollouts run ahead), the loss is the trainer's.
+    Per token ``w = min(exp(trainer - engine), cap)`` (0 on padding), with its statistics."""
+    log_ratio = (trainer_logprobs - engine_logprobs).clamp(max=20.0)
+    raw = log_ratio.exp()
+    weights = raw.clamp(max=cap) * mask
+    stats = {"is_weight/mean": masked_mean(weights, mask).item(),
+             "is_weight/max": (raw * mask).max().item() if mask.any() else 0.0,
+             "is_weight/truncated_fraction": masked_mean((raw > cap).float(), mask).item()}
+    return weights, stats

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raylm.rl.ppo import kl_estimate, masked_mean
+from raylm.rl.ppo import aggregate, kl_estimate, masked_mean
 
 IGNORE_INDEX = -100
 
@@ -101,12 +101,20 @@ class PolicyLoss:
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, clip_eps: float = 0.2) -> PolicyLoss:
-    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), r = p/p_old."""
+                        mask: torch.Tensor, clip_eps: float = 0.2, clip_high: float | None = None,
+                        aggregation: str = "token_mean", weights: torch.Tensor | None = None) -> PolicyLoss:
+    """PPO's clipped surrogate: max(-A r, -A clip(r, 1-eps, 1+eps_high)) per token, r = p/p_old,
+    aggregated over tokens (``raylm.rl.ppo.aggregate``). ``clip_high`` (None: ``clip_eps``) clips
+    the ratio's rise apart from its fall (DAPO's clip-higher); ``weights``: per-token importance
+    weights, constants (truncated IS for rollouts the engine sampled)."""
+    high = clip_eps if clip_high is None else clip_high
     ratio = (logprobs - old_logprobs).exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = aggregate(per_token, mask, aggregation)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)
@@ -137,10 +145,11 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def ppo_policy_loss(logits: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                     advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, entropy_coef: float = 0.0,
                     ref_logprobs: torch.Tensor | None = None, kl_loss_coef: float = 0.0,
-                    kl_estimator: str = "k3") -> tuple[torch.Tensor, dict]:
+                    kl_estimator: str = "k3", clip_high: float | None = None, aggregation: str = "token_mean",
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The policy's whole PPO loss over one minibatch: the clipped surrogate, minus the entropy
     bonus, plus the KL to the reference when the KL is a loss. -> (loss, logged numbers)."""
-    out = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
+    out = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, clip_high, aggregation, weights)
     loss = out.loss
     with torch.set_grad_enabled(entropy_coef > 0):
         entropy = masked_mean(entropy_from_logits(logits), mask)
