@@ -147,25 +147,21 @@ def serve_config(config: Config, config_path=None):
     """The ``serve:`` section as a `raylm serve` config, with this run's final model as its checkpoint."""
     from pydantic import ValidationError
 
-    from raylm.pipelines import serve
-
     final = next((s for s in ("export", *TRAINED) if s in config.stages), None)
     inherited = {"output_dir": str(config.output_path / "serve"), "seed": config.seed,
                  "tracking": config.tracking.model_dump(), "ray": config.ray.model_dump()}
     if final is not None:
         inherited["checkpoint"] = str(config.output_path / final / "hf")
     try:
-        return serve.Config.model_validate(deep_merge(inherited, config.serve or {}))
+        return COMMANDS["serve"].config_class.model_validate(deep_merge(inherited, config.serve or {}))
     except ValidationError as e:
         raise ConfigError(format_validation_error(f"{config_path} serve", e)) from None
 
 
 def serve_final_model(config: Config, parent: StageRun) -> dict:
-    from raylm.pipelines import serve
-
     serve_cfg = serve_config(config)
     try:
-        serve.check(serve_cfg, "serve")
+        COMMANDS["serve"].check(serve_cfg, "serve")
     except ConfigError as e:  # the stages' work is done and kept: say why it is not served
         print(f"raylm run: not serving the final model: {e}", file=sys.stderr, flush=True)
         return {"error": str(e)}

@@ -25,12 +25,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, InputPath, Section, StageConfig, check_one_data_source, where_relative
+from raylm.config import ConfigError, InputPath, Section, StageConfig, check_one_data_source
 from raylm.peft.config import PeftConfig
 from raylm.tracking import StageRun
 from raylm.train.config import FreezeConfig, OptimConfig, ParallelConfig, TrainConfig
-from raylm.train.launcher import (check_parallel, check_peft, check_start_checkpoint, finish, launch, lm_results,
-                                  tokenizer_path, training_spec)
+from raylm.train.launcher import (check_data_files, check_parallel, check_peft, check_start_checkpoint, check_tokenizer,
+                                  finish, launch, lm_results, tokenizer_path, training_spec)
 
 
 class DataConfig(Section):
@@ -78,20 +78,10 @@ class Config(StageConfig):
 def check(config: Config, config_path) -> None:
     hf = check_start_checkpoint(config, config_path, "raylm pretrain")
     check_peft(config, config_path, hf)
-    if tokenizer_path(config) is None or not tokenizer_path(config).exists():
-        raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
-    if config.data.builtin is None:
-        from raylm.data.sft import SFTDataError, read_conversations
+    check_tokenizer(config, config_path)
+    from raylm.data.sft import SFTDataError, read_conversations
 
-        for key in ("train", "validation"):
-            path = getattr(config.data, key)
-            if path is None or not Path(path).is_file():
-                raise ConfigError(f"{config_path}: data.{key}: {path!r} is not a file (or set data.builtin)"
-                                  + where_relative(path, config_path))
-            try:
-                read_conversations(path)
-            except SFTDataError as e:
-                raise ConfigError(f"{config_path}: data.{key}: {e}") from None
+    check_data_files(config, config_path, read_conversations, SFTDataError)
     from raylm.models.hf_checkpoint import config_from_hf
 
     check_parallel(config, config_path, config_from_hf(hf), "checkpoint")

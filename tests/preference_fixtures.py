@@ -65,3 +65,9 @@ def shared_sft_checkpoint(tmp_path_factory) -> Path:
     """RAYLM_PREFERENCE_FIXTURE=folder keeps the model across sessions (built there if missing)."""
     cached = os.environ.get("RAYLM_PREFERENCE_FIXTURE")
     return build_sft_checkpoint(Path(cached) if cached else tmp_path_factory.getbasetemp() / "preference-sft-model")
+
+
+def reward_inputs(template, prompts: list[str], responses: list[str], seq_len: int) -> dict:
+    """What a reward model (``TransformerWithScalarHead.sequence_scores``) scores a batch of
+    (prompt, response) with: ``{"tokens", "attention_mask"}``, right-padded."""
+    return pad_batch([encode_response(template, p, r, seq_len)[0] for p, r in zip(prompts, responses)])

@@ -146,7 +146,7 @@ def dpo_base(tmp_path_factory):
     from raylm.models.hf_checkpoint import save_checkpoint
     from raylm.models.transformer import Transformer
     from raylm.data.jsonl import write_jsonl
-    from raylm.data.stdlib_task import stdlib_instructions
+    from sft_fixtures import stdlib_instructions
     from raylm.data.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("peft-dpo")

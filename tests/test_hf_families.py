@@ -274,8 +274,7 @@ def test_sft_fine_tunes_a_brought_in_qwen3_checkpoint_and_exports_it_as_qwen3(tm
     import ray
 
     from raylm import cli
-    from raylm.data.jsonl import write_jsonl_splits
-    from raylm.data.stdlib_task import stdlib_instructions
+    from sft_fixtures import stdlib_instructions, write_jsonl_splits
     from raylm.data.tokenizer import train_tokenizer
 
     examples = stdlib_instructions(limit=120)

@@ -229,8 +229,7 @@ def test_raylm_sft_with_qlora_on_two_fsdp_workers(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from raylm import cli
-    from raylm.data.jsonl import write_jsonl_splits
-    from raylm.data.stdlib_task import stdlib_instructions
+    from sft_fixtures import stdlib_instructions, write_jsonl_splits
     from raylm.data.tokenizer import train_tokenizer
 
     examples = stdlib_instructions(limit=200)
@@ -375,7 +374,7 @@ def test_prompt_tuning_matches_peft_and_keeps_packed_examples_apart(exported):
     from transformers import LlamaForCausalLM
 
     from raylm.models.transformer import document_causal_mask, document_positions
-    from raylm.peft.prompt_tuning import apply_prompt_tuning, load_prompt, save_prompt
+    from raylm.peft.prompt_tuning import apply_prompt_tuning, load_prompt, save_prompt_state
 
     folder, _ = exported
     model = apply_prompt_tuning(load_checkpoint(folder / "base"), n_virtual=4)
@@ -390,7 +389,8 @@ def test_prompt_tuning_matches_peft_and_keeps_packed_examples_apart(exported):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
-    save_prompt(model.eval(), folder / "prompt", base=str(folder / "base"))
+    model = model.eval()
+    save_prompt_state(model.tok_embeddings.prompt, model.config, folder / "prompt", base=str(folder / "base"))
 
     hf = LlamaForCausalLM.from_pretrained(folder / "base", dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(hf, folder / "prompt").eval()
@@ -450,8 +450,7 @@ def sft_base(tmp_path_factory):
     a small instruction file; a local Ray shared by the module's CLI runs."""
     import ray
 
-    from raylm.data.jsonl import write_jsonl_splits
-    from raylm.data.stdlib_task import stdlib_instructions
+    from sft_fixtures import stdlib_instructions, write_jsonl_splits
     from raylm.data.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("peft-sft")

@@ -17,8 +17,7 @@ from raylm.models.config import preset
 from raylm.models.hf_checkpoint import save_checkpoint
 from raylm.models.transformer import Transformer
 from raylm.pipelines import sft
-from raylm.data.jsonl import write_jsonl_splits
-from raylm.data.stdlib_task import stdlib_instructions
+from sft_fixtures import stdlib_instructions, write_jsonl_splits
 from raylm.data.tokenizer import train_tokenizer
 from raylm.tracking import stage_run
 from test_train_pretrain import build_shards, history, pretrain_config, run_stage

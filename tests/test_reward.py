@@ -16,11 +16,10 @@ from raylm.data.preferences import (
     encode_response,
     ranking_pairs,
     read_preferences,
-    reward_inputs,
 )
 from raylm.data.stdlib_task import reference_score, stdlib_preference_splits, stdlib_prompts
 from raylm.train.losses import bradley_terry_loss
-from preference_fixtures import VALIDATION_FRACTION, shared_sft_checkpoint
+from preference_fixtures import VALIDATION_FRACTION, reward_inputs, shared_sft_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -22,9 +22,8 @@ from raylm.data.sft import (
     SFTDataError,
     read_conversations,
 )
-from raylm.data.jsonl import write_jsonl_splits
-from raylm.data.stdlib_task import stdlib_instructions
 from raylm.data.tokenizer import ASSISTANT, END, train_tokenizer
+from sft_fixtures import stdlib_instructions, write_jsonl_splits
 
 pytestmark = pytest.mark.timeout(900)
 VOCAB = 512

@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-import numpy as np
-
 
 class JSONLError(ValueError):
     """A line of a JSONL file that cannot be read; the message names the file and the line."""
@@ -71,11 +69,3 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-def write_jsonl_splits(examples: list[dict], out_dir: str | Path, validation_fraction: float, seed: int) -> dict:
-    """Shuffle once with ``seed`` and write ``train.jsonl`` / ``validation.jsonl``; returns their paths."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    n_val = max(1, int(len(examples) * validation_fraction))
-    return {split: str(write_jsonl([examples[i] for i in indices], Path(out_dir) / f"{split}.jsonl"))
-            for split, indices in (("validation", order[:n_val]), ("train", order[n_val:]))}

@@ -178,12 +178,6 @@ def pad_batch(sequences: list[list[int]], labels: list[list[int]] | None = None,
     return out
 
 
-def reward_inputs(template, prompts: list[str], responses: list[str], seq_len: int) -> dict:
-    """What a reward model (``TransformerWithScalarHead.sequence_scores``) scores a batch of
-    (prompt, response) with: ``{"tokens", "attention_mask"}``, right-padded."""
-    return pad_batch([encode_response(template, p, r, seq_len)[0] for p, r in zip(prompts, responses)])
-
-
 class PairDataset(ResumablePosition):
     """Encoded preference pairs for the trainers: ``batch(indices)`` gives the chosen sequences then
     the rejected ones in one right-padded batch of 2B, with labels and per-pair margins.

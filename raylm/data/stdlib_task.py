@@ -2,8 +2,7 @@
 do? The prompt shows its qualified name and signature; the answer is the first line of its own
 docstring.
 
-- SFT (``stdlib_instructions``, or ``stdlib_functions`` split by ``split_functions``): prompt ->
-  that line.
+- SFT (``stdlib_functions`` split by ``split_functions``): prompt -> that line.
 - Reward model and DPO (``stdlib_preference_splits``): the line chosen over another function's
   from the same top-level module (a hard negative: same topic, same vocabulary). Train and
   held-out splits are disjoint by function, and negatives are drawn only from the same split.
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -34,19 +34,24 @@ def stdlib_prompt(qualified_name: str, signature: str, max_signature: int = 100)
     return f"What does `{qualified_name}{signature}` do?"
 
 
-def stdlib_functions(limit: int | None = None) -> list[dict]:
+def documented_functions() -> Iterator[dict]:
     """Public documented stdlib functions with a first docstring line of 3+ words, one per name:
     ``{"function", "module", "prompt", "reference"}``, in a fixed order."""
     from raylm.data.stdlib_corpus import iter_stdlib_functions
 
-    items, seen = [], set()
+    seen = set()
     for function in iter_stdlib_functions():
         reference = first_line(function.docstring)
         if len(reference.split()) < 3 or function.qualified_name in seen:
             continue
         seen.add(function.qualified_name)
-        items.append({"function": function.qualified_name, "module": function.qualified_name.split(".")[0],
-                      "prompt": stdlib_prompt(function.qualified_name, function.signature), "reference": reference})
+        yield {"function": function.qualified_name, "module": function.qualified_name.split(".")[0],
+               "prompt": stdlib_prompt(function.qualified_name, function.signature), "reference": reference}
+
+
+def stdlib_functions(limit: int | None = None) -> list[dict]:
+    """``documented_functions``, all of them or an evenly spread subset of ``limit``."""
+    items = list(documented_functions())
     if limit is not None:  # an evenly spread subset, so that a small task still spans many modules
         keep = np.linspace(0, len(items) - 1, num=min(limit, len(items))).round().astype(int)
         items = [items[i] for i in sorted(set(keep.tolist()))]
@@ -126,21 +131,3 @@ def reference_score(response: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(got), common / len(want)
     return 2 * precision * recall / (precision + recall)
-
-
-def stdlib_instructions(limit: int | None = None) -> list[dict]:
-    """Real instruction data from the running Python: "What does `module.function(signature)` do?"
-    answered with the first line of its docstring, for every public documented stdlib function (the
-    prompt format of the preference task, so that SFT, the reward model and RLHF agree)."""
-    from raylm.data.stdlib_corpus import iter_stdlib_functions
-
-    examples, seen = [], set()
-    for function in iter_stdlib_functions():
-        response = first_line(function.docstring)
-        if len(response.split()) < 3 or function.qualified_name in seen:
-            continue
-        seen.add(function.qualified_name)
-        examples.append({"prompt": stdlib_prompt(function.qualified_name, function.signature), "response": response})
-        if limit is not None and len(examples) == limit:
-            break
-    return examples

@@ -99,10 +99,6 @@ def save_prompt_state(prompt: torch.Tensor, cfg, path, base: str | None = None) 
     return path
 
 
-def save_prompt(model: Transformer, path, base: str | None = None) -> Path:
-    return save_prompt_state(model.tok_embeddings.prompt, model.config, path, base)
-
-
 def load_prompt(model: Transformer, path) -> Transformer:
     """Apply the soft prompt of a PEFT PROMPT_TUNING folder (raylm's or PEFT's own) to ``model``."""
     path = Path(path)

@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from raylm.config import ConfigError
+from raylm.config import ConfigError, where_relative
 from raylm.tracking import StageRun
 from raylm.train.spec import TrainingSpec
 
@@ -107,6 +107,27 @@ def check_peft(config, config_path, hf: dict) -> None:
         dims = [hf.get("hidden_size", 0), hf.get("intermediate_size", 0)]
         if any(d * dims[0] % peft.block_size for d in dims):
             raise ConfigError(f"{config_path}: peft.block_size: {peft.block_size} does not divide the weights")
+
+
+def check_data_files(config, config_path, read, error: type[Exception], separator: str = " ") -> None:
+    """A fine-tuning stage's ``data.train`` / ``data.validation`` (unless ``data.builtin``): each a
+    file that ``read(path)`` reads without raising ``error``."""
+    if config.data.builtin is not None:
+        return
+    for key in ("train", "validation"):
+        path = getattr(config.data, key)
+        if path is None or not Path(path).is_file():
+            raise ConfigError(f"{config_path}: data.{key}: {path!r} is not a file (or set data.builtin)"
+                              + where_relative(path, config_path))
+        try:
+            read(path)
+        except error as e:
+            raise ConfigError(f"{config_path}: data.{key}:{separator}{e}") from None
+
+
+def check_tokenizer(config, config_path) -> None:
+    if not tokenizer_path(config).exists():
+        raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
 
 
 def tokenizer_path(config) -> Path:

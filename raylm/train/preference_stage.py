@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, InputPath, Section, check_one_data_source, where_relative
+from raylm.config import ConfigError, InputPath, Section, check_one_data_source
 from raylm.tracking import StageRun
 from raylm.train.config import TrainConfig
-from raylm.train.launcher import check_start_checkpoint, tokenizer_path, training_spec
+from raylm.train.launcher import check_data_files, check_start_checkpoint, check_tokenizer, training_spec
 from raylm.train.spec import PairData, TrainingSpec
 
 
@@ -49,25 +49,15 @@ def check_preference_stage(config, config_path) -> None:
     from raylm.data.preferences import PreferenceDataError, read_preferences
 
     check_start_checkpoint(config, config_path, "raylm sft")
-    tokenizer = tokenizer_path(config)
-    if not tokenizer.exists():
-        raise ConfigError(f"{config_path}: data.tokenizer: no tokenizer.json given or in {config.checkpoint}")
+    check_tokenizer(config, config_path)
     for key in ("ep", "cp", "pp"):  # the preference loop runs FSDP2 (dp_shard x dp_replicate) and tensor parallel
         if getattr(config.parallel, key) > 1:
             raise ConfigError(f"{config_path}: parallel.{key}: not supported by preference training (use dp_shard, "
                               "dp_replicate, tp)")
     if config.train.fail_at_step is not None:
         raise ConfigError(f"{config_path}: train.fail_at_step: fault injection is pretraining/SFT only")
-    if config.data.builtin is None:
-        for key in ("train", "validation"):
-            path = getattr(config.data, key)
-            if path is None or not Path(path).is_file():
-                raise ConfigError(f"{config_path}: data.{key}: {path!r} is not a file (or set data.builtin)"
-                                  + where_relative(path, config_path))
-            try:
-                read_preferences(path, config.data.on_bad_line)
-            except PreferenceDataError as e:
-                raise ConfigError(f"{config_path}: data.{key}:\n{e}") from None
+    check_data_files(config, config_path, lambda path: read_preferences(path, config.data.on_bad_line),
+                     PreferenceDataError, separator="\n")
 
 
 def load_pairs(config, stage_run: StageRun, stage: str = "reward") -> dict[str, list[dict]]:
