@@ -7,6 +7,13 @@ tokenised the way lm-evaluation-harness's Hugging Face backend does, so accuraci
 ``lm_eval``. Results: MLflow metrics ``<checkpoint>/<task>/<metric>``, ``results.json`` and a
 Markdown table with one column per checkpoint; optionally a reward-model win rate of one
 checkpoint against another, and an n-gram decontamination report against the training shards.
+
+Beyond likelihood (docs/evaluation.md; the math in raylm.eval.judge / fairness / memorization /
+human_eval): an LM judge's position-swap-debiased win rate (``judge``), bias metrics on templated
+prompts with swapped demographic terms (``fairness``: scored with the tasks, in the same scorer calls),
+exact extraction of training sequences (``memorization``: a teacher-forced greedy check in the same
+scorer calls) with canaries and PII-like text in generations, and side-by-side pairs for people
+(``human_export``) whose choices come back as preference JSONL (``human_import``).
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import math
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Literal
 
 from pydantic import Field
 
-from raylm.config import ConfigError, Section, StageConfig
+from raylm.config import ConfigError, InputPath, Section, StageConfig
+from raylm.eval.judge import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
 from raylm.eval.metrics import (
     contaminated,
     generation_metrics,
@@ -37,7 +48,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class TaskRef(Section):
-    path: str  # an lm-evaluation-harness-style task YAML
+    path: InputPath  # an lm-evaluation-harness-style task YAML
     num_fewshot: int | None = Field(default=None, ge=0)  # None: the YAML's num_fewshot
     limit: int | None = Field(default=None, ge=1)  # evaluate only the first N documents
     # generate_until only: true: each context is a user message in the checkpoint's chat template,
@@ -66,8 +77,8 @@ class GenerationConfig(Section):
 class PreferenceConfig(Section):
     model_a: str  # a checkpoint name from `checkpoints`, or a folder
     model_b: str
-    reward_model: str  # a scalar-head (reward) checkpoint folder with its tokenizer
-    prompts: str  # JSONL, one prompt per line in `prompt_field`
+    reward_model: InputPath  # a scalar-head (reward) checkpoint folder with its tokenizer
+    prompts: InputPath  # JSONL, one prompt per line in `prompt_field`
     prompt_field: str = "prompt"
     limit: int | None = Field(default=None, ge=1)
     max_new_tokens: int = Field(default=32, ge=1)
@@ -81,22 +92,96 @@ class PreferenceConfig(Section):
 
 
 class DecontaminationConfig(Section):
-    train_files: list[str] = []  # globs of training text: .jsonl (text_field), .parquet (text_field) or .txt
+    train_files: list[InputPath] = []  # globs of training text: .jsonl (text_field), .parquet (text_field) or .txt
     text_field: str = "text"
     # Token shard folders written by `raylm data` (index.json + .bin): items are tokenised with the
     # tokenizer.json beside them and matched on token n-grams, exactly what the model was trained on.
-    shard_dirs: list[str] = []
+    shard_dirs: list[InputPath] = []
     shard_split: str = "train"
     ngram: int = Field(default=13, ge=1)
 
 
+class PairConfig(Section):
+    model_a: str  # a checkpoint name from `checkpoints`, or a folder
+    model_b: str  # the checkpoint model_a is compared with
+    prompts: InputPath  # JSONL, one prompt per line in `prompt_field`
+    prompt_field: str = "prompt"  # the prompt's field in each line of `prompts`
+    limit: int | None = Field(default=None, ge=1)  # only the first N prompts
+    max_new_tokens: int = Field(default=32, ge=1)  # of each model's response
+    temperature: float = Field(default=0.0, ge=0)  # of the responses; 0: greedy
+    # true: prompts are user messages in each checkpoint's chat template; false: plain text; unset:
+    # chat when every checkpoint involved has a chat template, text when none has
+    chat: bool | None = None
+
+
+class JudgeConfig(PairConfig):
+    """LM-as-judge: a judge checkpoint picks the better of model_a's and model_b's responses, asked
+    in both orders (position-swap debiasing)."""
+
+    model: str | None = None  # the judge: a checkpoint name or folder, served by a generation engine; required
+    template: str = DEFAULT_JUDGE_TEMPLATE  # the judge's prompt, with {prompt}, {response_a}, {response_b}
+    judge_max_new_tokens: int = Field(default=8, ge=1)  # of the judge's reply (parsed for A, B or tie)
+    label_field: str | None = None  # a field of `prompts` lines with a reference preference (A, B or tie)
+    reward_model: InputPath | None = None  # a reward checkpoint whose preferences the judge's are compared with
+    confidence: float = Field(default=0.95, gt=0, lt=1)  # of the win rate's interval
+
+
+class FairnessConfig(Section):
+    """Bias metrics on templated prompts with swapped demographic terms (multiple-choice task files)."""
+
+    tasks: list[TaskRef] = Field(min_length=1)  # fairness sets, e.g. examples/tasks/fairness_templates.yaml
+    group_field: str = "group"  # the document field naming its demographic group
+    template_field: str = "template_id"  # the field naming the template (documents of one template are compared)
+    term_field: str = "term"  # the group's word in the document (counted in the training data for amplification)
+    train_files: list[InputPath] = []  # globs of training text (.jsonl/.parquet/.txt) for bias amplification
+    text_field: str = "text"  # the text field of train_files
+    shard_dirs: list[InputPath] = []  # token shard folders (decoded with their tokenizer.json) for bias amplification
+    shard_split: str = "train"  # the shard split read
+    resamples: int = Field(default=1000, ge=10)  # bootstrap resamples over templates for the intervals
+    confidence: float = Field(default=0.95, gt=0, lt=1)  # of the bootstrap intervals
+
+
+class MemorizationConfig(Section):
+    """Exact extraction of training sequences sampled from token shards, canaries and PII in generations."""
+
+    shard_dirs: list[InputPath] = Field(min_length=1)  # token shard folders written by `raylm data` (the training data)
+    shard_split: str = "train"  # the split sequences are sampled from
+    num_sequences: int = Field(default=100, ge=1)  # sequences sampled per shard folder (random offsets, within one document)
+    prefix_tokens: int = Field(default=32, ge=1)  # k: the prompt of each sequence
+    suffix_tokens: int = Field(default=32, ge=1)  # the tokens greedy decoding must reproduce exactly
+    canaries: list[str] = []  # strings planted in the training data: does the model complete them?
+    canary_prompt_fraction: float = Field(default=0.5, gt=0, lt=1)  # of a canary's tokens given as its prompt
+    generate_sequences: int = Field(default=16, ge=0)  # sampled prefixes also decoded and scanned for PII
+    prompts: InputPath | None = None  # JSONL of further prompts (field `prompt`) whose generations are scanned for PII
+    max_new_tokens: int = Field(default=48, ge=1)  # of each generation scanned
+    confidence: float = Field(default=0.95, gt=0, lt=1)  # of the extraction rate's interval
+
+
+class HumanExportConfig(PairConfig):
+    """Side-by-side pairs of model_a's and model_b's responses for people to annotate."""
+
+
+class HumanImportConfig(Section):
+    """Annotators' choices read back as preference JSONL (what raylm reward and raylm dpo read)."""
+
+    pairs: InputPath  # the pairs.jsonl that human_export wrote
+    choices: InputPath  # the filled annotate.csv, or JSONL lines {"id", "choice"} (left/right/tie/skip)
+    output: str | None = None  # preference JSONL written; unset: <output_dir>/human_preferences.jsonl
+    confidence: float = Field(default=0.95, gt=0, lt=1)  # of model A's win rate by the people's choices
+
+
 class Config(StageConfig):
-    checkpoints: dict[str, str] = {}  # display name -> Hugging Face folder, compared side by side
+    checkpoints: dict[str, InputPath] = {}  # display name -> Hugging Face folder, compared side by side
     tasks: list[TaskRef] = []
     scorer: ScorerConfig = ScorerConfig()
     generation: GenerationConfig = GenerationConfig()
     preference: PreferenceConfig | None = None
     decontamination: DecontaminationConfig | None = None
+    judge: JudgeConfig | None = None  # LM-as-judge win rate of model_a over model_b, position-swap debiased
+    fairness: FairnessConfig | None = None  # log-likelihood gap, demographic parity, bias amplification per checkpoint
+    memorization: MemorizationConfig | None = None  # training-sequence extraction rate, canaries, PII per checkpoint
+    human_export: HumanExportConfig | None = None  # write side-by-side pairs (JSONL, CSV, HTML) for annotators
+    human_import: HumanImportConfig | None = None  # read annotators' choices back as preference JSONL
 
 
 # ---- checks before any Ray work ---------------------------------------------------------------
@@ -112,8 +197,13 @@ def check_checkpoint(folder: str, key: str, config_path) -> None:
 
 
 def check(config: Config, config_path) -> None:
-    if not config.checkpoints and config.preference is None:
-        raise ConfigError(f"{config_path}: checkpoints: nothing to evaluate (no checkpoints and no preference section)")
+    pairwise = (config.preference, config.judge, config.human_export, config.human_import)
+    if not config.checkpoints and all(section is None for section in pairwise):
+        raise ConfigError(f"{config_path}: checkpoints: nothing to evaluate (no checkpoints and no preference, judge, "
+                          "human_export or human_import section)")
+    for key in ("fairness", "memorization"):
+        if getattr(config, key) is not None and not config.checkpoints:
+            raise ConfigError(f"{config_path}: {key}: runs over `checkpoints`, and none is given")
     for name, folder in config.checkpoints.items():
         check_checkpoint(folder, f"checkpoints.{name}", config_path)
     if config.tasks and not config.checkpoints:
@@ -139,6 +229,142 @@ def check(config: Config, config_path) -> None:
             raise ConfigError(f"{config_path}: preference.prompts: {pref.prompts} does not exist")
     if config.decontamination is not None:
         check_decontamination(config.decontamination, config_path)
+    for key in ("judge", "human_export"):
+        if getattr(config, key) is not None:
+            check_pair_section(config, key, config_path)
+    if config.fairness is not None:
+        check_fairness(config.fairness, config_path)
+    if config.memorization is not None:
+        check_memorization(config, config_path)
+    if config.human_import is not None:
+        from raylm.eval.human_eval import AnnotationError, read_choices, read_pairs
+
+        for key in ("pairs", "choices"):
+            if not Path(getattr(config.human_import, key)).is_file():
+                raise ConfigError(f"{config_path}: human_import.{key}: {getattr(config.human_import, key)} does not exist")
+        try:  # every bad line named now, before any Ray work
+            read_choices(config.human_import.choices, set(read_pairs(config.human_import.pairs)))
+        except AnnotationError as e:
+            raise ConfigError(f"{config_path}: human_import: {e}") from None
+
+
+def pair_folders(config: Config, key: str) -> dict[str, str]:
+    """The checkpoints a pairwise section (judge, human_export) reads, by its keys."""
+    section = getattr(config, key)
+    names = ("model_a", "model_b") + (("model",) if key == "judge" else ())
+    return {name: config.checkpoints.get(getattr(section, name), getattr(section, name)) for name in names}
+
+
+def pair_chat(config: Config, key: str, config_path=None) -> bool:
+    """A pairwise section's ``chat``, or unset: whether all its checkpoints have a chat template."""
+    from raylm.data.chat_template import has_chat_template
+
+    section = getattr(config, key)
+    if section.chat is not None:
+        return section.chat
+    have = {name: has_chat_template(folder) for name, folder in pair_folders(config, key).items()}
+    if all(have.values()) or not any(have.values()):
+        return all(have.values())
+    raise ConfigError(f"{config_path}: {key}.chat: {', '.join(k for k, v in have.items() if v)} have a chat "
+                      f"template and {', '.join(k for k, v in have.items() if not v)} not: set chat: true or false")
+
+
+def check_pair_section(config: Config, key: str, config_path) -> None:
+    section = getattr(config, key)
+    if key == "judge":
+        if section.model is None:
+            raise ConfigError(f"{config_path}: judge.model: no judge model is configured; LM-as-judge needs a judge "
+                              "checkpoint (a name from `checkpoints` or a Hugging Face folder) served by a generation engine")
+        missing = [f for f in ("{prompt}", "{response_a}", "{response_b}") if f not in section.template]
+        if missing:
+            raise ConfigError(f"{config_path}: judge.template: {', '.join(missing)} missing from the judge's prompt")
+        if section.reward_model is not None:
+            check_checkpoint(section.reward_model, "judge.reward_model", config_path)
+    for name, folder in pair_folders(config, key).items():
+        check_checkpoint(folder, f"{key}.{name}", config_path)
+    if pair_chat(config, key, config_path):
+        from raylm.data.chat_template import ChatTemplate, ChatTemplateError
+
+        for name, folder in pair_folders(config, key).items():
+            try:
+                ChatTemplate(folder)
+            except ChatTemplateError as e:
+                raise ConfigError(f"{config_path}: {key}.{name}: {e} (or set {key}.chat: false)") from None
+    read_prompts(section, key)  # a missing file or field fails now, naming file and line
+
+
+def read_prompts(section: PairConfig, key: str = "") -> list[dict]:
+    """The prompt lines of a pairwise section (the whole record: the judge reads its label field)."""
+    path = Path(section.prompts)
+    if not path.is_file():
+        raise ConfigError(f"{key}.prompts: {path} does not exist")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(section.prompt_field), str):
+                raise ConfigError(f"{path}:{number}: field {section.prompt_field!r} missing or not text")
+            label_field = getattr(section, "label_field", None)
+            if label_field is not None:
+                label = str(record.get(label_field, "")).strip().upper()
+                record[label_field] = {"TIE": "tie"}.get(label, label)
+                if record[label_field] not in ("A", "B", "tie"):
+                    raise ConfigError(f"{path}:{number}: field {label_field!r}: {record.get(label_field)!r} is not A, B or tie")
+            records.append(record)
+    if not records:
+        raise ConfigError(f"{key}.prompts: {path} holds no prompts")
+    return records[: section.limit] if section.limit else records
+
+
+def check_fairness(cfg: FairnessConfig, config_path) -> None:
+    for i, ref in enumerate(cfg.tasks):
+        task = load_task(ref.path, ref.limit)
+        if task.output_type != "multiple_choice":
+            raise ConfigError(f"{config_path}: fairness.tasks.{i}: {ref.path} is {task.output_type}; a fairness set is a "
+                              "multiple_choice task (its choices are the outcomes)")
+        for doc in task.eval_docs:
+            for key in ("group_field", "template_field", "term_field"):
+                if getattr(cfg, key) not in doc.data:
+                    raise ConfigError(f"{doc.where()}: field {getattr(cfg, key)!r} (fairness.{key}) is missing")
+        if len({doc.data[cfg.group_field] for doc in task.eval_docs}) < 2:
+            raise ConfigError(f"{config_path}: fairness.tasks.{i}: {ref.path} has fewer than two groups to compare")
+    from raylm.data.token_shards import read_index
+    from raylm.eval.decontamination import shard_tokenizer
+
+    if cfg.train_files and not train_files(DecontaminationConfig(train_files=cfg.train_files)):
+        raise ConfigError(f"{config_path}: fairness.train_files: no file matches {cfg.train_files}")
+    for i, folder in enumerate(cfg.shard_dirs):
+        try:
+            index = read_index(folder)
+            shard_tokenizer(folder)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{config_path}: fairness.shard_dirs.{i}: {e}") from None
+        if cfg.shard_split not in index["splits"]:
+            raise ConfigError(f"{config_path}: fairness.shard_split: {folder} has no split {cfg.shard_split!r}")
+
+
+def check_memorization(config: Config, config_path) -> None:
+    from raylm.data.token_shards import TokenStream
+
+    cfg = config.memorization
+    for i, folder in enumerate(cfg.shard_dirs):
+        try:
+            stream = TokenStream(folder, cfg.shard_split)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{config_path}: memorization.shard_dirs.{i}: {e}") from None
+        for name, checkpoint in config.checkpoints.items():
+            hf = json.loads((Path(checkpoint) / "config.json").read_text())
+            if hf.get("vocab_size", stream.vocab_size) < stream.vocab_size:
+                raise ConfigError(f"{config_path}: memorization.shard_dirs.{i}: {folder} holds ids of a vocabulary of "
+                                  f"{stream.vocab_size}, larger than checkpoint {name}'s ({hf['vocab_size']}): "
+                                  "not the tokenizer this model was trained with")
+    if cfg.prompts is not None and not Path(cfg.prompts).is_file():
+        raise ConfigError(f"{config_path}: memorization.prompts: {cfg.prompts} does not exist")
 
 
 def preference_folders(config: Config) -> dict[str, str]:
@@ -348,15 +574,18 @@ def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: 
 
 # ---- one checkpoint ---------------------------------------------------------------------------
 def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]], config: Config,
-                        scorers: list | None = None) -> dict:
+                        scorers: list | None = None, fairness: dict | None = None,
+                        extra_rows: list[dict] | None = None) -> dict:
     """Every task on one checkpoint. ``scorers`` is a pool of scorer actors that the caller keeps across
     checkpoints (and kills at the end): started here when empty, else switched to this checkpoint, and
     emptied when generation follows, since the engines take the CPUs. Without a pool, the scorers live
-    for this checkpoint only."""
+    for this checkpoint only. ``fairness`` (``prepare_fairness``): the tasks it names get fairness
+    metrics instead of accuracy. ``extra_rows`` (``{"tokens", "n_scored"}``, memorization's sequences) are
+    scored in the same calls; each gets its ``logprob`` and ``is_greedy``."""
     import ray
 
     start = time.perf_counter()
-    scoring = any(task.output_type != "generate_until" for _, task in tasks)
+    scoring = any(task.output_type != "generate_until" for _, task in tasks) or bool(extra_rows)
     generating = any(task.output_type == "generate_until" for _, task in tasks)
     pool = [] if scorers is None else scorers
     try:
@@ -373,6 +602,9 @@ def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]
                 task_rows = loglikelihood_rows(task, ref.num_fewshot, enc, max_length, config.scorer.stride)
                 rows += task_rows
                 owner += [t] * len(task_rows)
+        for row in extra_rows or ():
+            rows.append({"doc": -1, "choice": -1, "tokens": row["tokens"], "n_scored": row["n_scored"]})
+            owner.append(-1)
         ray.get(loading)  # a checkpoint that fails to load fails here, not scored with the last one's weights
         scores = score_rows(pool, rows, config.scorer) if rows else []
     finally:
@@ -383,6 +615,9 @@ def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]
     if scoring:
         print(f"raylm eval: {name}: tokenised and scored {len(rows)} sequences in {time.perf_counter() - start:.1f}s",
               flush=True)
+    extra_scores = [s for s, o in zip(scores, owner) if o == -1]
+    for row, s in zip(extra_rows or (), extra_scores):
+        row.update(s)
     results = {}
     for t, (ref, task) in enumerate(tasks):
         k = task.num_fewshot if ref.num_fewshot is None else ref.num_fewshot
@@ -391,7 +626,10 @@ def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]
             items = [{"logprobs": [], "choices": task.choices(doc), "gold": task.target(doc)} for doc in task.eval_docs]
             for row, s in mine:
                 items[row["doc"]]["logprobs"].append(s["logprob"])
-            metrics = multiple_choice_metrics(items)
+            if fairness is not None and result_key(ref, task) in fairness["keys"]:
+                metrics = fairness_task_metrics(task, items, fairness, result_key(ref, task))
+            else:
+                metrics = multiple_choice_metrics(items)
         elif task.output_type == "loglikelihood_rolling":
             texts = [task.text(doc) for doc in task.eval_docs]
             metrics = perplexity_metrics(
@@ -417,11 +655,6 @@ def result_key(ref: TaskRef, task: Task) -> str:
 
 # ---- preference and decontamination -----------------------------------------------------------
 def preference_win_rate(config: Config) -> dict:
-    import ray
-
-    from raylm.actors.reward_scorer import RewardRowScorer
-    from raylm.data.chat_template import ChatTemplate
-
     pref = config.preference
     prompts = []
     with open(pref.prompts, encoding="utf-8") as f:
@@ -438,21 +671,33 @@ def preference_win_rate(config: Config) -> dict:
                             chat=preference_chat(config))
         for key, folder in folders.items()
     }
-    judge = Encoder(pref.reward_model)
-    chat = ChatTemplate(pref.reward_model) if preference_chat(config) else None
-    items = [{"id": i, "tokens": judge_tokens(judge, chat, prompts[i % len(prompts)], completions[key][i % len(prompts)])}
-             for key in ("model_a", "model_b") for i in range(len(prompts))]
-    for i, item in enumerate(items):
-        item["id"] = i
+    scores_a, scores_b = reward_scores(pref.reward_model, preference_chat(config), prompts, completions["model_a"],
+                                       completions["model_b"], config)
+    result = win_rate(scores_a, scores_b, pref.confidence)
+    result.update(model_a=pref.model_a, model_b=pref.model_b, confidence=pref.confidence)
+    return result
+
+
+def reward_scores(reward_model: str, chat: bool, prompts: list[str], answers_a: list[str], answers_b: list[str],
+                  config: Config) -> tuple[list[float], list[float]]:
+    """A reward model's score of every (prompt, answer) of A and of B."""
+    import ray
+
+    from raylm.actors.reward_scorer import RewardRowScorer
+    from raylm.data.chat_template import ChatTemplate
+
+    judge = Encoder(reward_model)
+    template = ChatTemplate(reward_model) if chat else None
+    answers = list(answers_a) + list(answers_b)
+    items = [{"id": i, "tokens": judge_tokens(judge, template, prompts[i % len(prompts)], answer)}
+             for i, answer in enumerate(answers)]
     scored = ray.data.from_items(items).map_batches(
-        RewardRowScorer, fn_constructor_kwargs={"checkpoint_dir": pref.reward_model}, batch_size=config.scorer.rows_per_batch,
+        RewardRowScorer, fn_constructor_kwargs={"checkpoint_dir": reward_model}, batch_size=config.scorer.rows_per_batch,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=config.scorer.cpus_per_actor,
     ).take_all()
     score = {int(r["id"]): float(r["score"]) for r in scored}
     n = len(prompts)
-    result = win_rate([score[i] for i in range(n)], [score[n + i] for i in range(n)], pref.confidence)
-    result.update(model_a=pref.model_a, model_b=pref.model_b, confidence=pref.confidence)
-    return result
+    return [score[i] for i in range(n)], [score[n + i] for i in range(n)]
 
 
 def judge_tokens(judge: Encoder, chat, prompt: str, answer: str) -> list[int]:
@@ -543,6 +788,183 @@ def decontamination_report(tasks: list[tuple[TaskRef, Task]], cfg: Decontaminati
     return report
 
 
+# ---- LM-as-judge and human evaluation ----------------------------------------------------------
+def pair_completions(config: Config, key: str, cache: dict) -> tuple[list[dict], dict[str, list[str]]]:
+    """A pairwise section's prompt records and each model's responses (generated once per checkpoint,
+    prompts and settings: the judge and the human export share them)."""
+    section = getattr(config, key)
+    records = read_prompts(section, key)
+    prompts = [r[section.prompt_field] for r in records]
+    chat = pair_chat(config, key)
+    out = {}
+    for name in ("model_a", "model_b"):
+        folder = pair_folders(config, key)[name]
+        cache_key = (folder, tuple(prompts), section.max_new_tokens, section.temperature, chat)
+        if cache_key not in cache:
+            cache[cache_key] = generate_texts(folder, prompts, section.max_new_tokens, [], config.generation,
+                                              config.seed, section.temperature, chat=chat)
+        out[name] = cache[cache_key]
+    return records, out
+
+
+def judge_report(config: Config, cache: dict) -> tuple[dict, list[dict]]:
+    """The judge's debiased win rate of model_a over model_b, its position bias and unparseable
+    verdicts, and its agreement with the labels and/or the reward model; plus every verdict."""
+    from raylm.eval.judge import agreement, debiased_scores, judge_prompt, pairwise_report, parse_verdict, \
+        preference_of, reward_preferences
+
+    cfg = config.judge
+    records, answers = pair_completions(config, "judge", cache)
+    prompts = [r[cfg.prompt_field] for r in records]
+    a, b = answers["model_a"], answers["model_b"]
+    judge_inputs = [judge_prompt(p, x, y, cfg.template) for p, x, y in zip(prompts, a, b)]  # A shown first
+    judge_inputs += [judge_prompt(p, y, x, cfg.template) for p, x, y in zip(prompts, a, b)]  # swapped
+    replies = generate_texts(pair_folders(config, "judge")["model"], judge_inputs, cfg.judge_max_new_tokens, [],
+                             config.generation, config.seed, 0.0, chat=pair_chat(config, "judge"))
+    n = len(prompts)
+    verdicts = [parse_verdict(r) for r in replies]
+    report = pairwise_report(verdicts[:n], verdicts[n:], cfg.confidence)
+    report.update(model_a=cfg.model_a, model_b=cfg.model_b, judge=cfg.model)
+    preferences = [preference_of(x) for x in debiased_scores(verdicts[:n], verdicts[n:])]
+    if cfg.label_field is not None:
+        labels = [r[cfg.label_field] for r in records]
+        report.update({f"labels/{k}": v for k, v in agreement(preferences, labels).items()})
+    reward = [None] * n
+    if cfg.reward_model is not None:
+        scores_a, scores_b = reward_scores(cfg.reward_model, pair_chat(config, "judge"), prompts, a, b, config)
+        reward = reward_preferences(scores_a, scores_b)
+        report.update({f"reward_model/{k}": v for k, v in agreement(preferences, reward).items()})
+    rows = [{"prompt": p, "response_a": x, "response_b": y, "reply_a_first": replies[i], "verdict_a_first": verdicts[i],
+             "reply_b_first": replies[n + i], "verdict_b_first": verdicts[n + i], "preference": preferences[i],
+             **({"label": records[i][cfg.label_field]} if cfg.label_field else {}),
+             **({"reward_preference": reward[i]} if cfg.reward_model else {})}
+            for i, (p, x, y) in enumerate(zip(prompts, a, b))]
+    return report, rows
+
+
+def human_export(config: Config, cache: dict) -> dict:
+    from raylm.eval.human_eval import make_pairs, write_pairs
+
+    cfg = config.human_export
+    records, answers = pair_completions(config, "human_export", cache)
+    pairs = make_pairs([r[cfg.prompt_field] for r in records], answers["model_a"], answers["model_b"],
+                       cfg.model_a, cfg.model_b, config.seed)
+    paths = write_pairs(pairs, config.output_path / "human_eval")
+    return {"n_pairs": len(pairs), **{k: str(v) for k, v in paths.items()}}
+
+
+def human_import(config: Config) -> dict:
+    from raylm.data.jsonl import write_jsonl
+    from raylm.eval.human_eval import AnnotationError, read_choices, read_pairs, to_preferences
+
+    cfg = config.human_import
+    try:
+        pairs = read_pairs(cfg.pairs)
+        records, counts = to_preferences(pairs, read_choices(cfg.choices, set(pairs)), cfg.confidence)
+    except AnnotationError as e:
+        raise ConfigError(f"human_import: {e}") from None
+    output = Path(cfg.output) if cfg.output else config.output_path / "human_preferences.jsonl"
+    write_jsonl(records, output)
+    return {**counts, "output": str(output)}
+
+
+# ---- fairness and memorization ---------------------------------------------------------------
+def prepare_fairness(config: Config) -> tuple[list[tuple[TaskRef, Task]], dict]:
+    """The fairness sets as tasks, and what ``evaluate_checkpoint`` needs to score them: their keys and
+    the training data's group/outcome co-occurrences (one pass over the training data for all)."""
+    from raylm.eval.fairness import cooccurrence_counts
+
+    cfg = config.fairness
+    tasks = [(ref, load_task(ref.path, ref.limit)) for ref in cfg.tasks]
+    context = {"config": cfg, "keys": {result_key(ref, task) for ref, task in tasks}, "train_counts": {},
+               "seed": config.seed}
+    if cfg.train_files or cfg.shard_dirs:
+        wanted = {}
+        for ref, task in tasks:
+            terms: dict[str, set] = {}
+            for doc in task.eval_docs:
+                terms.setdefault(str(doc.data[cfg.group_field]), set()).add(str(doc.data[cfg.term_field]))
+            outcomes = sorted({c.strip().lower() for doc in task.eval_docs for c in task.choices(doc)})
+            wanted[result_key(ref, task)] = ({g: sorted(t) for g, t in terms.items()}, outcomes)
+        texts = list(iter_fairness_texts(cfg))
+        for key, (terms, outcomes) in wanted.items():
+            context["train_counts"][key] = cooccurrence_counts(texts, terms, outcomes)
+    return tasks, context
+
+
+def iter_fairness_texts(cfg: FairnessConfig):
+    yield from iter_train_texts(DecontaminationConfig(train_files=cfg.train_files, text_field=cfg.text_field))
+    from tokenizers import Tokenizer
+
+    from raylm.data.token_shards import TokenStream
+    from raylm.eval.decontamination import shard_tokenizer
+
+    for folder in cfg.shard_dirs:  # documents: the stream cut at its EOS tokens
+        tokenizer = Tokenizer.from_file(str(shard_tokenizer(folder)))
+        stream = TokenStream(folder, cfg.shard_split)
+        tokens = stream.read(0, stream.num_tokens)
+        ends = [-1] + np.flatnonzero(tokens == stream.eos_token_id).tolist()
+        for start, end in zip(ends, ends[1:]):
+            yield tokenizer.decode(tokens[start + 1 : end].tolist())
+
+
+def fairness_task_metrics(task: Task, items: list[dict], fairness: dict, key: str) -> dict:
+    from raylm.eval.fairness import fairness_metrics
+
+    cfg = fairness["config"]
+    docs = task.eval_docs
+    fair_items = [{"group": str(doc.data[cfg.group_field]), "template": str(doc.data[cfg.template_field]),
+                   "logprobs": item["logprobs"], "favourable": item["gold"], "choices": item["choices"]}
+                  for doc, item in zip(docs, items)]
+    return fairness_metrics(fair_items, lambda item: item["choices"], fairness["train_counts"].get(key),
+                            cfg.resamples, cfg.confidence, fairness["seed"])
+
+
+def memorization_samples(config: Config) -> list[dict]:
+    """The training sequences tested, sampled once for every checkpoint."""
+    from raylm.data.token_shards import TokenStream
+    from raylm.eval.memorization import sample_sequences
+
+    cfg = config.memorization
+    samples = []
+    for i, folder in enumerate(cfg.shard_dirs):
+        try:
+            stream = TokenStream(folder, cfg.shard_split)
+            found = sample_sequences(stream, cfg.num_sequences, cfg.prefix_tokens, cfg.suffix_tokens, config.seed + i)
+        except ValueError as e:
+            raise ConfigError(f"memorization.shard_dirs.{i}: {e}") from None
+        samples += [{**sample, "shard_dir": folder} for sample in found]
+    return samples
+
+
+def memorization_generations(name: str, folder: str, samples: list[dict], config: Config) -> dict:
+    """Generations from canary prompts, sampled training prefixes and the configured prompts, checked
+    for the canaries and scanned for PII-like text."""
+    from raylm.eval.memorization import canary_report, scan_pii, split_canary
+
+    cfg = config.memorization
+    enc = Encoder(folder)
+    canary_prompts, secrets = [], []
+    for canary in cfg.canaries:
+        try:
+            prompt_ids, secret_ids = split_canary(enc.encode(canary), cfg.canary_prompt_fraction)
+        except ValueError as e:
+            raise ConfigError(f"memorization.canaries: {canary!r}: {e}") from None
+        canary_prompts.append(enc.decode(prompt_ids))
+        secrets.append(enc.decode(secret_ids))
+    prefixes = [enc.decode(s["prefix"]) for s in samples[: cfg.generate_sequences]]
+    extra = [r["prompt"] for r in read_prompts(PairConfig(model_a="", model_b="", prompts=cfg.prompts))] if cfg.prompts else []
+    prompts = canary_prompts + prefixes + extra
+    if not prompts:
+        return {}
+    continuations = generate_texts(folder, prompts, cfg.max_new_tokens, [], config.generation, config.seed)
+    full = [p + c for p, c in zip(prompts, continuations)]
+    report = scan_pii(continuations)  # what the model wrote, not what it was given
+    report.update(canary_report(cfg.canaries, secrets, continuations[: len(cfg.canaries)], full))
+    report["generations"] = [{"prompt": p, "continuation": c} for p, c in zip(prompts, continuations)][:50]
+    return report
+
+
 # ---- the stage --------------------------------------------------------------------------------
 def markdown_table(results: dict) -> str:
     names = list(results)
@@ -550,8 +972,21 @@ def markdown_table(results: dict) -> str:
     lines = ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for task, metric in keys:
         cells = [results[n].get(task, {}).get(metric) for n in names]
-        lines.append(f"| {task} | {metric} | " + " | ".join("" if v is None else f"{v:.4g}" for v in cells) + " |")
+        if not any(isinstance(v, (int, float)) for v in cells):
+            continue
+        lines.append(f"| {task} | {metric} | " + " | ".join(f"{v:.4g}" if isinstance(v, (int, float)) else ""
+                                                            for v in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def log_numbers(stage_run: StageRun, prefix: str, values: dict) -> None:
+    """The finite numbers of a report as MLflow metrics ``<prefix>/<key>`` (booleans as 0/1)."""
+    stage_run.log_metrics({f"{prefix}/{k}": float(v) for k, v in values.items()
+                           if isinstance(v, (int, float)) and math.isfinite(float(v))})
+
+
+def interval(report: dict, key: str) -> str:
+    return f"{report[key]:.3f} [{report[key + '_low']:.3f}, {report[key + '_high']:.3f}]"
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
@@ -562,24 +997,55 @@ def run(config: Config, stage_run: StageRun) -> dict:
     init_ray(config.ray, WORKER_MODULES)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tasks = [(ref, load_task(ref.path, ref.limit)) for ref in config.tasks]
+    fairness_tasks, fairness = prepare_fairness(config) if config.fairness is not None else ([], None)
+    samples = memorization_samples(config) if config.memorization is not None else []
+    mem = config.memorization
+    mem_generates = mem is not None and bool(mem.canaries or mem.generate_sequences or mem.prompts)
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"results": {}}
+    if samples:  # where each tested sequence starts in its shard folder's token stream
+        summary["memorization_samples"] = [{"shard_dir": s["shard_dir"], "start": s["start"]} for s in samples]
     scorers: list = []  # one pool of scorer actors for the checkpoints in turn (raylm.actors.loglikelihood_scorer)
     try:
         for name, folder in config.checkpoints.items():
             started = time.perf_counter()
-            results = evaluate_checkpoint(name, folder, tasks, config, scorers) if tasks else {}
+            extra = [{"tokens": s["prefix"] + s["suffix"], "n_scored": len(s["suffix"])} for s in samples]
+            results = (evaluate_checkpoint(name, folder, tasks + fairness_tasks, config, scorers, fairness, extra or None)
+                       if tasks or fairness_tasks or extra else {})
+            if mem is not None:
+                from raylm.eval.memorization import extraction_report
+
+                report = extraction_report([row["is_greedy"] for row in extra], mem.confidence)
+                report["suffix_nll_per_token"] = -sum(r["logprob"] for r in extra) / sum(r["n_scored"] for r in extra)
+                if mem_generates:
+                    for actor in scorers:  # the generation engines need the CPUs
+                        ray.kill(actor)
+                    scorers.clear()
+                    details = memorization_generations(name, folder, samples, config)
+                    summary.setdefault("memorization", {})[name] = details
+                    report.update({k: v for k, v in details.items() if isinstance(v, (int, float))})
+                report.update(n_items=report["n_sequences"], prefix_tokens=mem.prefix_tokens, suffix_tokens=mem.suffix_tokens)
+                results["memorization"] = report
+                print(f"raylm eval: {name} memorization: {report['extracted']}/{report['n_sequences']} training sequences "
+                      f"extracted ({interval(report, 'extraction_rate')}); canaries leaked "
+                      f"{report.get('canaries_leaked', 0)}/{len(mem.canaries)}; generations with PII-like text "
+                      f"{report.get('pii_texts', 0)}/{report.get('n_texts', 0)}", flush=True)
             seconds = time.perf_counter() - started
             summary["results"][name] = results
             n_items = sum(m["n_items"] for m in results.values())
-            stage_run.log_metrics({f"{name}/{task}/{metric}": value for task, m in results.items()
-                                   for metric, value in m.items() if isinstance(value, (int, float))})
+            stage_run.log_metrics({f"{name}/{task}/{metric}": float(value) for task, m in results.items()
+                                   for metric, value in m.items()
+                                   if isinstance(value, (int, float)) and math.isfinite(float(value))})
             stage_run.log_metrics({f"{name}/items_per_s": n_items / seconds if seconds else 0.0})
             for task, m in results.items():
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in m.items()
-                                  if isinstance(v, float) and not k.endswith("stderr"))
+                                  if isinstance(v, float) and not k.endswith(("stderr", "_low", "_high"))
+                                  and "/" not in k)
                 print(f"raylm eval: {name} {task}: {shown}", flush=True)
+                if fairness is not None and task in fairness["keys"]:
+                    print(f"raylm eval: {name} {task}: ll_gap {interval(m, 'll_gap')}, parity difference "
+                          f"{interval(m, 'parity_difference')}", flush=True)
     finally:
         for actor in scorers:  # their CPUs go to the preference judge next
             ray.kill(actor)
@@ -589,6 +1055,31 @@ def run(config: Config, stage_run: StageRun) -> dict:
         stage_run.log_metrics({f"preference/{k}": v for k, v in p.items() if isinstance(v, (int, float))})
         print(f"raylm eval: win rate {p['model_a']} vs {p['model_b']}: {p['win_rate']:.3f} "
               f"[{p['win_rate_low']:.3f}, {p['win_rate_high']:.3f}] over {p['n']} prompts", flush=True)
+    completions: dict = {}  # responses generated once for the judge and the human export
+    if config.judge is not None:
+        summary["judge"], verdicts = judge_report(config, completions)
+        j = summary["judge"]
+        log_numbers(stage_run, "judge", j)
+        with open(out / "judge_verdicts.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in verdicts)
+        stage_run.log_artifact(out / "judge_verdicts.jsonl")
+        print(f"raylm eval: judge {j['judge']}: win rate {j['model_a']} vs {j['model_b']} {interval(j, 'win_rate')} "
+              f"over {j['n']} prompts (position-swap debiased); {j['unparseable']} unparseable verdicts; first position "
+              f"picked {j['first_position_rate']:.2f} of the time, consistency {j['consistency']:.2f}"
+              + (" -- POSITION-BIASED" if j["position_biased"] else ""), flush=True)
+    if config.human_export is not None:
+        summary["human_export"] = human_export(config, completions)
+        log_numbers(stage_run, "human_export", summary["human_export"])
+        stage_run.log_artifact(out / "human_eval", "human_eval")
+        print(f"raylm eval: {summary['human_export']['n_pairs']} side-by-side pairs for annotators in "
+              f"{summary['human_export']['csv']} (and .html)", flush=True)
+    if config.human_import is not None:
+        summary["human_import"] = h = human_import(config)
+        log_numbers(stage_run, "human_import", h)
+        stage_run.log_artifact(h["output"])
+        print(f"raylm eval: {h['annotated']}/{h['pairs']} pairs annotated: {h['preferences']} preference pairs in "
+              f"{h['output']}; {h['ties']} ties, {h['skips']} skips, {h['unannotated']} unannotated, {h['unusable']} "
+              f"unusable (identical or empty responses)", flush=True)
     if config.decontamination is not None:
         summary["decontamination"] = decontamination_report(tasks, config.decontamination)
         for task, rep in summary["decontamination"].items():
