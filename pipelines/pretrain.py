@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from raylm.config import ConfigError, InputPath, ModelStageConfig
+from raylm.config import InputPath, ModelStageConfig
+from raylm.data.token_shards import data_tokenizer, shard_dir
 from raylm.tracking import StageRun
 from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
-from raylm.train.launcher import check_parallel, finish, launch, lm_results, training_spec
+from raylm.train.launcher import check_parallel, check_token_data, finish, launch, lm_results, training_spec
 from raylm.train.spec import TokenData
 
 
@@ -31,20 +32,7 @@ class Config(ModelStageConfig):
 
 
 def check(config: Config, config_path) -> None:
-    from raylm.data.token_shards import read_index
-
-    try:
-        index = read_index(shard_dir(config.data_dir))
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{config_path}: data_dir: {e}") from None
-    if config.model.vocab_size < index["vocab_size"]:
-        raise ConfigError(f"{config_path}: model.vocab_size: {config.model.vocab_size} is smaller than the data's "
-                          f"vocabulary ({index['vocab_size']} in {Path(config.data_dir) / 'index.json'})")
-    if config.train.seq_len > config.model.max_seq_len:
-        raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds model.max_seq_len "
-                          f"({config.model.max_seq_len})")
-    if config.tokenizer and not Path(config.tokenizer).exists():
-        raise ConfigError(f"{config_path}: tokenizer: {config.tokenizer} does not exist")
+    check_token_data(config, config_path)
     check_parallel(config, config_path)
 
 
@@ -73,28 +61,9 @@ def unigram_loss(data_dir: str) -> float:
     return total / max(n, 1)
 
 
-def shard_dir(data_dir: str | Path) -> Path:
-    """The folder holding index.json: ``data_dir`` itself, or the ``tokens/`` that `raylm data` writes."""
-    data_dir = Path(data_dir)
-    if not (data_dir / "index.json").exists() and (data_dir / "tokens" / "index.json").exists():
-        return data_dir / "tokens"
-    return data_dir
-
-
-def find_tokenizer(config: Config) -> Path | None:
-    """``tokenizer`` if set, else the data stage's: beside the shards or one folder up."""
-    if config.tokenizer:
-        return Path(config.tokenizer)
-    shards = shard_dir(config.data_dir)
-    for folder in (shards, shards.parent):
-        if (folder / "tokenizer.json").exists():
-            return folder / "tokenizer.json"
-    return None
-
-
 def run(config: Config, stage_run: StageRun) -> dict:
     started = time.perf_counter()
-    tokenizer = find_tokenizer(config)
+    tokenizer = Path(config.tokenizer) if config.tokenizer else data_tokenizer(config.data_dir)
     spec = training_spec(config, "pretrain", stage_run, model=config.model.to_dict(),
                          data=TokenData(str(shard_dir(config.data_dir).resolve())),
                          tokenizer_file=str(tokenizer.resolve()) if tokenizer else None)

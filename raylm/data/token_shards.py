@@ -106,6 +106,23 @@ def write_index(shard_dir: str | Path, vocab_size: int, eos_token_id: int, split
     return path
 
 
+def shard_dir(data_dir: str | Path) -> Path:
+    """The folder holding index.json: ``data_dir`` itself, or the ``tokens/`` that `raylm data` writes."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "index.json").exists() and (data_dir / "tokens" / "index.json").exists():
+        return data_dir / "tokens"
+    return data_dir
+
+
+def data_tokenizer(data_dir: str | Path) -> Path | None:
+    """The data stage's tokenizer.json: beside the shards of ``data_dir`` or one folder up (None: neither)."""
+    shards = shard_dir(data_dir)
+    for folder in (shards, shards.parent):
+        if (folder / "tokenizer.json").exists():
+            return folder / "tokenizer.json"
+    return None
+
+
 def read_index(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / INDEX_FILE
     if not path.exists():

@@ -50,6 +50,26 @@ def check_parallel(config, config_path, model=None, model_key: str = "model") ->
                 raise ConfigError(f"{config_path}: {key}: {problem} (parallel.pp={parallel.pp})")
 
 
+def check_token_data(config, config_path) -> dict:
+    """A from-scratch model's ``data_dir`` (token shards), ``model`` and ``tokenizer`` against each
+    other (pretraining, scaling sweeps); returns the shards' index."""
+    from raylm.data.token_shards import read_index, shard_dir
+
+    try:
+        index = read_index(shard_dir(config.data_dir))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{config_path}: data_dir: {e}") from None
+    if config.model.vocab_size < index["vocab_size"]:
+        raise ConfigError(f"{config_path}: model.vocab_size: {config.model.vocab_size} is smaller than the data's "
+                          f"vocabulary ({index['vocab_size']} in {Path(config.data_dir) / 'index.json'})")
+    if config.train.seq_len > config.model.max_seq_len:
+        raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds model.max_seq_len "
+                          f"({config.model.max_seq_len})")
+    if config.tokenizer and not Path(config.tokenizer).exists():
+        raise ConfigError(f"{config_path}: tokenizer: {config.tokenizer} does not exist")
+    return index
+
+
 def check_start_checkpoint(config, config_path, made_by: str) -> dict:
     """The Hugging Face folder a fine-tuning stage starts from (``config.checkpoint``, e.g. the output
     of ``made_by``) against ``train.seq_len`` and ``freeze.train_layers``; returns its config.json."""
