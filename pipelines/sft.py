@@ -33,6 +33,12 @@ from raylm.train.launcher import (check_data_files, check_parallel, check_peft, 
                                   finish, launch, lm_results, tokenizer_path, training_spec)
 
 
+class MixSource(Section):
+    path: InputPath  # JSONL of SFT records (e.g. `raylm synth` output's train.jsonl)
+    weight: float = Field(gt=0)  # share of the mix: weight / the sum of the weights
+    name: str | None = None  # the records' mix_source in the mix; default: the file's stem
+
+
 class DataConfig(Section):
     """The instruction data: train/validation JSONL files, or a built-in set (not both)."""
 
@@ -43,9 +49,17 @@ class DataConfig(Section):
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # of the built-in set's functions (as reward's)
     tokenizer: InputPath | None = None  # tokenizer.json; default: the checkpoint's
     system_prompt: str | None = None  # prepended to conversations that have none
+    mix: list[MixSource] | None = None  # instead of train: files mixed by weight (raylm.data.synthetic.mix_records)
+    mix_size: int | None = Field(default=None, ge=1)  # records in the mix; None: as many as its files hold together
 
     @model_validator(mode="after")
     def _one_source(self):
+        if self.mix is not None:
+            if self.train is not None or self.builtin is not None:
+                raise ValueError("mix: data.mix and data.train / data.builtin are both set: give one training set")
+            names = [source.name or Path(source.path).stem for source in self.mix]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"mix: needs at least one file and distinct names, got {names}")
         return check_one_data_source(self)
 
 
@@ -81,7 +95,16 @@ def check(config: Config, config_path) -> None:
     check_tokenizer(config, config_path)
     from raylm.data.sft import SFTDataError, read_conversations
 
-    check_data_files(config, config_path, read_conversations, SFTDataError)
+    if config.data.mix is None:
+        check_data_files(config, config_path, read_conversations, SFTDataError)
+    for key, path in [(f"mix.{i}.path", s.path) for i, s in enumerate(config.data.mix or [])] + (
+            [("validation", config.data.validation)] if config.data.mix is not None else []):
+        if path is None:
+            raise ConfigError(f"{config_path}: data.{key}: required with data.mix (the held-out JSONL)")
+        try:
+            read_conversations(path)
+        except SFTDataError as e:
+            raise ConfigError(f"{config_path}: data.{key}: {e}") from None
     from raylm.models.hf_checkpoint import config_from_hf
 
     check_parallel(config, config_path, config_from_hf(hf), "checkpoint")
@@ -89,6 +112,14 @@ def check(config: Config, config_path) -> None:
 
 def data_files(config: Config) -> dict:
     """The train/validation JSONL paths, building the built-in set into the output folder if asked."""
+    if config.data.mix is not None:  # human and synthetic data by weight, written as one training file
+        from raylm.data.jsonl import write_jsonl
+        from raylm.data.synthetic import mix_records
+
+        sources = [{"name": s.name or Path(s.path).stem, "path": s.path, "weight": s.weight} for s in config.data.mix]
+        mixed, counts = mix_records(sources, config.data.mix_size, config.seed)
+        train = write_jsonl(mixed, (config.output_path / "instructions" / "train.jsonl").resolve())
+        return {"train": str(train), "validation": str(Path(config.data.validation).resolve()), "mix": counts}
     if config.data.builtin is None:
         return {"train": str(Path(config.data.train).resolve()), "validation": str(Path(config.data.validation).resolve())}
     from raylm.data.jsonl import write_jsonl
@@ -125,6 +156,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
     except SFTDataError as e:
         raise ConfigError(str(e)) from None
     stage_run.log_params({"train.steps_resolved": config.train.steps})
+    if "mix" in files:
+        stage_run.log_metrics({f"mix.{name}": n for name, n in files["mix"].items()})
     spec = training_spec(config, "sft", stage_run, init_checkpoint=str(Path(config.checkpoint).resolve()),
                          freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
                          peft=config.peft.model_copy(), tokenizer_file=tokenizer,

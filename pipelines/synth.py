@@ -226,20 +226,18 @@ class Generator:
 
     def run(self, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, chat: bool,
             temperature: float | None = None) -> list[list[int] | None]:
-        """Completions (token ids); None for a prompt that leaves no room to answer in max_model_len.
-        ``temperature``: instead of ``sampling.temperature``."""
+        """Completions (token ids); None for a prompt that, with ``max_new_tokens``, does not fit in
+        ``engine.max_model_len`` (dropped as ``prompt_too_long``, never cut). ``temperature``: instead
+        of ``sampling.temperature``."""
         from raylm.actors.data.engine_generation import generate_rows
 
-        fits = [i for i, p in enumerate(prompts) if len(p) + 1 <= self.budget]
+        fits = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= self.budget]
+        done = generate_rows(self.engines, [prompts[i] for i in fits], [seeds[i] for i in fits],
+                             self.sampling(max_new_tokens, temperature), self.template.stop_ids if chat else None,
+                             self.config.engine.batch_size)
         out: list = [None] * len(prompts)
-        room = {i: min(max_new_tokens, self.budget - len(prompts[i])) for i in fits}
-        for limit in sorted(set(room.values())):  # one pipeline per distinct budget (usually one)
-            rows = [i for i in fits if room[i] == limit]
-            done = generate_rows(self.engines, [prompts[i] for i in rows], [seeds[i] for i in rows],
-                                 self.sampling(limit, temperature), self.template.stop_ids if chat else None,
-                                 self.config.engine.batch_size)
-            for i, completion in zip(rows, done):
-                out[i] = completion
+        for i, completion in zip(fits, done):
+            out[i] = completion
         return out
 
     def text(self, completion: list[int], chat: bool) -> str:
