@@ -53,6 +53,7 @@ STAGES = [
     # Ray only for its vLLM check, which starts it when vLLM is installed.
     Stage("export", "export", "build or load a model, export it in Hugging Face format, check it in transformers "
           "and vLLM", lifecycle=True, ray=False),
+    Stage("scale", "scale", "scaling laws from a Ray Tune sweep of sizes x FLOP budgets, and a checked compute-optimal plan"),
     Stage("synth", "synth", "synthetic instructions, preference pairs or rephrased text from a model on vLLM engines"),
     Stage("serve", "serve", "serve a checkpoint (and LoRA adapters) on an OpenAI-compatible endpoint (vLLM's server "
           "in a Ray actor)"),
