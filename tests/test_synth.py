@@ -115,7 +115,7 @@ def engine(assets):
                 raise
             ray.shutdown()
     # vLLM on CPU reserves this fraction of host RAM for the worker (weights, activations, KV cache): the machine is shared
-    handle = make_generation_engine(assets["hf"], backend="vllm", max_model_len=256, gpu_memory_utilization=0.1)
+    handle = make_generation_engine(assets["hf"], backend="vllm", max_model_len=256, gpu_memory_utilization=0.06)
     ray.get(handle.ready.remote(), timeout=900)
     yield handle
     ray.kill(handle)
