@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from raylm.config import ConfigError, ModelStageConfig
+from raylm.config import ConfigError, InputPath, ModelStageConfig
 from raylm.models.generate import SamplingParams, generate
 from raylm.models.hf_checkpoint import load_checkpoint, save_checkpoint
 from raylm.models.transformer import Transformer, flops_per_token
@@ -18,8 +18,8 @@ from raylm.tracking import StageRun
 
 
 class Config(ModelStageConfig):
-    checkpoint: str | None = None  # a Hugging Face folder to load instead of building `model`
-    tokenizer: str | None = None  # a tokenizer.json to ship with the checkpoint
+    checkpoint: InputPath | None = None  # a Hugging Face folder to load instead of building `model`
+    tokenizer: InputPath | None = None  # a tokenizer.json to ship with the checkpoint
     dtype: Literal["float32", "bfloat16"] = "float32"
     verify_transformers: bool = True
     verify_vllm: bool = True  # skipped, and said so, where vLLM is not installed

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from pydantic import Field, field_validator
 
 import re
 
-from raylm.config import ConfigError, StageConfig, deep_merge, flatten, format_validation_error, read_yaml, resolved_dict
+from raylm.config import (ConfigError, InputPath, StageConfig, deep_merge, flatten, format_validation_error,
+                          read_yaml, resolve_input_paths, resolved_dict)
 from raylm.stages import COMMANDS, LIFECYCLE, run_stage, stage_module
 from raylm.tracking import StageRun, start_run, resolve_tracking_uri
 
@@ -29,13 +31,26 @@ class Config(StageConfig):
     # A stage's own YAML (e.g. examples/laptop/pretrain.yaml) as the base of its section; the
     # lifecycle's output_dir, seed, tracking, ray and lineage replace that file's, and `sections`
     # override on top, merged key by key (a list replaces the file's list).
-    stage_files: dict[str, str] = Field(default_factory=dict)
+    stage_files: dict[str, InputPath] = Field(default_factory=dict)
     # One section per stage, validated by that stage's Config (output_dir, seed, tracking and ray
     # are inherited from the top level; the stage writes under <output_dir>/<stage>).
     sections: dict[str, dict] = Field(default_factory=dict)
     # Serve the final model once the stages are done: a `raylm serve` section (its checkpoint defaults
     # to the exported, else the last trained, model of this run); null: end without serving.
     serve: dict | None = None
+
+    @classmethod
+    def resolve_nested_input_paths(cls, data: dict, base: Path) -> dict:
+        """`sections` and `serve` are each a stage's config: their input paths, like the stage
+        files', are relative to this file's folder."""
+        data = dict(data)
+        if isinstance(data.get("sections"), dict):
+            data["sections"] = {stage: resolve_input_paths(section, stage_module(stage).Config, base)
+                                if stage in LIFECYCLE and isinstance(section, dict) else section
+                                for stage, section in data["sections"].items()}
+        if isinstance(data.get("serve"), dict):
+            data["serve"] = resolve_input_paths(data["serve"], stage_module("serve").Config, base)
+        return data
 
     @field_validator("stages")
     @classmethod
@@ -83,7 +98,10 @@ def stage_config(config: Config, stage: str, config_path=None):
     module = COMMANDS[stage].module
     inherited = {"output_dir": str(config.output_path / stage), "seed": config.seed,
                  "tracking": config.tracking.model_dump(), "ray": config.ray.model_dump(), **lineage(config, stage)}
-    base = read_yaml(config.stage_files[stage]) if stage in config.stage_files else {}
+    base = {}
+    if stage in config.stage_files:  # its input paths are relative to its own folder
+        stage_file = Path(config.stage_files[stage])
+        base = resolve_input_paths(read_yaml(stage_file), module.Config, stage_file.parent)
     try:
         merged = deep_merge(deep_merge(base, inherited), config.sections.get(stage, {}))
         return module, module.Config.model_validate(merged)

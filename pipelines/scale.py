@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, ModelStageConfig, Section, expand_model_preset
+from raylm.config import ConfigError, InputPath, ModelStageConfig, Section, expand_model_preset
 from raylm.tracking import StageRun, start_run
 from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
 
@@ -72,8 +72,8 @@ class CheckConfig(Section):
 
 
 class Config(ModelStageConfig):
-    data_dir: str = "out/data"  # `raylm data`'s output_dir (shards in tokens/), or a folder holding index.json
-    tokenizer: str | None = None  # shipped with each trial's model; None: the data stage's tokenizer.json
+    data_dir: InputPath = "out/data"  # `raylm data`'s output_dir (shards in tokens/), or a folder holding index.json
+    tokenizer: InputPath | None = None  # shipped with each trial's model; None: the data stage's tokenizer.json
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, seq_len=128, eval_batches=8))
     optim: OptimConfig = Field(default_factory=OptimConfig)
     parallel: ParallelConfig = Field(default_factory=lambda: ParallelConfig(num_workers=1))

@@ -24,16 +24,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from raylm.config import ConfigError, StageConfig
+from raylm.config import ConfigError, InputPath, StageConfig
 from raylm.tracking import StageRun
 
 
 class Config(StageConfig):
-    checkpoint: str | None = None  # a Hugging Face folder (e.g. out/sft/hf); required
+    checkpoint: InputPath | None = None  # a Hugging Face folder (e.g. out/sft/hf); required
     model_name: str | None = None  # the name clients ask for; null: the checkpoint folder's name
     host: str = "127.0.0.1"  # 0.0.0.0 to be reached from other machines
     port: int = Field(default=8000, ge=0, le=65535)  # 0: a free port
-    lora: dict[str, str] = Field(default_factory=dict)  # served name -> LoRA adapter folder (PEFT format) of this checkpoint
+    lora: dict[str, InputPath] = Field(default_factory=dict)  # served name -> LoRA adapter folder (PEFT format) of this checkpoint
     max_model_len: int | None = Field(default=None, ge=1)  # longest prompt + answer; null: the checkpoint's max_position_embeddings
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # of the served weights; auto: the checkpoint's
     memory_fraction: float = Field(default=0.1, gt=0, le=1)  # of host RAM (on CPU) for vLLM's KV cache

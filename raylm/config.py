@@ -44,6 +44,9 @@ class FromConfigFolder:
 
 # An input file or folder named in a config file: relative to the config file's folder.
 InputPath = Annotated[str, FromConfigFolder()]
+# Where a stage writes, named in a config file: relative to the config file's folder too, so the
+# outputs of one stage file are found by the next stage file as written.
+OutputDir = Annotated[str, FromConfigFolder()]
 
 
 class Section(BaseModel):
@@ -69,7 +72,7 @@ class RayConfig(Section):
 class StageConfig(Section):
     """What every stage has: where it writes, its seed, its tracking and its Ray."""
 
-    output_dir: str = "out"
+    output_dir: OutputDir = "out"
     seed: int = 0
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -262,6 +265,8 @@ def load_config(cls: type[StageConfig], path: str | Path | None, overrides: list
     data = read_yaml(path) if path is not None else {}
     for key in ignore:
         data.pop(key, None)
+    if path is not None:  # before the overrides, which are typed in a shell: relative to the current directory
+        data = resolve_input_paths(data, cls, Path(path).parent)
     overrides = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in ignore]
     data = apply_overrides(data, list(overrides))
     if overrides:

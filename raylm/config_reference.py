@@ -173,8 +173,9 @@ def markdown() -> str:
              "beside each field); `tests/test_config_reference.py` fails when this file is out of date.",
              "`raylm config STAGE [CONFIG] [--set k=v]` prints one stage's resolved config with these",
              "descriptions. Keys are YAML paths (`train.steps`); `key[].item` is a key of each list item,",
-             "`key.*.item` of each value of a mapping. Relative paths in a config resolve against the current",
-             "directory.", ""]
+             "`key.*.item` of each value of a mapping. A relative path written in a config file (an input, or",
+             "`output_dir`) is relative to that file's folder; one given with `--set`, and a default, is",
+             "relative to the current directory.", ""]
     for command in COMMANDS:
         cls = config_class(command)
         title = f"`raylm {command}`" + (" (its `submit:` section)" if command == "submit" else "")

@@ -51,8 +51,9 @@ def test_lifecycle_config_shows_each_stage_resolved(capsys):
     docs = capsys.readouterr().out.split("\n---\n")
     assert len(docs) == 1 + len(yaml.safe_load(laptop.read_text())["stages"])
     pretrain = yaml.safe_load(docs[2])
-    assert pretrain["output_dir"] == "out/laptop/pretrain" and pretrain["train"]["steps"] == 200
-    assert pretrain["data_dir"] == "out/laptop/data"  # lineage: what the data stage wrote
+    out = laptop.parents[1] / "out" / "laptop"  # the file's output_dir, relative to its folder
+    assert pretrain["output_dir"] == str(out / "pretrain") and pretrain["train"]["steps"] == 200
+    assert pretrain["data_dir"] == str(out / "data")  # lineage: what the data stage wrote
 
 
 def test_shared_keys_and_own_sections_are_described():

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylm.config import ConfigError, Section, StageConfig
+from raylm.config import ConfigError, InputPath, OutputDir, Section, StageConfig
 from raylm.peft.config import PeftConfig
 from raylm.train.config import FreezeConfig
 
@@ -20,7 +20,7 @@ ROLES = ("policy", "critic", "rollout", "reward", "reference")
 Role = Literal["policy", "critic", "rollout", "reward", "reference"]
 
 class PolicyConfig(Section):
-    checkpoint: str = "out/sft/hf"  # a causal-LM Hugging Face folder with its tokenizer.json (raylm sft output)
+    checkpoint: InputPath = "out/sft/hf"  # a causal-LM Hugging Face folder with its tokenizer.json (raylm sft output)
     num_workers: int = Field(default=2, ge=1)  # ranks of the FSDP2 policy group
     cpus_per_worker: float = Field(default=0.5, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
@@ -30,7 +30,7 @@ class PolicyConfig(Section):
 
 
 class CriticConfig(Section):
-    checkpoint: str | None = None  # None: start from the reward model (its head included)
+    checkpoint: InputPath | None = None  # None: start from the reward model (its head included)
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=0.5, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
@@ -57,7 +57,7 @@ class RolloutConfig(Section):
 
 class RewardConfig(Section):
     # a *ForSequenceClassification folder (raylm reward output); None: no reward model (reward.rule only)
-    checkpoint: str | None = "out/reward/hf"
+    checkpoint: InputPath | None = "out/reward/hf"
     # A verifiable reward (raylm.tasks.rewards), beside or instead of the reward model: a rule name (exact_match,
     # regex, numeric, tool_use, string_transform), a mapping {rule: ..., options} or {function: "file.py:fn",
     # timeout_s}, or per_item: each prompt record's own "reward" field (raylm.tasks.files' RL prompt sets).
@@ -74,7 +74,7 @@ class RewardConfig(Section):
 
 
 class ReferenceConfig(Section):
-    checkpoint: str | None = None  # None: the policy's starting checkpoint
+    checkpoint: InputPath | None = None  # None: the policy's starting checkpoint
     num_actors: int = Field(default=1, ge=1)
     cpus_per_actor: float = Field(default=0.25, gt=0)
     gpus_per_actor: float = Field(default=0, ge=0)
@@ -133,12 +133,12 @@ class PPOConfig(Section):
 
 class DataConfig(Section):
     builtin: Literal["stdlib"] | None = "stdlib"  # "What does `f(sig)` do?" -> f's docstring line (raylm.data.preferences)
-    prompts: str | None = None  # or a JSONL file of {"prompt": str, "reference": str (optional), "reward": spec (optional)}
-    held_out: str | None = None  # with prompts: a JSONL file of held-out prompts of the same form, evaluated before and after
+    prompts: InputPath | None = None  # or a JSONL file of {"prompt": str, "reference": str (optional), "reward": spec (optional)}
+    held_out: InputPath | None = None  # with prompts: a JSONL file of held-out prompts of the same form, evaluated before and after
     limit: int | None = Field(default=None, ge=2)  # functions of the built-in task (evenly spread), None: all
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)  # the built-in task's held-out split
     max_prompt_tokens: int = Field(default=96, ge=4)  # longer prompts are left out
-    tokenizer: str | None = None  # default: the policy checkpoint's tokenizer.json
+    tokenizer: InputPath | None = None  # default: the policy checkpoint's tokenizer.json
 
 
 class EvalConfig(Section):
@@ -178,7 +178,7 @@ class TimeoutConfig(Section):
 
 
 class Config(StageConfig):
-    output_dir: str = "out/rlhf"
+    output_dir: OutputDir = "out/rlhf"
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
