@@ -12,13 +12,12 @@ compares every trained checkpoint side by side, export takes the last trained on
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 from pydantic import Field, field_validator
-
-import re
 
 from raylm.config import (ConfigError, InputPath, StageConfig, deep_merge, flatten, format_validation_error,
                           read_yaml, resolve_input_paths, resolved_dict)
