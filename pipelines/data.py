@@ -57,13 +57,15 @@ class InputConfig(Section):
 
 
 class TokenizerConfig(Section):
+    # tokens in the trained vocabulary, the 7 special tokens and 256 bytes included
     vocab_size: int = Field(default=8192, ge=MIN_VOCAB_SIZE)
-    min_frequency: int = Field(default=2, ge=1)
+    min_frequency: int = Field(default=2, ge=1)  # a BPE merge is learnt only from a pair seen at least this often
     max_documents: int | None = Field(default=None, ge=1)  # train on the first N kept documents
     file: InputPath | None = None  # an existing tokenizer.json to use instead of training one
 
 
 class TokenizeConfig(Section):
+    # fraction of documents (by a hash of their key) put in the validation split
     validation_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
     source_weights: dict[str, float] = {}  # source -> copies of each training document (default 1.0)
 
@@ -90,12 +92,14 @@ class ComputeConfig(Section):
 
 
 class Config(StageConfig):
+    # the input files; of duplicates, the copy in the earliest file (then earliest line) is kept
     inputs: list[InputConfig] = [InputConfig(path=EMBEDDED)]
-    filters: FilterConfig = FilterConfig()
-    dedup: DedupConfig = DedupConfig()
+    filters: FilterConfig = FilterConfig()  # the quality filters and PII redaction, applied in a fixed order
+    dedup: DedupConfig = DedupConfig()  # exact and MinHash near-duplicate removal
+    # the byte-level BPE tokenizer, trained on the kept documents unless file is set
     tokenizer: TokenizerConfig = TokenizerConfig()
-    tokenize: TokenizeConfig = TokenizeConfig()
-    compute: ComputeConfig = ComputeConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()  # the token shards: validation split and source mixing
+    compute: ComputeConfig = ComputeConfig()  # Ray Data parallelism and memory limits
 
 
 def check(config: Config, config_path) -> None:

@@ -12,17 +12,17 @@ TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", ":", ";", ")", "”", "’")
 
 
 class C4Config(Section):
-    enabled: bool = True
+    enabled: bool = True  # apply C4's rules (before the other filters: its line removal changes what they see)
     # line rules: a line is removed (not the document) unless it ends in terminal punctuation and has
     # enough words; lines mentioning javascript or cookie policies are removed
     line_terminal_punctuation: bool = True
-    min_words_per_line: int = 3
-    remove_javascript_lines: bool = True
+    min_words_per_line: int = 3  # remove lines with fewer whitespace-separated words
+    remove_javascript_lines: bool = True  # remove lines that mention "javascript"
     # document rules
     min_sentences: int = 5
-    drop_lorem_ipsum: bool = True
-    drop_curly_bracket: bool = True
-    max_word_length: int = 1000
+    drop_lorem_ipsum: bool = True  # drop documents containing "lorem ipsum"
+    drop_curly_bracket: bool = True  # drop documents containing "{" (code)
+    max_word_length: int = 1000  # drop documents with a kept line holding a longer word (characters)
 
 
 SENTENCE_END_RE = re.compile(r"[.!?]+(?:\s|$)")

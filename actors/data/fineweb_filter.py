@@ -9,12 +9,15 @@ from raylm.config import Section
 
 
 class FineWebConfig(Section):
-    enabled: bool = True
+    enabled: bool = True  # apply FineWeb's rules
+    # drop documents with a smaller fraction of non-blank lines ending in terminal punctuation
     min_line_punctuation_ratio: float = 0.12
+    # drop documents with a larger fraction of short lines (see short_line_chars)
     max_short_line_ratio: float = 0.67
-    short_line_chars: int = 30
+    short_line_chars: int = 30  # a line of at most this many characters (stripped) is short
+    # drop documents whose repeated lines hold a larger fraction of the characters (newlines excluded)
     max_duplicate_line_chars_ratio: float = 0.1
-    max_newline_word_ratio: float = 0.3
+    max_newline_word_ratio: float = 0.3  # drop documents with more newlines per word
 
 
 def fineweb_filter(text: str, words: list[str], cfg: FineWebConfig) -> str | None:

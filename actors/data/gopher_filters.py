@@ -101,7 +101,7 @@ class GopherQualityConfig(Section):
     """Rae et al. 2021's rules with the reference implementation's definitions (datatrove's
     GopherQualityFilter) by default; each of raylm's earlier rules is a named option."""
 
-    enabled: bool = True
+    enabled: bool = True  # apply the Gopher quality rules
     # "reference": word tokens as the reference counts them (punctuation tokens count in the
     # alpha-word and symbol ratios; word count and mean length skip them). "word_chars": raylm's
     # \w+ words, punctuation never counted (keeps far more punctuation-heavy text).
@@ -112,29 +112,32 @@ class GopherQualityConfig(Section):
     # "reference": lines beginning with "•" or "-", every line (blank ones too) in the ratio;
     # "raylm": also "*", "–", "‣", "◦", "⁃", over the non-blank lines.
     line_rules: Literal["reference", "raylm"] = "reference"
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
+    min_words: int = 50  # drop documents with fewer words
+    max_words: int = 100_000  # drop documents with more words
+    min_mean_word_length: float = 3.0  # drop documents whose mean word length (characters) is below this
+    max_mean_word_length: float = 10.0  # drop documents whose mean word length (characters) is above this
     max_symbol_word_ratio: float = 0.1  # "#" and "..." per word
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    min_alpha_words_ratio: float = 0.8
-    min_stop_words: int = 2
+    max_bullet_lines_ratio: float = 0.9  # drop documents with a larger fraction of lines starting with a bullet
+    max_ellipsis_lines_ratio: float = 0.3  # drop documents with a larger fraction of lines ending in an ellipsis
+    min_alpha_words_ratio: float = 0.8  # drop documents with a smaller fraction of words holding a letter
+    min_stop_words: int = 2  # drop documents with fewer stop words ("the", "be", "to", ...; see stop_words_count)
 
 
 class GopherRepetitionConfig(Section):
     """Rae et al. 2021's Table A1, with the reference implementation's definitions (datatrove's
     GopherRepetitionFilter) by default: n-grams of its word tokens, characters over the text's."""
 
-    enabled: bool = True
+    enabled: bool = True  # apply the Gopher repetition rules
     # "reference": paragraphs too; n-gram characters over len(text), the top n-gram counted even
     # once, repeated n-grams skipped over; "raylm": raylm's earlier rule (no paragraph rules, \w+
     # words, characters over the words', a word counted once however many repeats cover it)
     rule: Literal["reference", "raylm"] = "reference"
+    # drop documents with a larger fraction of repeated paragraphs ("reference" rule only)
     max_duplicate_paragraphs_ratio: float = 0.3
+    # drop documents whose repeated paragraphs hold a larger fraction of characters ("reference" only)
     max_duplicate_paragraph_chars_ratio: float = 0.2
-    max_duplicate_lines_ratio: float = 0.3
+    max_duplicate_lines_ratio: float = 0.3  # drop documents with a larger fraction of repeated lines
+    # drop documents whose repeated lines hold a larger fraction of the text's characters
     max_duplicate_line_chars_ratio: float = 0.2
     # fraction of characters in the most frequent n-gram, n = 2, 3, 4
     max_top_ngram_chars_ratio: dict[int, float] = {2: 0.2, 3: 0.18, 4: 0.16}

@@ -9,7 +9,7 @@ from raylm.config import Section
 
 
 class LanguageIdConfig(Section):
-    enabled: bool = False
+    enabled: bool = False  # drop documents not in languages (py3langid's naive-Bayes identifier)
     languages: list[str] = ["en"]  # ISO 639-1 codes a document may be in
     min_confidence: float = Field(default=0.65, ge=0.0, le=1.0)  # FineWeb keeps English at >= 0.65
     max_chars: int = Field(default=4000, ge=1)  # the first N characters decide (long documents are uniform)

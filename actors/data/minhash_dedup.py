@@ -33,14 +33,14 @@ TOKEN_RE = re.compile(r"\w+")
 
 
 class DedupConfig(Section):
-    exact: bool = True
-    near: bool = True
-    ngram: int = Field(default=5, ge=1)
-    bands: int = Field(default=14, ge=1)
-    rows_per_band: int = Field(default=8, ge=1)
+    exact: bool = True  # remove documents whose text is identical to an earlier one
+    near: bool = True  # remove near-duplicates found by MinHash LSH (one kept per cluster)
+    ngram: int = Field(default=5, ge=1)  # words per shingle (lower-cased \w+ words)
+    bands: int = Field(default=14, ge=1)  # LSH bands; documents sharing any band's hash are candidates
+    rows_per_band: int = Field(default=8, ge=1)  # MinHash values per band (bands x rows_per_band in all)
     jaccard_threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # None: trust LSH candidates
     bucket_shards: int = Field(default=4, ge=1)  # tasks the candidate grouping and the clustering are split over
-    seed: int = 1
+    seed: int = 1  # seeds the MinHash permutations
 
     @model_validator(mode="after")
     def _check(self):

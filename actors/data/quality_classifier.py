@@ -22,7 +22,7 @@ WORD_RE = re.compile(r"\w+")
 
 
 class ClassifierConfig(Section):
-    enabled: bool = False
+    enabled: bool = False  # drop documents the classifier in model scores below threshold
     model: str | None = None  # a trained .npz (train_classifier); required when enabled
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)  # P(good) below this is dropped
 

@@ -29,20 +29,20 @@ WORD_RE = re.compile(r"\w+(?:['’]\w+)*")
 
 
 class BadWordsConfig(Section):
-    enabled: bool = True
+    enabled: bool = True  # not read: the filter runs whenever words is non-empty
     words: list[str] = []  # whole-word, case-insensitive; a document containing any is dropped
 
 
 class FilterConfig(Section):
-    normalize: NormalizeConfig = NormalizeConfig()
-    pii: PIIConfig = PIIConfig()
+    normalize: NormalizeConfig = NormalizeConfig()  # Unicode and whitespace normalisation, first of all
+    pii: PIIConfig = PIIConfig()  # redaction of e-mail addresses, phone numbers and IPv4 addresses, last of all
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
-    c4: C4Config = C4Config()
-    fineweb: FineWebConfig = FineWebConfig()
-    bad_words: BadWordsConfig = BadWordsConfig()
-    language_id: LanguageIdConfig = LanguageIdConfig()
-    classifier: ClassifierConfig = ClassifierConfig()
+    c4: C4Config = C4Config()  # C4's line and document rules (lines removed before the other filters)
+    fineweb: FineWebConfig = FineWebConfig()  # FineWeb's line-punctuation, short-line and repetition rules
+    bad_words: BadWordsConfig = BadWordsConfig()  # a list of words that drops a document
+    language_id: LanguageIdConfig = LanguageIdConfig()  # keep only documents in the listed languages
+    classifier: ClassifierConfig = ClassifierConfig()  # drop documents a trained quality classifier scores low
 
 
 class DocumentFilter:

@@ -13,15 +13,16 @@ from raylm.config import Section
 
 
 class NormalizeConfig(Section):
+    # Unicode normalisation form applied to every document
     unicode_form: str = Field(default="NFC", pattern="^(NFC|NFKC|NFD|NFKD)$")
     collapse_whitespace: bool = True  # runs of spaces/tabs -> one space; 3+ newlines -> 2; strip lines
 
 
 class PIIConfig(Section):
-    enabled: bool = True
-    email: bool = True
-    phone: bool = True
-    ip_address: bool = True
+    enabled: bool = True  # redact PII in kept documents (the kinds below)
+    email: bool = True  # replace e-mail addresses with <EMAIL>
+    phone: bool = True  # replace phone numbers (with separators) with <PHONE>
+    ip_address: bool = True  # replace IPv4 addresses with <IP_ADDRESS>
 
 
 _SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u3000]+")
