@@ -29,17 +29,18 @@ FAMILY_BLOCKS: dict[str, dict] = {
 
 @dataclass
 class TransformerConfig:
-    vocab_size: int = 8192
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 8192  # rows of the token embedding and the output head
+    dim: int = 128  # width of the residual stream (model dimension)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention (query) heads
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head); fewer: grouped-query
     head_dim: int | None = None  # None: dim // n_heads; Qwen3 and others set it on its own
     ffn_dim: int | None = None  # None: about 8/3 * dim, rounded up to a multiple of 64
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
+    max_seq_len: int = 512  # longest sequence, in tokens; RoPE tables are built for this many positions
+    rope_theta: float = 10000.0  # RoPE base: frequencies are rope_theta ** (-2i / head_dim)
+    norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    # std of the normal initialisation (output projections: divided by sqrt(2 * n_layers))
     initializer_range: float = 0.02
     # Block variants of the Hugging Face families raylm loads; the defaults are raylm's own (Llama) block.
     attention_bias: bool = False  # biases on the query/key/value projections (Qwen2)
@@ -47,7 +48,7 @@ class TransformerConfig:
     norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo2)
     # RoPE frequency scaling for contexts longer than training's (Hugging Face's rope_scaling).
     rope_type: str = "default"  # "default", "linear", "llama3" or "yarn"
-    rope_factor: float = 1.0
+    rope_factor: float = 1.0  # context scaling factor of linear, llama3 and yarn (unused with "default")
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max_seq_len: int | None = None  # llama3 and yarn: the context before scaling
@@ -62,18 +63,18 @@ class TransformerConfig:
     # list of end-of-turn ids), written back as they came on export.
     hf_metadata: dict | None = None
     # Mixture-of-Experts; n_experts == 0 is the dense family.
-    n_experts: int = 0
-    top_k: int = 2
+    n_experts: int = 0  # routed experts per MoE layer; 0: dense MLP
+    top_k: int = 2  # experts each token is routed to
     n_shared_experts: int = 0  # a shared MLP of n_shared_experts * moe_ffn_dim, sigmoid-gated
     moe_ffn_dim: int | None = None  # None: same as ffn_dim
     router_norm_topk: bool = True  # renormalise the top-k router probabilities to sum to 1
     capacity_factor: float | None = None  # None: dropless; else tokens over capacity are dropped
-    load_balance_coef: float = 0.01
-    router_z_coef: float = 0.001
+    load_balance_coef: float = 0.01  # weight of the load-balancing auxiliary loss in the training loss
+    router_z_coef: float = 0.001  # weight of the router z-loss (squared log-sum-exp of the router logits)
     # Token ids the model is built around (the tokenizer's special tokens).
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
+    bos_token_id: int = 1  # begin-of-sequence token id
+    eos_token_id: int = 2  # end-of-sequence token id; generation stops on it (or on hf_metadata's list)
+    pad_token_id: int = 0  # padding token id (left padding and finished rows in generation)
 
     __pydantic_config__ = {"extra": "forbid"}
 

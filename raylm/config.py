@@ -118,6 +118,7 @@ def expand_model_preset(data: Any) -> Any:
 class ModelStageConfig(StageConfig):
     """A stage that builds a model from an architecture (not from a checkpoint)."""
 
+    # the architecture: a preset's fields (preset: debug, tiny, small, ...) with explicit keys on top
     model: TransformerConfig = Field(default_factory=lambda: TransformerConfig(**PRESETS["debug"]))
 
     @field_validator("model", mode="before")

@@ -54,7 +54,10 @@ def field_comments(cls: type) -> dict[str, str]:
     comments: dict[str, str] = {}
     above: list[str] = []
     body_indent = None
-    for line in source.splitlines()[1:]:
+    lines = source.splitlines()
+    # the body starts after the `class` line (a decorated class's source starts with `@dataclass`)
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("class ")), 0) + 1
+    for line in lines[start:]:
         stripped = line.strip()
         if stripped.startswith("#"):
             above.append(stripped.lstrip("#").strip())

@@ -37,18 +37,20 @@ class PeftConfig(Section):
 
     method: Literal["none", "lora", "bottleneck", "prompt_tuning"] = "none"  # none: full fine-tuning (or freeze:)
     # lora
-    rank: int = Field(default=8, ge=1)
+    rank: int = Field(default=8, ge=1)  # rank of LoRA's low-rank update
     alpha: float = Field(default=16.0, gt=0)  # the update is scaled by alpha / rank
     dropout: float = Field(default=0.0, ge=0, lt=1)  # on LoRA's input only
+    # the projections (Hugging Face names) that get a LoRA update; default all seven
     target_modules: list[HFProjection] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
     quantize: Literal["none", "int8", "nf4"] = "none"  # of the frozen base (QLoRA with nf4); needs method: lora
     block_size: int = Field(default=NF4_BLOCK, ge=2)  # weights per NF4 scale
     double_quant: bool = False  # NF4's scales quantized again to 8 bits (QLoRA's double quantization)
     # bottleneck
     bottleneck: int = Field(default=16, ge=1)  # the adapter's hidden width
+    # where a bottleneck adapter follows: each block's attention, its MLP, or both
     adapter_where: list[Literal["attention", "mlp"]] = Field(default_factory=lambda: ["attention", "mlp"], min_length=1)
     # prompt_tuning
-    num_virtual_tokens: int = Field(default=8, ge=1)
+    num_virtual_tokens: int = Field(default=8, ge=1)  # learned input embeddings put before every sequence
 
     @model_validator(mode="after")
     def _keys_of_the_method(self):

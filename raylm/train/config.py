@@ -31,6 +31,7 @@ class TrainConfig(Section):
     resume: bool = True  # False: a fresh run even if this output_dir holds checkpoints of an earlier one
     # Fault injection (tests, failure drills): rank `fail_rank` SIGKILLs itself before step `fail_at_step`.
     fail_at_step: int | None = Field(default=None, ge=1)
+    # the rank that kills itself at fail_at_step (must be below parallel.num_workers)
     fail_rank: int = Field(default=1, ge=0)
 
     @field_validator("activation_checkpointing", mode="before")
