@@ -54,11 +54,15 @@ class Config(StageConfig):
     reference: InputPath | None = None  # the frozen reference; None: the starting checkpoint
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
     epochs: float | None = Field(default=None, gt=0)  # sets train.steps from the training pairs; None: train.steps
+    # the preference loss against the frozen reference (DPO or IPO)
     loss: DPOLossConfig = Field(default_factory=DPOLossConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)  # LoRA / QLoRA, bottleneck adapters, prompt tuning
+    # the training loop over preference pairs: steps, batch, evaluation, checkpoints
     train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig)
+    # AdamW and its warmup + cosine learning-rate schedule
     optim: DPOOptimConfig = Field(default_factory=DPOOptimConfig)
+    # Ray Train workers and how the model is split over them (FSDP, TP, EP, CP, PP)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
 

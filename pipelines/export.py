@@ -20,12 +20,12 @@ from raylm.tracking import StageRun
 class Config(ModelStageConfig):
     checkpoint: InputPath | None = None  # a Hugging Face folder to load instead of building `model`
     tokenizer: InputPath | None = None  # a tokenizer.json to ship with the checkpoint
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    verify_transformers: bool = True
+    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the weights written to the checkpoint
+    verify_transformers: bool = True  # compare transformers' logits with raylm's on the first test prompt
     verify_vllm: bool = True  # skipped, and said so, where vLLM is not installed
-    n_prompts: int = 4
-    prompt_len: int = 8
-    max_new_tokens: int = 16
+    n_prompts: int = 4  # random test prompts for the checks (lengths prompt_len, prompt_len - 1, ...)
+    prompt_len: int = 8  # tokens in the longest test prompt
+    max_new_tokens: int = 16  # tokens generated greedily per test prompt (cache vs no cache, and vLLM)
 
 
 def check(config: Config, config_path) -> None:

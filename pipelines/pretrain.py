@@ -26,8 +26,10 @@ from raylm.train.spec import TokenData
 class Config(ModelStageConfig):
     data_dir: InputPath = "out/data"  # `raylm data`'s output_dir (shards in tokens/), or a folder holding index.json
     tokenizer: str | None = None  # shipped with the exported model; None: the data stage's tokenizer.json
+    # the training loop: steps, batch, sequence length, evaluation, checkpoints, fault drills
     train: TrainConfig = Field(default_factory=TrainConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)  # AdamW and its warmup + cosine learning-rate schedule
+    # Ray Train workers and how the model is split over them (FSDP, TP, EP, CP, PP)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
 

@@ -41,10 +41,13 @@ class Config(StageConfig):
     checkpoint: InputPath = "out/sft/hf"  # Hugging Face folder to start from (`raylm sft` output)
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)
     epochs: float | None = Field(default=None, gt=0)  # sets train.steps from the training pairs; None: train.steps
-    loss: RewardLossConfig = Field(default_factory=RewardLossConfig)
+    loss: RewardLossConfig = Field(default_factory=RewardLossConfig)  # the pairwise Bradley-Terry loss
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    # the training loop over preference pairs: steps, batch, evaluation, checkpoints
     train: PreferenceTrainConfig = Field(default_factory=PreferenceTrainConfig)
+    # AdamW and its warmup + cosine learning-rate schedule
     optim: RewardOptimConfig = Field(default_factory=RewardOptimConfig)
+    # Ray Train workers and how the model is split over them (FSDP, TP, EP, CP, PP)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
 

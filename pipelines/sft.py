@@ -84,7 +84,9 @@ class Config(StageConfig):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)  # LoRA / QLoRA instead of full fine-tuning
     train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
+    # AdamW and its warmup + cosine learning-rate schedule
     optim: SFTOptimConfig = Field(default_factory=SFTOptimConfig)
+    # Ray Train workers and how the model is split over them (FSDP, TP, EP, CP, PP)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     samples: int = Field(default=4, ge=0)  # held-out prompts answered (greedy) by the final model, logged to MLflow
 

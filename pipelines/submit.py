@@ -56,12 +56,13 @@ class SubmitOptions(Section):
     command: Literal["run", *LIFECYCLE] = "run"  # the raylm command the job runs on this config
     working_dir: str = "."  # uploaded as the job's working directory (Ray's 500 MiB limit applies)
     excludes: list[str] = Field(default_factory=list)  # more paths (gitignore syntax) to leave out
+    # environment variables of the job; MLFLOW_TRACKING_URI is added from --tracking-uri unless set here
     env_vars: dict[str, str] = Field(default_factory=dict)
     pip: list[str] = Field(default_factory=list)  # extra packages the job's environment installs
     entrypoint_num_cpus: float = Field(default=0, ge=0)  # the driver's CPUs (0: it only coordinates)
     entrypoint_resources: dict[str, float] = Field(default_factory=dict)  # e.g. pin the driver to a node type
-    job_id_prefix: str = "raylm"
-    poll_seconds: float = Field(default=2.0, gt=0)
+    job_id_prefix: str = "raylm"  # job ids are <prefix>-<command>-<YYYYmmdd-HHMMSS>
+    poll_seconds: float = Field(default=2.0, gt=0)  # seconds between status and log polls while following the job
     timeout_seconds: float | None = Field(default=None, gt=0)  # following gives up (the job goes on)
 
 

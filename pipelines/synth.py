@@ -89,7 +89,7 @@ class RephraseConfig(Section):
 
 class SynthGopherQualityConfig(GopherQualityConfig):
     min_words: int = 3  # a short instruction and answer, not a web page
-    min_stop_words: int = 0
+    min_stop_words: int = 0  # 0: no stop words needed (a short instruction may have none)
     min_alpha_words_ratio: float = 0.5  # "What is 3 + 4?" is fine
 
 
@@ -97,8 +97,10 @@ class SynthFilterConfig(FilterConfig):
     """The data stage's filters, with thresholds for short synthetic texts (C4's and FineWeb's
     document rules off: they expect web pages of several sentences)."""
 
+    # Gopher's quality rules, with thresholds for short synthetic texts
     gopher_quality: SynthGopherQualityConfig = SynthGopherQualityConfig()
-    c4: C4Config = C4Config(enabled=False)
+    c4: C4Config = C4Config(enabled=False)  # C4's rules; off here: they expect web pages of several sentences
+    # FineWeb's rules; off here: they expect web pages of several sentences
     fineweb: FineWebConfig = FineWebConfig(enabled=False)
 
 
