@@ -49,11 +49,11 @@ class TransformerConfig:
     # RoPE frequency scaling for contexts longer than training's (Hugging Face's rope_scaling).
     rope_type: str = "default"  # "default", "linear", "llama3" or "yarn"
     rope_factor: float = 1.0  # context scaling factor of linear, llama3 and yarn (unused with "default")
-    rope_low_freq_factor: float = 1.0  # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths over original context / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original context / this are kept
     rope_original_max_seq_len: int | None = None  # llama3 and yarn: the context before scaling
-    rope_beta_fast: float = 32.0  # yarn
-    rope_beta_slow: float = 1.0  # yarn
+    rope_beta_fast: float = 32.0  # yarn: dimensions rotating more times than this over the original context are kept
+    rope_beta_slow: float = 1.0  # yarn: dimensions rotating fewer times than this are divided by rope_factor
     rope_attention_factor: float | None = None  # yarn; None: 0.1 * ln(factor) + 1
     rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
     # The Hugging Face model_type written on export (and read on load); None: raylm's choice

@@ -19,7 +19,7 @@ class C4Config(Section):
     min_words_per_line: int = 3  # remove lines with fewer whitespace-separated words
     remove_javascript_lines: bool = True  # remove lines that mention "javascript"
     # document rules
-    min_sentences: int = 5
+    min_sentences: int = 5  # drop documents with fewer sentence ends (. ! ? before a space or the end)
     drop_lorem_ipsum: bool = True  # drop documents containing "lorem ipsum"
     drop_curly_bracket: bool = True  # drop documents containing "{" (code)
     max_word_length: int = 1000  # drop documents with a kept line holding a longer word (characters)

@@ -36,8 +36,8 @@ class BadWordsConfig(Section):
 class FilterConfig(Section):
     normalize: NormalizeConfig = NormalizeConfig()  # Unicode and whitespace normalisation, first of all
     pii: PIIConfig = PIIConfig()  # redaction of e-mail addresses, phone numbers and IPv4 addresses, last of all
-    gopher_quality: GopherQualityConfig = GopherQualityConfig()
-    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()  # Gopher's quality rules (Rae et al. 2021)
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()  # Gopher's repetition rules (Rae et al. 2021)
     c4: C4Config = C4Config()  # C4's line and document rules (lines removed before the other filters)
     fineweb: FineWebConfig = FineWebConfig()  # FineWeb's line-punctuation, short-line and repetition rules
     bad_words: BadWordsConfig = BadWordsConfig()  # a list of words that drops a document
