@@ -22,31 +22,35 @@ Role = Literal["policy", "critic", "rollout", "reward", "reference"]
 class PolicyConfig(Section):
     checkpoint: InputPath = "out/sft/hf"  # a causal-LM Hugging Face folder with its tokenizer.json (raylm sft output)
     num_workers: int = Field(default=2, ge=1)  # ranks of the FSDP2 policy group
+    # CPUs each policy rank holds (their integer part, at least 1: its torch threads)
     cpus_per_worker: float = Field(default=0.5, gt=0)
-    gpus_per_worker: float = Field(default=0, ge=0)
-    lr: float = Field(default=1e-5, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    grad_clip: float = Field(default=1.0, ge=0)
+    gpus_per_worker: float = Field(default=0, ge=0)  # GPUs each policy rank holds (0: CPU)
+    lr: float = Field(default=1e-5, gt=0)  # the policy's learning rate (AdamW, constant)
+    weight_decay: float = Field(default=0.0, ge=0)  # the policy's AdamW decoupled weight decay
+    grad_clip: float = Field(default=1.0, ge=0)  # max global grad norm of the policy; 0: no clipping
 
 
 class CriticConfig(Section):
     checkpoint: InputPath | None = None  # None: start from the reward model (its head included)
-    num_workers: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=1, ge=1)  # ranks of the FSDP2 critic group
+    # CPUs each critic rank holds (their integer part, at least 1: its torch threads)
     cpus_per_worker: float = Field(default=0.5, gt=0)
-    gpus_per_worker: float = Field(default=0, ge=0)
-    lr: float = Field(default=5e-5, gt=0)
-    grad_clip: float = Field(default=1.0, ge=0)
+    gpus_per_worker: float = Field(default=0, ge=0)  # GPUs each critic rank holds (0: CPU)
+    lr: float = Field(default=5e-5, gt=0)  # the critic's learning rate (AdamW, constant)
+    grad_clip: float = Field(default=1.0, ge=0)  # max global grad norm of the critic; 0: no clipping
 
 
 class RolloutConfig(Section):
     backend: Literal["auto", "vllm", "torch"] = "auto"  # auto: vLLM where it imports
-    num_engines: int = Field(default=1, ge=1)
-    cpus_per_engine: float = Field(default=0.5, gt=0)
-    gpus_per_engine: float = Field(default=0, ge=0)
-    max_new_tokens: int = Field(default=32, ge=1)
+    num_engines: int = Field(default=1, ge=1)  # generation engine actors
+    cpus_per_engine: float = Field(default=0.5, gt=0)  # CPUs each engine actor holds
+    gpus_per_engine: float = Field(default=0, ge=0)  # GPUs each engine actor holds (0: CPU)
+    max_new_tokens: int = Field(default=32, ge=1)  # longest response, in tokens
+    # sampling temperature; log-probs are those of softmax(logits / temperature)
     temperature: float = Field(default=1.0, gt=0)
+    # nucleus sampling: the smallest set of tokens with this probability
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0)  # sample from the k likeliest tokens; 0: off
     gpu_memory_utilization: float = Field(default=0.1, gt=0, lt=1)  # vLLM on CPU: the share of host RAM for its KV cache
     bucket_mb: float = Field(default=64, gt=0)  # weight publication: tensors packed into buckets of this size
     # Asynchronous rollouts: the engines generate up to this many steps ahead while the trainer trains, so a
@@ -63,38 +67,42 @@ class RewardConfig(Section):
     # timeout_s}, or per_item: each prompt record's own "reward" field (raylm.tasks.files' RL prompt sets).
     rule: str | dict | None = None
     model_weight: float = Field(default=1.0, ge=0)  # with both: score = model_weight * model + rule_weight * rule
-    rule_weight: float = Field(default=1.0, ge=0)
+    rule_weight: float = Field(default=1.0, ge=0)  # with both: the rule's weight in the score (see model_weight)
     rule_timeout_s: float = Field(default=5.0, gt=0)  # per item: a user function that hangs longer scores a failure
     rule_actors: int = Field(default=1, ge=1)  # rule-reward actors (each scores a share of a batch)
-    num_actors: int = Field(default=1, ge=1)
+    num_actors: int = Field(default=1, ge=1)  # reward-model scorer actors
+    # CPUs each reward-model actor holds (their integer part, at least 1: its torch threads)
     cpus_per_actor: float = Field(default=0.25, gt=0)
-    gpus_per_actor: float = Field(default=0, ge=0)
+    gpus_per_actor: float = Field(default=0, ge=0)  # GPUs each reward-model actor holds (0: CPU)
     normalize: bool = True  # (score - running mean) / running std
     clip: float | None = Field(default=5.0, gt=0)  # then clip to +-clip; None: no clipping
 
 
 class ReferenceConfig(Section):
     checkpoint: InputPath | None = None  # None: the policy's starting checkpoint
-    num_actors: int = Field(default=1, ge=1)
+    num_actors: int = Field(default=1, ge=1)  # reference-model actors (they compute the reference log-probs)
+    # CPUs each reference actor holds (their integer part, at least 1: its torch threads)
     cpus_per_actor: float = Field(default=0.25, gt=0)
-    gpus_per_actor: float = Field(default=0, ge=0)
+    gpus_per_actor: float = Field(default=0, ge=0)  # GPUs each reference actor holds (0: CPU)
 
 
 class KLConfig(Section):
+    # per-token KL estimator: k1 = log p - log q, k2 = (log p - log q)^2 / 2, k3 (never negative)
     estimator: Literal["k1", "k2", "k3"] = "k1"
     mode: Literal["reward", "loss"] = "reward"  # a per-token reward penalty, or a term of the policy loss
-    coef: float = Field(default=0.05, ge=0)
+    coef: float = Field(default=0.05, ge=0)  # the KL coefficient (the adaptive controller's starting value)
     adaptive: bool = False  # Ziegler et al.'s controller: move coef so the KL tracks target
     target: float = Field(default=1.0, gt=0)  # nats per response (summed over its tokens)
+    # adaptive controller: coef *= 1 + clip(KL / target - 1, +-0.2) * rollouts / horizon
     horizon: float = Field(default=10000, gt=0)
 
 
 class PPOConfig(Section):
-    steps: int = Field(default=20, ge=1)
-    prompts_per_step: int = Field(default=16, ge=1)
+    steps: int = Field(default=20, ge=1)  # PPO steps (rollout, score, update) in the run
+    prompts_per_step: int = Field(default=16, ge=1)  # prompts sampled per step (each samples_per_prompt times)
     samples_per_prompt: int = Field(default=1, ge=1)  # >= 2 for group baselines
     advantage: Literal["gae", "grpo", "rloo"] = "gae"  # grpo / rloo: critic-free group baselines
-    epochs: int = Field(default=2, ge=1)
+    epochs: int = Field(default=2, ge=1)  # passes over each step's rollouts
     minibatches: int = Field(default=2, ge=1)  # optimizer steps per epoch
     clip_eps: float = Field(default=0.2, gt=0)  # the policy ratio is clipped to [1 - clip_low, 1 + clip_high]
     clip_low: float | None = Field(default=None, gt=0, lt=1)  # None: clip_eps
@@ -106,16 +114,17 @@ class PPOConfig(Section):
     # sample more prompts to refill, up to max_sampling_rounds rounds; then any shortfall is filled with
     # dropped groups (which carry no policy gradient)
     dynamic_sampling: bool = False
+    # dynamic_sampling: at most this many rounds of sampling per step
     max_sampling_rounds: int = Field(default=3, ge=1)
     overlong_filter: bool = False  # responses cut by rollout.max_new_tokens (no stop token) carry no policy loss
     # Truncated importance sampling: each token's loss weighted by min(exp(trainer - engine log-prob), tis_cap),
     # correcting the engines' numerics and, with rollout.max_staleness, their older weights; None: off
     tis_cap: float | None = Field(default=None, gt=0)
     value_clip_eps: float | None = Field(default=0.2, gt=0)  # None: unclipped value loss
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    lam: float = Field(default=0.95, ge=0, le=1)
-    whiten_advantages: bool = True
-    entropy_coef: float = Field(default=0.0, ge=0)
+    gamma: float = Field(default=1.0, ge=0, le=1)  # GAE discount per token
+    lam: float = Field(default=0.95, ge=0, le=1)  # GAE lambda: bias (0) vs variance (1) of the advantages
+    whiten_advantages: bool = True  # normalise advantages to zero mean, unit variance over the step's tokens
+    entropy_coef: float = Field(default=0.0, ge=0)  # weight of the entropy bonus in the policy loss; 0: none
 
     @model_validator(mode="after")
     def _groups(self):
@@ -143,6 +152,7 @@ class DataConfig(Section):
 
 class EvalConfig(Section):
     prompts: int = Field(default=32, ge=0)  # fixed prompts sampled before and after training (0: skip)
+    # responses sampled per evaluation prompt (at rollout.temperature, fixed seeds)
     samples_per_prompt: int = Field(default=4, ge=1)
 
 
@@ -179,23 +189,32 @@ class TimeoutConfig(Section):
 
 class Config(StageConfig):
     output_dir: OutputDir = "out/rlhf"
+    # the policy: an FSDP2 trainer group, its starting checkpoint and optimizer
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    # the value model (used with ppo.advantage gae only)
     critic: CriticConfig = Field(default_factory=CriticConfig)
+    # the generation engines that sample the responses
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    # what scores a response: a reward model, a verifiable rule, or both
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    # the frozen reference model the KL is measured against
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    # the KL between policy and reference: estimator, coefficient, controller
     kl: KLConfig = Field(default_factory=KLConfig)
+    # the PPO step: rollouts per step, advantages, clipping, epochs
     ppo: PPOConfig = Field(default_factory=PPOConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig)  # the prompts: the built-in task or a JSONL file
+    eval: EvalConfig = Field(default_factory=EvalConfig)  # the before/after evaluation on fixed prompts
+    # which roles share placement-group bundles
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
-    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)  # timeouts of remote calls and start-up
+    # checkpoints of the run (policy, critic, optimizers) and resuming
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     # A peft method trains adapters on the policy's frozen base; each step only the adapter travels
     # to the engines. The reference is the base (reference.checkpoint unset).
     peft: PeftConfig = Field(default_factory=PeftConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)  # train only some of the policy's blocks
-    faults: FaultConfig = Field(default_factory=FaultConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)  # actor replacement and fault injection
 
     @model_validator(mode="after")
     def _shapes(self):
