@@ -74,8 +74,11 @@ class CheckConfig(Section):
 class Config(ModelStageConfig):
     data_dir: InputPath = "out/data"  # `raylm data`'s output_dir (shards in tokens/), or a folder holding index.json
     tokenizer: InputPath | None = None  # shipped with each trial's model; None: the data stage's tokenizer.json
+    # each trial's training loop (steps, eval_every, checkpoint_every and resume are set per trial from its budget)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=8, seq_len=128, eval_batches=8))
+    # each trial's AdamW and schedule (warmup_steps set per trial: sweep.warmup_fraction of its steps)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    # each trial's Ray Train workers; a trial asks for num_workers * cpus_per_worker CPUs
     parallel: ParallelConfig = Field(default_factory=lambda: ParallelConfig(num_workers=1))
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     fit: FitConfig = Field(default_factory=FitConfig)
