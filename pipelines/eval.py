@@ -57,33 +57,36 @@ class TaskRef(Section):
 
 
 class ScorerConfig(Section):
-    num_actors: int = Field(default=2, ge=1)
+    num_actors: int = Field(default=2, ge=1)  # scorer actors, each holding the checkpoint
+    # CPUs each scorer actor holds (their integer part, at least 1: its torch threads)
     cpus_per_actor: float = Field(default=1, gt=0)
     rows_per_batch: int = Field(default=64, ge=1)  # rows handed to one scorer actor call
     max_batch: int = Field(default=32, ge=1)  # sequences per forward pass inside an actor
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the scorers run the model in
     max_length: int | None = Field(default=None, ge=2)  # None: the checkpoint's max_position_embeddings
     stride: int | None = Field(default=None, ge=1)  # perplexity windows; None: max_length (disjoint)
 
 
 class GenerationConfig(Section):
+    # auto: vLLM where it imports, else raylm's own KV-cache generator
     backend: Literal["auto", "vllm", "torch"] = "auto"
-    num_engines: int = Field(default=1, ge=1)
-    cpus_per_engine: float = Field(default=1, gt=0)
+    num_engines: int = Field(default=1, ge=1)  # generation engine actors per checkpoint
+    cpus_per_engine: float = Field(default=1, gt=0)  # CPUs each engine actor holds
+    # longest prompt + answer an engine holds, in tokens (longer prompts keep their end)
     max_model_len: int = Field(default=512, ge=16)
-    prompts_per_call: int = Field(default=32, ge=1)
+    prompts_per_call: int = Field(default=32, ge=1)  # prompts sent to an engine in one request
 
 
 class PreferenceConfig(Section):
     model_a: str  # a checkpoint name from `checkpoints`, or a folder
-    model_b: str
+    model_b: str  # the checkpoint model_a is compared with (a name from `checkpoints`, or a folder)
     reward_model: InputPath  # a scalar-head (reward) checkpoint folder with its tokenizer
     prompts: InputPath  # JSONL, one prompt per line in `prompt_field`
-    prompt_field: str = "prompt"
-    limit: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=32, ge=1)
-    temperature: float = Field(default=0.0, ge=0)
-    confidence: float = Field(default=0.95, gt=0, lt=1)
+    prompt_field: str = "prompt"  # the prompt's field in each line of `prompts`
+    limit: int | None = Field(default=None, ge=1)  # only the first N prompts; None: all
+    max_new_tokens: int = Field(default=32, ge=1)  # of each model's response
+    temperature: float = Field(default=0.0, ge=0)  # of the responses; 0: greedy
+    confidence: float = Field(default=0.95, gt=0, lt=1)  # of the win rate's Wilson interval (ties count half)
     # true: each model answers the prompt as a user message in its own chat template, and the reward
     # model scores [user, assistant] in its template, as it was trained (raylm.data.chat_template); false:
     # the prompt is plain text, continued and scored as text; unset: chat when all three checkpoints
@@ -93,11 +96,12 @@ class PreferenceConfig(Section):
 
 class DecontaminationConfig(Section):
     train_files: list[InputPath] = []  # globs of training text: .jsonl (text_field), .parquet (text_field) or .txt
-    text_field: str = "text"
+    text_field: str = "text"  # the text field of .jsonl and .parquet train_files
     # Token shard folders written by `raylm data` (index.json + .bin): items are tokenised with the
     # tokenizer.json beside them and matched on token n-grams, exactly what the model was trained on.
     shard_dirs: list[InputPath] = []
-    shard_split: str = "train"
+    shard_split: str = "train"  # the shard split compared with
+    # n: an item sharing one n-gram (words in train_files, tokens in shards) is contaminated
     ngram: int = Field(default=13, ge=1)
 
 
@@ -172,11 +176,12 @@ class HumanImportConfig(Section):
 
 class Config(StageConfig):
     checkpoints: dict[str, InputPath] = {}  # display name -> Hugging Face folder, compared side by side
-    tasks: list[TaskRef] = []
-    scorer: ScorerConfig = ScorerConfig()
+    tasks: list[TaskRef] = []  # lm-evaluation-harness-style task YAMLs scored on every checkpoint
+    scorer: ScorerConfig = ScorerConfig()  # the log-likelihood scorer actors (loglikelihood and perplexity tasks)
+    # the generation engines (generate_until tasks, preference, judge, memorization)
     generation: GenerationConfig = GenerationConfig()
-    preference: PreferenceConfig | None = None
-    decontamination: DecontaminationConfig | None = None
+    preference: PreferenceConfig | None = None  # reward-model win rate of model_a's responses over model_b's
+    decontamination: DecontaminationConfig | None = None  # which task items share an n-gram with the training data
     judge: JudgeConfig | None = None  # LM-as-judge win rate of model_a over model_b, position-swap debiased
     fairness: FairnessConfig | None = None  # log-likelihood gap, demographic parity, bias amplification per checkpoint
     memorization: MemorizationConfig | None = None  # training-sequence extraction rate, canaries, PII per checkpoint
