@@ -72,3 +72,13 @@ def test_invalid_config_exits_2(tmp_path, capsys):
     path.write_text("seeds: 1\n")
     assert main(["config", "sft", str(path)]) == 2
     assert "seeds: unknown key" in capsys.readouterr().err
+
+
+def test_every_key_of_every_command_is_described():
+    """Each key of each command's config (nested sections, list items and mappings included) has a
+    one-line description: the comment beside (or above) its field, or its section class's docstring."""
+    from raylm.config_reference import config_class
+
+    missing = [f"{command}: {key}" for command in COMMANDS for key, description in key_rows(config_class(command))
+               if not description.strip()]
+    assert not missing, "keys without a description (comment their fields):\n" + "\n".join(missing)
