@@ -140,6 +140,10 @@ def test_document_filter_reports_reasons_and_keeps_bad_input_rows():
     texts = out.column("text").to_pylist()
     assert "<EMAIL>" in texts[0] and texts[1] == "" and texts[3] == "raw"
     assert out.column("pii_email").to_pylist() == [1, 0, 0, 0]
+    # the word list switched off keeps the document that contains one of its words
+    off = FilterConfig(c4=C4Config(min_sentences=1), bad_words={"words": ["darn"], "enabled": False},
+                       gopher_quality=GopherQualityConfig(min_words=10))
+    assert DocumentFilter(off)(batch).column("reason").to_pylist()[2] == ""
 
 
 # ---------------------------------------------------------------- dedup

@@ -29,7 +29,7 @@ WORD_RE = re.compile(r"\w+(?:['’]\w+)*")
 
 
 class BadWordsConfig(Section):
-    enabled: bool = True  # not read: the filter runs whenever words is non-empty
+    enabled: bool = True  # false: keep documents whatever words they contain
     words: list[str] = []  # whole-word, case-insensitive; a document containing any is dropped
 
 
@@ -54,7 +54,7 @@ class DocumentFilter:
 
     def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
-        words = [re.escape(w) for w in cfg.bad_words.words if w.strip()]
+        words = [re.escape(w) for w in cfg.bad_words.words if w.strip()] if cfg.bad_words.enabled else []
         self.bad_words = re.compile(r"\b(?:" + "|".join(words) + r")\b", re.IGNORECASE) if words else None
         # model-backed filters, loaded once per actor; last in line, as the costliest per document
         self.model_filters = ([LanguageIdentifier(cfg.language_id)] if cfg.language_id.enabled else []) + \
