@@ -295,6 +295,13 @@ def plot_isoflops(profiles: dict[float, tuple[list, list]], minima: list[IsoFLOP
     return _save(fig, path)
 
 
+def _real_frontier(fit: LossFit, grid: np.ndarray) -> np.ndarray | None:
+    """N_opt over ``grid`` for ``fit``, or None where the fit's optimum is not a finite real number."""
+    with np.errstate(all="ignore"):
+        n = np.asarray(fit.optimal(grid)[0])
+    return n if np.isrealobj(n) and np.all(np.isfinite(n)) else None
+
+
 def plot_frontier(minima: list[IsoFLOPMinimum], path: Path, fit: LossFit | None = None,
                   isoflop_law: PowerLaw | None = None, bootstrap: Bootstrap | None = None,
                   check: dict | None = None) -> Path:
@@ -311,14 +318,16 @@ def plot_frontier(minima: list[IsoFLOPMinimum], path: Path, fit: LossFit | None 
         left.scatter([m.flops for m in minima], [m.n_opt for m in minima], color="C0", label="IsoFLOP minima", zorder=3)
     if isoflop_law is not None:
         left.plot(grid, isoflop_law(grid), color="C0", label=f"approach 2: N_opt ~ C^{isoflop_law.exponent:.2f}")
-    if fit is not None:
+    if fit is not None and _real_frontier(fit, grid) is not None:
         left.plot(grid, fit.optimal(grid)[0], color="C1", label=f"approach 3: N_opt ~ C^{fit.n_exponent:.2f}")
         right.plot(grid, fit.loss(*fit.optimal(grid)), color="C1", label="approach 3: L(N_opt, D_opt)")
-        if bootstrap is not None and bootstrap.fits:
-            band = np.array([f.optimal(grid)[0] for f in bootstrap.fits])
+        # a resampled fit whose optimum has no real value (a negative or zero A / B term) has no curve
+        band = [n for n in (_real_frontier(f, grid) for f in (bootstrap.fits if bootstrap else [])) if n is not None]
+        if band:
             tail = (1 - bootstrap.confidence) / 2 * 100
             left.fill_between(grid, np.percentile(band, tail, axis=0), np.percentile(band, 100 - tail, axis=0),
-                              color="C1", alpha=0.2, label=f"{bootstrap.confidence:.0%} bootstrap")
+                              color="C1", alpha=0.2, label=f"{bootstrap.confidence:.0%} bootstrap "
+                              f"({len(band)} of {len(bootstrap.fits)} fits)")
     if minima:
         right.scatter([m.flops for m in minima], [m.loss_min for m in minima], color="C0", label="IsoFLOP minima")
     if check:

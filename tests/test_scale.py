@@ -239,3 +239,17 @@ def test_tiny_sweep_end_to_end(data_dir, tmp_path, mlflow_server):
     for name in ("loss_curves", "isoflops", "frontier"):
         png = tmp_path / "scale" / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_frontier_plot_skips_resampled_fits_without_a_real_optimum(tmp_path):
+    """A bootstrap refit with a negative B has no real N_opt (a fractional power of a negative
+    number): the frontier is drawn from the fits that have one, as the laptop preset needed."""
+    from raylm import scaling
+
+    good = scaling.LossFit(E=1.7, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    bad = scaling.LossFit(E=1.7, A=406.4, B=-3.0, alpha=0.34, beta=0.28)
+    boot = scaling.Bootstrap(samples=3, confidence=0.9, fits=[good, bad, good])
+    minima = [scaling.IsoFLOPMinimum(flops=1e15, n_opt=1e6, loss_min=3.0, coefficients=(1.0, -2.0, 3.0))]
+    path = scaling.plot_frontier(minima, tmp_path / "frontier.png", good, None, boot)
+    assert path.exists() and path.stat().st_size > 0
+    assert scaling._real_frontier(bad, np.geomspace(1e14, 1e16, 5)) is None
