@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, InputPath, ModelStageConfig, Section, expand_model_preset
 from raylm.tracking import StageRun, start_run
+from raylm.data.token_shards import shard_dir
 from raylm.train.config import OptimConfig, ParallelConfig, TrainConfig
 
 # The fields of a sweep entry that shape a model; every other model field comes from `model`.
@@ -149,24 +150,13 @@ def plan_sweep(config: Config, config_path=None) -> tuple[list[dict], list[str]]
 
 
 def check(config: Config, config_path) -> None:
-    from raylm.data.token_shards import read_index
+    from raylm.train.launcher import check_token_data
 
-    try:
-        index = read_index(shard_dir(config.data_dir))
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{config_path}: data_dir: {e}") from None
-    if config.model.vocab_size < index["vocab_size"]:
-        raise ConfigError(f"{config_path}: model.vocab_size: {config.model.vocab_size} is smaller than the data's "
-                          f"vocabulary ({index['vocab_size']})")
-    if config.train.seq_len > config.model.max_seq_len:
-        raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds model.max_seq_len "
-                          f"({config.model.max_seq_len})")
+    index = check_token_data(config, config_path)  # shards, vocabulary, sequence length, tokenizer: as pretrain's
     if not config.train.eval_batches:
         raise ConfigError(f"{config_path}: train.eval_batches: the fit needs each trial's validation loss")
     if not index["splits"].get("validation"):
         raise ConfigError(f"{config_path}: data_dir: no validation split in {shard_dir(config.data_dir)}")
-    if config.tokenizer and not Path(config.tokenizer).exists():
-        raise ConfigError(f"{config_path}: tokenizer: {config.tokenizer} does not exist")
     if config.check.model is not None:
         model_for(config, config.check.model, f"{config_path}: check.model")
     trials, _ = plan_sweep(config, config_path)
@@ -177,12 +167,6 @@ def check(config: Config, config_path) -> None:
     if len(sizes) < 3:
         raise ConfigError(f"{config_path}: sweep.models: {len(sizes)} distinct sizes; an IsoFLOP parabola needs 3")
 
-
-def shard_dir(data_dir: str | Path) -> Path:
-    data_dir = Path(data_dir)
-    if not (data_dir / "index.json").exists() and (data_dir / "tokens" / "index.json").exists():
-        return data_dir / "tokens"
-    return data_dir
 
 
 def find_tokenizer(config: Config) -> Path | None:
