@@ -54,6 +54,9 @@ QUARANTINE = "quarantine:"  # the reader's reason prefix for bad input
 class InputConfig(Section):
     path: Annotated[str, FromConfigFolder(keep=("embedded",))]  # a file, a directory, a glob, or s3://... ; "embedded" for the stdlib corpus
     source: str | None = None  # the source name of all its records, for mixing; default: the record's own, else the file stem
+    # false: a curated input (e.g. task transcripts) that the heuristic and model quality filters would
+    # misjudge as web text; normalisation, bad words, PII redaction and dedup still apply to it
+    quality_filters: bool = True
 
 
 class TokenizerConfig(Section):
@@ -165,25 +168,26 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def input_files(config: Config) -> list[tuple[str, str | None]]:
+def input_files(config: Config) -> list[tuple[str, InputConfig]]:
+    """Every input file, in order, with the ``inputs`` entry it came from."""
     files = []
     for item in config.inputs:
         if item.path == EMBEDDED:
             from raylm.data.stdlib_corpus import build_embedded_corpus
 
-            files.append((str(build_embedded_corpus(config.output_path / "embedded_corpus")), item.source))
+            files.append((str(build_embedded_corpus(config.output_path / "embedded_corpus")), item))
         else:
-            files += [(f, item.source) for f in expand_paths(item.path)]
+            files += [(f, item) for f in expand_paths(item.path)]
     return files
 
 
-def read_documents(config: Config):
-    """The raw rows of every input, one read task per file."""
+def read_documents(config: Config, files: list[tuple[str, InputConfig]]):
+    """The raw rows of every input file (``input_files``), one read task per file."""
     import ray
 
-    items = [{"file_index": i, "path": path, "source": source or Path(path).name.split(".")[0],
-              "source_is_set": source is not None, "format": "auto", "text_column": "text"}
-             for i, (path, source) in enumerate(input_files(config))]
+    items = [{"file_index": i, "path": path, "source": item.source or Path(path).name.split(".")[0],
+              "source_is_set": item.source is not None, "format": "auto", "text_column": "text"}
+             for i, (path, item) in enumerate(files)]
     if len(items) >= 1 << (63 - RECORD_BITS):
         raise ConfigError(f"inputs: {len(items)} files; at most {(1 << (63 - RECORD_BITS)) - 1} are supported")
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -197,8 +201,10 @@ def phase_documents(config: Config, out: Path) -> dict:
 
     _remove(out / "documents")
     c = config.compute
-    ds = read_documents(config)
-    ds = ds.map_batches(DocumentFilter, fn_constructor_args=(config.filters,), batch_size=c.batch_size,
+    files = input_files(config)
+    ds = read_documents(config, files)
+    curated = [i for i, (_, item) in enumerate(files) if not item.quality_filters]
+    ds = ds.map_batches(DocumentFilter, fn_constructor_args=(config.filters, curated), batch_size=c.batch_size,
                         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=c.workers),
                         **c.remote_args())
     ds = ds.map_batches(MinHashSignatures, fn_constructor_args=(config.dedup,), batch_size=c.batch_size,

@@ -312,3 +312,39 @@ def test_special_token_text_in_a_document_is_not_a_document_boundary(tmp_path):
     assert [tokenizer.decode(ids[s:e].tolist(), skip_special_tokens=False) for s, e in zip(starts, ends)] == texts
     manifest = pq.read_table(tmp_path / "shards" / "documents")
     assert manifest.column("id").to_pylist() == ["a", "b", "c"] and manifest.column("copies").to_pylist() == [1, 1, 1]
+
+
+def test_a_curated_input_skips_the_quality_filters_and_nothing_else(corpus, tmp_path):
+    """``inputs[].quality_filters: false``: the tool-use transcripts the laptop demo mixes into
+    pretraining, which the web-text heuristics drop, reach the shards whole; the same kind of text in
+    an ordinary input is still dropped, and a curated exact copy is still removed by dedup."""
+    from raylm.tasks import tool_use
+
+    root, _, _, _ = corpus
+    problems = tool_use.problems("train", 60, 5)
+    bundles = [{"id": f"t{i}", "text": "\n".join(tool_use.render_plain([{"role": "user", "content": p.prompt}] + p.solution)
+                                                for p in problems[i * 6:(i + 1) * 6])} for i in range(10)]
+    curated, ordinary = bundles[:6] + [dict(bundles[0], id="t0#copy")], bundles[6:]
+    (tmp_path / "curated.jsonl").write_text("".join(json.dumps(d) + "\n" for d in curated))
+    (tmp_path / "ordinary.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ordinary))
+    config_path = write_config(tmp_path, [], tmp_path / "out")
+    config = yaml.safe_load(config_path.read_text())
+    config["inputs"] = [{"path": str(root / "a.jsonl")},
+                        {"path": str(tmp_path / "curated.jsonl"), "source": "transcripts", "quality_filters": False},
+                        {"path": str(tmp_path / "ordinary.jsonl"), "source": "ordinary"}]
+    config_path.write_text(yaml.safe_dump(config))
+    raylm_data(config_path, f"sqlite:///{tmp_path}/mlflow.db")
+    out = tmp_path / "out"
+    document_filter = DocumentFilter(FilterConfig(**config["filters"]))
+    for d in ordinary:  # what the heuristics do to this text in an ordinary input
+        assert document_filter.filter_one(d["text"])[1].startswith("gopher_quality:")
+    manifest = pa.concat_tables([pq.read_table(p) for p in sorted((out / "tokens" / "documents").glob("*.parquet"))])
+    rows = {r["id"]: r for r in manifest.to_pylist()}
+    assert not {d["id"] for d in ordinary} & set(rows)
+    assert "t0#copy" not in rows  # dedup still applies to a curated input
+    decoded = [t for texts in decoded_shards(out).values() for t in texts]
+    for d in curated[:6]:  # each curated document, normalised, whole and once in the shards
+        assert rows[d["id"]]["source"] == "transcripts"
+        assert decoded.count(document_filter.filter_one(d["text"], quality=False)[0]) == 1, d["id"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents"]["dropped_by_filter"]["gopher_quality"]["total"] >= len(ordinary)
