@@ -54,6 +54,8 @@ def sample_prompts(config: Config, vocab_size: int) -> list[list[int]]:
 def transformers_logits_diff(folder, model: Transformer, prompts) -> float:
     import transformers
 
+    # its "Loading weights" bar ignores TQDM_DISABLE when tqdm was imported before raylm set it
+    transformers.utils.logging.disable_progress_bar()
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokens = torch.tensor([prompts[0]])
     with torch.no_grad():

@@ -10,7 +10,8 @@ answer). The eval task is examples/tasks/tool_use.yaml (the same held-out proble
 problems, 763 turns), run with `chat: true`. The files:
 
     sft/{train,heldout}.jsonl        {"prompt": context, "response": target} (raylm sft)
-    preference/slip_{train,heldout}.jsonl   {"prompt", "chosen", "rejected"} (raylm dpo): every turn;
+    preference/slip_{train,heldout}.jsonl   {"prompt", "chosen", "rejected"} (raylm dpo): every turn
+                                     (train: the first 1,200 train turns);
                                      chosen is the target, rejected a plausible slip of the same turn:
                                      the wrong item looked up, a count or price miscopied into the
                                      calculator, an answer that is not the calculator's result
@@ -19,6 +20,10 @@ problems, 763 turns), run with `chat: true`. The files:
                                      total (rejected)
     rl/{train,heldout}.jsonl         {"prompt", "reference"}: the target, scored by exact match (train:
                                      the first 600 train turns)
+    pretrain/transcripts.jsonl       {"id", "text"}: whole solved conversations of 3,000 other train
+                                     problems, in the eval's plain format, 10 to a document: the
+                                     pretraining mix's in-domain part (examples/laptop/data.yaml), as
+                                     real mixes hold tool-use transcripts
 
 Train records come from the family's train problems, held-out ones from its held-out problems
 (a hash of the problem decides, raylm.tasks.common.split_of): no held-out problem is in any train file.
@@ -38,6 +43,9 @@ SEED = 0
 N_TRAIN = 800  # problems (about 3.8 turns each)
 N_HELDOUT = 200
 N_RL_TRAIN = 600  # RL prompts: 20 GRPO steps x 8 prompts use 160 of them
+N_SLIP_TRAIN = 1200  # DPO's training pairs (the first train turns): 60 steps x 32 pairs see each ~1.6 times
+N_PRETRAIN = 3000  # problems in the pretraining transcripts (from the train split, another seed)
+PER_DOCUMENT = 10
 
 
 def slip(target: str, problem, rng: random.Random) -> str:
@@ -84,11 +92,22 @@ def build(out_dir: str | Path) -> dict[str, str]:
         for part, records in turn_records(problems, SEED + (split == "heldout")).items():
             if part == "rl" and split == "train":
                 records = records[:N_RL_TRAIN]
+            if part == "preference/slip" and split == "train":
+                records = records[:N_SLIP_TRAIN]
             folder, _, kind = part.partition("/")
             path = out / folder / (f"{kind}_{split}.jsonl" if kind else f"{split}.jsonl")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
             written[f"{part}_{split}"] = str(path)
+    problems = tool_use.problems("train", N_PRETRAIN, SEED + 1)
+    documents = [{"id": f"tool_use_transcripts_{i // PER_DOCUMENT}",
+                  "text": "\n".join(tool_use.render_plain([{"role": "user", "content": p.prompt}] + p.solution)
+                                    for p in problems[i:i + PER_DOCUMENT])}
+                 for i in range(0, len(problems), PER_DOCUMENT)]
+    path = out / "pretrain" / "transcripts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in documents), encoding="utf-8")
+    written["pretrain"] = str(path)
     return written
 
 
