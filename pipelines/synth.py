@@ -38,6 +38,7 @@ from raylm.actors.data.fineweb_filter import FineWebConfig
 from raylm.actors.data.gopher_filters import GopherQualityConfig
 from raylm.actors.data.quality_filters import FilterConfig
 from raylm.config import ConfigError, InputPath, Section, StageConfig, where_relative
+from raylm.tasks.reward_functions import RewardSpec
 from raylm.tracking import StageRun
 
 
@@ -76,7 +77,7 @@ class PreferencesConfig(Section):
     judge_template: str | None = None  # judge: the pairwise prompt ({prompt}, {response_a}, {response_b}); null: raylm.eval.judge's
     judge_max_new_tokens: int = Field(default=16, ge=1)  # judge: the verdict's length (greedy)
     reward_model: InputPath | None = None  # a *ForSequenceClassification folder (`raylm reward` output), for scorer: reward_model
-    rule: str | dict | None = None  # a reward spec (raylm.tasks.rewards), e.g. numeric; null: each record's "reward"
+    rule: RewardSpec = None  # a reward spec (raylm.tasks.rewards), e.g. numeric; null: each record's "reward"
     rule_timeout_s: float = Field(default=5.0, gt=0)  # per answer, for a user function
     min_margin: float = Field(default=0.0, ge=0)  # best - worst score at or below this is a tie (no pair)
 

@@ -72,6 +72,40 @@ def test_lifecycle_stage_files_and_sections_resolve_against_their_own_files(tmp_
     assert evaluation.tasks[0].path == str(root / "tasks" / "t.yaml")
 
 
+def test_a_reward_functions_file_resolves_against_the_config_folder_and_set_values_against_the_cwd(tmp_path,
+                                                                                                  elsewhere):
+    """reward.rule names a function by its file ("file.py:fn", or {function: ...}): the file is an
+    input path like any other; a rule name or a module's function stays as written. The function
+    then loads and scores from another current directory."""
+    from raylm.tasks.rewards import make_scorer
+
+    folder = tmp_path / "proj"
+    (folder / "rewards").mkdir(parents=True)
+    (folder / "rewards" / "score.py").write_text("def reward(prompt, completion):\n    return len(completion)\n")
+    rlhf = stage_module("rlhf").Config
+
+    def rule(value, overrides=()):
+        path = write(folder / "rlhf.yaml", {"reward": {"checkpoint": None, "rule": value}})
+        return load_config(rlhf, path, list(overrides)).reward.rule
+
+    assert rule("rewards/score.py:reward") == f"{folder / 'rewards' / 'score.py'}:reward"
+    assert rule("rewards/score.py") == str(folder / "rewards" / "score.py")  # the function defaults to reward
+    assert rule({"function": "rewards/score.py:reward", "timeout_s": 2}) == {
+        "function": f"{folder / 'rewards' / 'score.py'}:reward", "timeout_s": 2}
+    assert rule("/abs/score.py:fn") == "/abs/score.py:fn"
+    for word in ("numeric", "my_rewards.module:fn", {"rule": "regex", "pattern": "a+"}):
+        assert rule(word) == word
+    assert rule("numeric", ["reward.rule=rewards/mine.py:fn"]) == "rewards/mine.py:fn"  # --set: the cwd
+    scorer = make_scorer(rule("rewards/score.py:reward"))
+    try:
+        assert scorer("a prompt", "four", {}).score == 4.0
+    finally:
+        scorer.close()
+    # synth's rule (preferences mode) is the same kind of spec
+    synth = write(folder / "synth.yaml", {"mode": "preferences", "preferences": {"rule": "rewards/score.py"}})
+    assert load_config(stage_module("synth").Config, synth).preferences.rule == str(folder / "rewards" / "score.py")
+
+
 def test_every_shipped_example_resolves_to_files_of_the_repository(monkeypatch, tmp_path):
     """The examples name their inputs relative to their own folders: from any current directory
     each input path that a shipped file names (not an output of another stage) exists."""

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from raylm.config import ConfigError, InputPath, OutputDir, Section, StageConfig
 from raylm.peft.config import PeftConfig
+from raylm.tasks.reward_functions import RewardSpec
 from raylm.train.config import FreezeConfig
 
 PER_ITEM = "per_item"  # reward.rule: each prompt record's own "reward" spec
@@ -65,7 +66,8 @@ class RewardConfig(Section):
     # A verifiable reward (raylm.tasks.rewards), beside or instead of the reward model: a rule name (exact_match,
     # regex, numeric, tool_use, string_transform), a mapping {rule: ..., options} or {function: "file.py:fn",
     # timeout_s}, or per_item: each prompt record's own "reward" field (raylm.tasks.files' RL prompt sets).
-    rule: str | dict | None = None
+    # A function's file is relative to the config file's folder (a --set value: to the current directory).
+    rule: RewardSpec = None
     model_weight: float = Field(default=1.0, ge=0)  # with both: score = model_weight * model + rule_weight * rule
     rule_weight: float = Field(default=1.0, ge=0)  # with both: the rule's weight in the score (see model_weight)
     rule_timeout_s: float = Field(default=5.0, gt=0)  # per item: a user function that hangs longer scores a failure

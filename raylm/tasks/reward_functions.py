@@ -23,8 +23,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated, Any
 
-from raylm.config import ConfigError
+from raylm.config import ConfigError, FromConfigFolder
 from raylm.tasks.common import RewardResult
 from raylm.tasks.sandbox import Limits, clean_env, kill_group, limits_code, python_command
 
@@ -85,15 +86,38 @@ class RewardFunctionError(ConfigError):
     """A reward function that cannot be loaded; the message names it and what is wrong."""
 
 
+def file_of(ref: str) -> tuple[str, str] | None:
+    """A file reference ``"path/to/file.py:fn"`` -> (the file's path, ``":fn"`` or ``""``); None for a
+    module reference (``"package.module:fn"``)."""
+    target, sep, name = ref.rpartition(":") if ":" in ref else (ref, "", "")
+    return (target, sep + name) if target.endswith(".py") or os.sep in target else None
+
+
+class FunctionFile(FromConfigFolder):
+    """A reward spec written in a config file (``"file.py:fn"``, ``{function: "file.py:fn", ...}``):
+    the function's file is an input path, relative to the config file's folder; a rule name or a
+    module's function is not a path."""
+
+    def resolve(self, value: Any, base: Path) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("function"), str):
+            return {**value, "function": self.resolve(value["function"], base)}
+        parts = file_of(value) if isinstance(value, str) else None
+        return value if parts is None else super().resolve(parts[0], base) + parts[1]
+
+
+# A config key holding a reward spec (raylm.tasks.rewards): a function's file resolves like any input path.
+RewardSpec = Annotated[str | dict | None, FunctionFile()]
+
+
 def resolve_ref(ref: str) -> str:
     """A file reference made absolute (the child runs in its own directory); a module one as is."""
-    target, sep, name = ref.rpartition(":") if ":" in ref else (ref, "", "")
-    if target.endswith(".py") or os.sep in target:
-        path = Path(target).resolve()
-        if not path.is_file():
-            raise RewardFunctionError(f"reward function {ref!r}: {path} is not a file")
-        return f"{path}{sep}{name}" if sep else str(path)
-    return ref
+    parts = file_of(ref)
+    if parts is None:
+        return ref
+    path = Path(parts[0]).resolve()
+    if not path.is_file():
+        raise RewardFunctionError(f"reward function {ref!r}: {path} is not a file")
+    return f"{path}{parts[1]}"
 
 
 class FunctionReward:
