@@ -8,11 +8,14 @@ FSDP2, step the optimizer with clipping, checkpoint with DCP, export to Hugging 
 ``PolicyTrainer`` and ``ValueTrainer`` add their role's methods and losses. On the driver,
 ``TrainerGroup`` starts the ranks on the slots the placement hands it, has rank 0 choose the
 rendezvous address, and fans a method out to every rank (each with its own shard of the batch, or
-all with the same arguments), waiting with a timeout.
+all with the same arguments), waiting with a timeout. A call that finds a rank dead raises
+``TrainerRankDied``: the group's survivors are then stuck in (or failed out of) a collective with it,
+so the driver replaces the whole group (``raylm.rl.pools``) and resumes from a checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from datetime import timedelta
 from typing import Callable
@@ -100,6 +103,36 @@ class ShardedTrainer:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    def exit_process(self) -> None:
+        """Fault injection (``faults.kill_trainer_at_step``): this rank's process ends at once, as a crash would."""
+        os._exit(1)
+
+
+class TrainerRankDied(RuntimeError):
+    """A rank of a trainer group died during (or before) a call to the group."""
+
+    def __init__(self, group: str, rank: int, what: str):
+        super().__init__(f"{group} rank {rank} died ({what})")
+        self.group, self.rank, self.what = group, rank, what
+
+
+class GroupCall(Pending):
+    """A call fanned out to a group's ranks. A dead rank fails it at once (Ray answers a dead actor's
+    call without waiting for the others, which hang in a collective with it) as ``TrainerRankDied``."""
+
+    def __init__(self, group: "TrainerGroup", refs: list, what: str, timeout_s: float, combine=list):
+        super().__init__(refs, what, timeout_s, combine)
+        self.group = group
+
+    def result(self):
+        try:
+            return super().result()
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+            rank = self.group.dead_rank(self.refs, error)
+            if rank is None:
+                raise
+            raise TrainerRankDied(self.group.name, rank, self.what) from error
+
 
 class TrainerGroup:
     """The driver's handle on one trainer group: typed calls fanned out to every rank, in flight
@@ -122,17 +155,41 @@ class TrainerGroup:
         return len(self.actors)
 
     def each(self, call: Callable[[ActorHandle], ray.ObjectRef], what: str, combine=list,
-             timeout_s: float | None = None) -> Pending:
+             timeout_s: float | None = None) -> GroupCall:
         """Every rank runs the same call."""
-        return Pending([call(a) for a in self.actors], f"{self.name}.{what}", timeout_s or self.remote_s, combine)
+        return GroupCall(self, [call(a) for a in self.actors], f"{self.name}.{what}", timeout_s or self.remote_s,
+                         combine)
 
     def sharded(self, call: Callable[[ActorHandle, dict], ray.ObjectRef], batch: dict, what: str,
-                combine=list) -> Pending:
+                combine=list) -> GroupCall:
         """Rank i runs the call on its contiguous slice of the batch's rows."""
         from raylm.rl.batching import shard_batch
 
         shards = shard_batch(batch, self.world_size)
-        return Pending([call(a, s) for a, s in zip(self.actors, shards)], f"{self.name}.{what}", self.remote_s, combine)
+        return GroupCall(self, [call(a, s) for a, s in zip(self.actors, shards)], f"{self.name}.{what}",
+                         self.remote_s, combine)
+
+    def dead_rank(self, refs: list, error: Exception, settle_s: float = 30.0) -> int | None:
+        """The rank whose death failed a call (``refs``: one per rank), or None when every rank lives.
+        A survivor may fail first (gloo sees the dead peer's socket close before Ray reports the
+        death), so the ranks' calls get up to ``settle_s`` to fail too."""
+        ids = [a._actor_id.hex() for a in self.actors]
+        if isinstance(error, ray.exceptions.RayActorError) and getattr(error, "actor_id", None) in ids:
+            return ids.index(error.actor_id)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=settle_s)
+        for rank, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError:
+                    return rank
+                except Exception:  # a survivor's own error: not what is looked for
+                    pass
+        return None
+
+    def crash(self, rank: int) -> None:
+        """Fault injection: rank ``rank`` exits before its next call."""
+        self.actors[rank].exit_process.remote()
 
     def setup(self, checkpoint: str, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
               peft: PeftConfig | None = None, freeze: Freeze | None = None) -> Pending:

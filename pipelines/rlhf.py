@@ -29,7 +29,11 @@ published).
 Every ``checkpoint.every`` steps the run writes ``<output_dir>/checkpoints/step_N``
 (``raylm.rl.checkpoint``); a rerun on the same output_dir resumes from the newest complete one. A
 rollout engine, reward scorer or reference actor that dies is replaced in its placement bundle and
-its work retried, at most ``faults.max_actor_restarts`` times per role (``raylm.rl.actor_pool``).
+its work retried, at most ``faults.max_actor_restarts`` times per role (``raylm.rl.actor_pool``). A
+policy or critic rank that dies takes its group with it (the survivors wait in a collective): the
+group is replaced in its bundles, every trainer reloads this run's newest checkpoint (the starting
+weights without one) and the run goes on from there in the same process, at most
+``faults.max_trainer_restarts`` times per group; the summary and MLflow count the restarts.
 
 Before the first and after the last step, policy samples on fixed prompts are scored by the reward
 model and by the ground truth (``raylm.rl.evaluation``), with the KL to the reference; per-step
@@ -41,10 +45,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from raylm.actors.trainer_group import TrainerRankDied
 from raylm.rl.batching import make_batch, pad_rows
 from raylm.rl.checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from raylm.rl.config import Config, check  # noqa: F401  (the CLI reads a stage's Config and check here)
@@ -69,9 +75,9 @@ def run(config: Config, stage_run: StageRun) -> dict:
 
 def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict:
     """The whole run on pools that are already up (tests start the pools once and train twice).
-    Continues from the newest complete checkpoint under ``output_dir`` when there is one."""
-    from raylm.rl.ppo import AdaptiveKLController, FixedKLController, RunningMoments
-
+    Continues from the newest complete checkpoint under ``output_dir`` when there is one. A trainer
+    group that loses a rank is replaced and the run goes on from this run's newest checkpoint (from
+    the start without one), at most ``faults.max_trainer_restarts`` times per group."""
     started = time.perf_counter()
     stage_run.set_tags({"raylm.rollout_backend": pools.backend})
     print(f"[rlhf] rollout backend: {pools.backend}; {len(task.train)} training prompts, "
@@ -80,50 +86,65 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
     stage_run.log_metrics(counts)
     print(f"[rlhf] policy: {counts['policy/trainable_params']:,} of {counts['policy/params']:,} parameters train",
           flush=True)
-    state = RunState()
-    state.kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
-                    else FixedKLController(config.kl.coef))
-    state.moments = RunningMoments() if config.reward.normalize else None
-    sampler = PromptSampler(task.train, config.seed)
-    rollouts = RolloutQueue(config, pools, task, sampler)
     resume_from = latest_checkpoint(config) if config.checkpoint.resume else None
-    record = {}
+    state, sampler, rollouts, record = restore(config, stage_run, pools, task, resume_from)
     if resume_from is not None:
-        record = load_checkpoint(resume_from, pools.policy, pools.critic, state, sampler)
         msg = (f"resuming from {resume_from} (step {record['step']}, policy version {state.version}, "
                f"KL coef {state.kl_ctl.value:.4g}, prompt {sampler.position} of the epoch)")
         log.info(msg)
         print(f"[rlhf] {msg}", flush=True)
         stage_run.set_tags({"raylm.resumed_from": str(resume_from)})
-    # The engines serve the trainer's own copy of the weights (the starting ones, or the checkpoint's).
-    initial_sync = pools.publish(state.version)
-    stage_run.log_metrics({f"initial_{k}": v for k, v in initial_sync.items()}, step=record.get("step", 0))
 
     eval_items = task.train[:config.eval.prompts]
     held_out = task.held_out[:config.eval.prompts]
     samples, temperature = config.eval.samples_per_prompt, config.rollout.temperature
     if resume_from is None:
-        record = {"step": 0, "history": [],
-                  "before": evaluate(config, pools, task, eval_items, samples, temperature, config.seed),
-                  "before_held_out": evaluate(config, pools, task, held_out, samples, temperature, config.seed)}
+        record.update(before=evaluate(config, pools, task, eval_items, samples, temperature, config.seed),
+                      before_held_out=evaluate(config, pools, task, held_out, samples, temperature, config.seed))
         log_eval(stage_run, "before", record["before"], record["before_held_out"], step=0)
     before, before_held_out, history = record["before"], record["before_held_out"], record["history"]
 
+    newest = resume_from  # this run's newest checkpoint: where a replaced trainer group resumes
+    restarts = []  # every trainer group replaced: {"group", "rank", "step", "resumed_from_step"}
+    kill_at = config.faults.kill_trainer_at_step
     progress = Progress(config.ppo.steps, "rlhf")
-    for step in range(record["step"] + 1, config.ppo.steps + 1):
-        metrics = ppo_step(config, pools, task, rollouts, state, step)
-        metrics["faults/actors_replaced"] = len(pools.replacements)
-        history.append({k: metrics.get(k) for k in HISTORY_KEYS})
-        stage_run.log_metrics(metrics, step=step)
-        progress.update(step, reward=metrics["reward/mean"], truth=metrics["ground_truth/mean"] or 0.0,
-                        kl=metrics["kl/mean"], pg=metrics["policy/loss"], clip=metrics["policy/clip_fraction"],
-                        sync_s=metrics["time/weight_sync_s"])
-        if config.checkpoint.every and (step % config.checkpoint.every == 0 or step == config.ppo.steps):
-            save_checkpoint(config, pools.policy, pools.critic, state, rollouts.sampler_state(step + 1), step,
-                            {"before": before, "before_held_out": before_held_out, "history": history})
+    step = record["step"] + 1
+    while step <= config.ppo.steps:
+        if step == kill_at:
+            kill_at = None  # once: the step is done again after the replacement
+            print(f"[rlhf] faults.kill_trainer_at_step: policy rank {config.faults.kill_trainer_rank} exits at "
+                  f"step {step}", flush=True)
+            pools.policy.crash(config.faults.kill_trainer_rank)
+        try:
+            metrics = ppo_step(config, pools, task, rollouts, state, step)
+            metrics["faults/actors_replaced"] = len(pools.replacements)
+            metrics["faults/trainer_restarts"] = len(restarts)
+            history.append({k: metrics.get(k) for k in HISTORY_KEYS})
+            stage_run.log_metrics(metrics, step=step)
+            progress.update(step, reward=metrics["reward/mean"], truth=metrics["ground_truth/mean"] or 0.0,
+                            kl=metrics["kl/mean"], pg=metrics["policy/loss"], clip=metrics["policy/clip_fraction"],
+                            sync_s=metrics["time/weight_sync_s"])
+            if config.checkpoint.every and (step % config.checkpoint.every == 0 or step == config.ppo.steps):
+                newest = save_checkpoint(config, pools.policy, pools.critic, state, rollouts.sampler_state(step + 1),
+                                         step, {"before": before, "before_held_out": before_held_out,
+                                                "history": history})
+        except TrainerRankDied as died:
+            pools.replace_trainer_group(died, config.faults.max_trainer_restarts)
+            pools.setup_trainers(config)
+            state, sampler, rollouts, record = restore(config, stage_run, pools, task, newest)
+            history = record["history"]
+            msg = (f"replaced {died.group} rank {died.rank} (it died in {died.what} at step {step}); "
+                   f"resumed from step {record['step']}" + (f" ({newest})" if newest is not None else
+                                                            " (no checkpoint yet: the starting weights)"))
+            log.warning(msg)
+            print(f"[rlhf] {msg}", flush=True)
+            restarts.append({"group": died.group, "rank": died.rank, "step": step, "resumed_from_step": record["step"]})
+            step = record["step"] + 1
+            continue
         if step == config.faults.stop_after_step:
             print(f"[rlhf] faults.stop_after_step: stopping after step {step}", flush=True)
             return {"stopped_after_step": step, "policy_version": state.version, "steps": config.ppo.steps}
+        step += 1
 
     after = evaluate(config, pools, task, eval_items, samples, temperature, config.seed)
     after_held_out = evaluate(config, pools, task, held_out, samples, temperature, config.seed)
@@ -138,6 +159,7 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
         "policy_version": state.version, "wall_s": wall,
         "resumed_from": str(resume_from) if resume_from is not None else None,
         "actors_replaced": [f"{role} {i}" for role, i in pools.replacements],
+        "trainer_restarts": restarts,
         "before": strip_samples(before), "after": strip_samples(after),
         "before_held_out": strip_samples(before_held_out), "after_held_out": strip_samples(after_held_out),
         "logprob_diff_vs_trainer": float(np.mean([m["rollout/logprob_diff_vs_trainer"] for m in history])),
@@ -148,7 +170,7 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
                                            "policy/clip_fraction", "reward/rule_mean")} for m in history],
         "step_s": [m.get("time/step_s") for m in history],
     }
-    stage_run.log_metrics({"wall_s": wall})
+    stage_run.log_metrics({"wall_s": wall, "faults/trainer_restarts": len(restarts)})
     if summary["held_out_rule_gain"] is not None:
         gain = summary["held_out_rule_gain"]
         stage_run.log_metrics({"eval_held_out/rule_gain": gain["mean"], "eval_held_out/rule_gain_low": gain["low"],
@@ -163,6 +185,27 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
           f"{fmt(before.get('ground_truth'))} -> {fmt(after.get('ground_truth'))}, KL to reference "
           f"{fmt(after.get('kl'))}; wrote {export_dir}", flush=True)
     return summary
+
+
+def restore(config: Config, stage_run: StageRun, pools: Pools, task: Task,
+            folder: Path | None) -> tuple[RunState, PromptSampler, RolloutQueue, dict]:
+    """The driver's state at the start of the run, or as of checkpoint ``folder`` (loaded into the
+    trainers, which are set up); then the engines get the trainers' weights. -> (the run state, the
+    prompt sampler, a rollout queue, the driver's record: ``{"step", "history", ...}``)."""
+    from raylm.rl.ppo import AdaptiveKLController, FixedKLController, RunningMoments
+
+    state = RunState()
+    state.kl_ctl = (AdaptiveKLController(config.kl.coef, config.kl.target, config.kl.horizon) if config.kl.adaptive
+                    else FixedKLController(config.kl.coef))
+    state.moments = RunningMoments() if config.reward.normalize else None
+    sampler = PromptSampler(task.train, config.seed)
+    record = {"step": 0, "history": []}
+    if folder is not None:
+        record = load_checkpoint(folder, pools.policy, pools.critic, state, sampler)
+    # The engines serve the trainer's own copy of the weights (the starting ones, or the checkpoint's).
+    initial_sync = pools.publish(state.version)
+    stage_run.log_metrics({f"initial_{k}": v for k, v in initial_sync.items()}, step=record["step"])
+    return state, sampler, RolloutQueue(config, pools, task, sampler), record
 
 
 # What the summary keeps of each step (and a checkpoint, for a resumed run's summary).

@@ -102,6 +102,7 @@ def test_bad_configs_exit_2_before_any_ray_work(built, tmp_path, capsys):
     assert "reward.rule" in run(reward={"rule": "numericc"})  # not a rule
     assert "reward: give a reward model" in run(reward={"checkpoint": None})
     assert "reward.rule: per_item" in run(reward={"rule": "per_item"})  # the built-in task has no reward field
+    assert "faults.kill_trainer_rank" in run(faults={"kill_trainer_at_step": 1, "kill_trainer_rank": 2})
     assert not ray.is_initialized()
 
 
@@ -216,6 +217,41 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(setup, built, tmp_path
     weights = [load_file(str(c.output_path / "hf" / "model.safetensors")) for c in (straight, resumed)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_dead_policy_rank_is_replaced_in_place_and_the_run_resumes_from_its_newest_checkpoint(setup, built, tmp_path,
+                                                                                               capsys):
+    """faults.kill_trainer_at_step: policy rank 1's process exits at step 3 (rank 0 then waits in a
+    collective with it). In the same call the driver replaces the policy group in its bundles, every
+    trainer reloads step 2's checkpoint (the newest: checkpoint.every 2), the engines get its
+    weights, and the run does step 3 again and ends; the summary and MLflow count the restart."""
+    from mlflow.tracking import MlflowClient
+
+    _, task, pools = setup
+    config = rlhf.Config.model_validate(config_dict(
+        built, tmp_path, ppo={"steps": 3, "prompts_per_step": 8, "epochs": 1, "minibatches": 2},
+        eval={"prompts": 0}, checkpoint={"every": 2, "keep": 5},
+        faults={"kill_trainer_at_step": 3, "kill_trainer_rank": 1, "max_trainer_restarts": 1}))
+    old_ranks = {a._actor_id for a in pools.policy.actors}
+    old_critic = pools.critic.actors[0]._actor_id
+    run = start_run(config.tracking.uri, "raylm", "rlhf-trainer-fault", config.output_dir)
+    summary = rlhf.train(config, run, pools, task)
+    printed = capsys.readouterr().out
+    assert "replaced policy rank 1 (it died in policy.logprobs at step 3); resumed from step 2" in printed
+    assert summary["trainer_restarts"] == [{"group": "policy", "rank": 1, "step": 3, "resumed_from_step": 2}]
+    assert not old_ranks & {a._actor_id for a in pools.policy.actors}  # a whole new group
+    assert pools.critic.actors[0]._actor_id == old_critic  # the critic lived: it only reloaded the checkpoint
+    assert summary["steps"] == 3 and summary["policy_version"] == 3 and len(summary["history"]) == 3
+    end = json.loads((latest_checkpoint(config) / DRIVER_STATE).read_text())
+    assert end["step"] == 3 and end["policy_version"] == 3 and len(end["history"]) == 3
+    client = MlflowClient(config.tracking.uri)
+    assert client.get_run(run.run_id).data.metrics["faults/trainer_restarts"] == 1
+    # The engines were given the trainers' weights at the start (step 0) and again after the restore,
+    # at the step of the checkpoint it loaded; step 3's metrics were logged once, after the restore.
+    assert [m.step for m in client.get_metric_history(run.run_id, "initial_weight_sync/bucket_count")] == [0, 2]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "faults/trainer_restarts")
+            if m.step == 3] == [(3, 1.0)]
+    assert (config.output_path / "hf" / "model.safetensors").exists()
 
 
 def test_lora_policy_publishes_only_its_adapter_and_the_engine_applies_it(setup, built, tmp_path):

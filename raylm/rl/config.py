@@ -181,7 +181,12 @@ class FaultConfig(Section):
     # an engine gets the current published weights) and its work retried, at most this many times
     # per role over the run.
     max_actor_restarts: int = Field(default=3, ge=0)
+    # A policy or critic group that loses a rank is replaced whole (same bundles, a new rendezvous) and the
+    # run goes on from its newest checkpoint, at most this many times per group over the run.
+    max_trainer_restarts: int = Field(default=3, ge=0)
     stop_after_step: int | None = Field(default=None, ge=1)  # fault injection: end the run after this step, as if killed
+    kill_trainer_at_step: int | None = Field(default=None, ge=1)  # fault injection: a policy rank's process exits at this step (once)
+    kill_trainer_rank: int = Field(default=0, ge=0)  # fault injection: the policy rank kill_trainer_at_step ends
 
 
 class TimeoutConfig(Section):
@@ -228,6 +233,9 @@ class Config(StageConfig):
                 raise ValueError(f"ppo: {rollouts} rollouts per step (prompts_per_step x samples_per_prompt) do not "
                                  f"split into {role}.num_workers ({workers}) x ppo.minibatches ({ppo.minibatches}) "
                                  "equal parts")
+        if self.faults.kill_trainer_rank >= self.policy.num_workers:
+            raise ValueError(f"faults.kill_trainer_rank: {self.faults.kill_trainer_rank} is not a policy rank "
+                             f"(policy.num_workers: {self.policy.num_workers})")
         if self.data.builtin is None and self.data.prompts is None:
             raise ValueError("data: give prompts (a JSONL file) or builtin: stdlib")
         if self.reward.checkpoint is None and self.reward.rule is None:

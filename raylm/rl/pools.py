@@ -7,8 +7,9 @@
 - reward: reward-model scorers; reference: the frozen starting policy.
 
 A rollout engine, reward scorer or reference actor that dies is replaced in its placement bundle
-(an engine gets the last published weights) and its work retried (``ActorPool``); a trainer rank is
-not (a run that loses one resumes from its last checkpoint)."""
+(an engine gets the last published weights) and its work retried (``ActorPool``). A trainer group
+that loses a rank is replaced whole, in the same bundles with a new rendezvous
+(``replace_trainer_group``); the driver then reloads the newest checkpoint (``pipelines/rlhf.py``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ray.actor import ActorHandle
 
 from raylm.actors.policy_trainer import PolicyGroup
 from raylm.actors.rule_reward import RuleRewardPool
+from raylm.actors.trainer_group import TrainerGroup, TrainerRankDied
 from raylm.actors.value_trainer import CriticGroup
 from raylm.config import ConfigError
 from raylm.rl.actor_pool import ActorPool, InFlight
@@ -122,16 +124,35 @@ class Pools:
             pools.rules = RuleRewardPool(config.rule_spec, config.reward.rule_actors, timeout_s=config.reward.rule_timeout_s,
                                          start_timeout_s=t.startup_s)
         pools.reference = pool("reference", lambda s: start_reference(config, s), config.reference.num_actors)
-        p = config.policy
-        pools.policy = PolicyGroup(p.num_workers, strategies["policy"], p.cpus_per_worker, p.gpus_per_worker,
-                                   t.startup_s, t.remote_s, seed=config.seed)
+        pools.policy = pools.start_trainer_group("policy")
         if config.uses_critic:
-            c = config.critic
-            pools.critic = CriticGroup(c.num_workers, strategies["critic"], c.cpus_per_worker, c.gpus_per_worker,
-                                       t.startup_s, t.remote_s, seed=config.seed + 1)
+            pools.critic = pools.start_trainer_group("critic")
         scorers = pools.reward.ready() if pools.reward is not None else []
         wait(pools.rollout.ready() + scorers + pools.reference.ready(), t.startup_s, "starting engines and models")
         return pools
+
+    def start_trainer_group(self, role: str) -> TrainerGroup:
+        """The policy's or the critic's ranks, in the role's placement bundles, joined in a new group."""
+        config, t = self.config, self.config.timeouts
+        group_cls, section, seed = ((PolicyGroup, config.policy, config.seed) if role == "policy"
+                                    else (CriticGroup, config.critic, config.seed + 1))
+        return group_cls(section.num_workers, self.placement.strategies[role], section.cpus_per_worker,
+                         section.gpus_per_worker, t.startup_s, t.remote_s, seed=seed)
+
+    def replace_trainer_group(self, died: TrainerRankDied, max_restarts: int) -> None:
+        """Kill the rest of the dead rank's group (its survivors wait in a collective with the dead
+        rank) and start a fresh group in its bundles, at most ``max_restarts`` times per group over
+        the run; the new ranks are not set up."""
+        done = sum(1 for role, _ in self.replacements if role == died.group)
+        if done >= max_restarts:
+            raise RuntimeError(f"{died}; the {died.group} group was already replaced {done} times "
+                               f"(faults.max_trainer_restarts: {max_restarts})") from died
+        msg = f"{died}: replacing the {died.group} group ({done + 1}/{max_restarts})"
+        log.warning(msg)
+        print(f"[rlhf] {msg}", flush=True)
+        getattr(self, died.group).kill()
+        setattr(self, died.group, self.start_trainer_group(died.group))
+        self.replacements.append((died.group, died.rank))
 
     def shutdown(self) -> None:
         for group in (self.policy, self.critic, self.rollout, self.reward, self.reference):
