@@ -235,6 +235,8 @@ def run_sweep(config: Config, stage_run: StageRun, trials: list[dict]) -> tuple[
     import ray
     from ray import tune
 
+    from raylm.console import CONSOLE
+
     # Tune runs each trial in a folder of its own: the paths the trials read and write, made absolute.
     config = config.model_copy(update={
         "output_dir": str(config.output_path.resolve()), "data_dir": str(Path(config.data_dir).resolve()),
@@ -252,11 +254,13 @@ def run_sweep(config: Config, stage_run: StageRun, trials: list[dict]) -> tuple[
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, trial_name_creator=lambda t: t.config["trial"]["name"],
                                     trial_dirname_creator=lambda t: t.config["trial"]["name"]),
         run_config=tune.RunConfig(name=f"scale-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str((config.output_path / "tune").resolve()), verbose=0,
+                                  storage_path=str((config.output_path / "tune").resolve()),
+                                  verbose=1 if CONSOLE.verbose else 0,
                                   # a trial whose process died (e.g. killed by Ray's memory monitor) starts over
                                   failure_config=tune.FailureConfig(max_failures=config.sweep.trial_retries)),
     )
-    grid = tuner.fit()
+    with CONSOLE.library_prints_to_log():
+        grid = tuner.fit()
     results, failures = [], []
     for r in grid:
         if r.error is not None:

@@ -15,6 +15,8 @@ Ray prints carries colour codes (``NO_COLOR``, ``RAY_COLOR_PREFIX=0``).
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import logging
 import os
 import re
@@ -43,6 +45,7 @@ class Console:
         self._recent: collections.deque[str] = collections.deque(maxlen=512)
         self._bar_open = False  # a progress bar is drawn on the terminal's current line
         self._native_fd = None  # the real stderr, once capture_native_stderr took fd 2 over
+        self.stdout: TextIO | None = None  # the console's stream while sys.stdout goes to the log (None: sys.stdout)
 
     # ---- where the log goes -----------------------------------------------------------------
 
@@ -94,7 +97,42 @@ class Console:
         self.write_log("\n".join(f"{prefix} {line}" for line in lines))
         for line in lines:
             if RAYLM_LINE.match(line):
-                self.show(line, sys.stdout, once=True)
+                self.show(line, self.stdout or sys.stdout, once=True)
+
+    @contextlib.contextmanager
+    def library_prints_to_log(self):
+        """What a library prints on the driver itself with ``print`` (Ray Tune's experiment and
+        trial tables, which it prints even at ``verbose=0``) goes to the log file, not the console
+        (unless ``--verbose``); the workers' raylm lines still reach the console."""
+        if self.verbose:
+            yield
+            return
+        self.stdout = sys.stdout
+        log = _LogStream(self)
+        try:
+            with contextlib.redirect_stdout(log):
+                yield
+        finally:
+            log.flush()
+            self.stdout = None
+
+
+class _LogStream(io.TextIOBase):
+    """A text stream whose lines go to the console's log file."""
+
+    def __init__(self, console: Console):
+        self.console, self.partial = console, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            self.console.write_log(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.partial:
+            self.console.write_log(self.partial)
+            self.partial = ""
 
 
 CONSOLE = Console()

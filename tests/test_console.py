@@ -94,3 +94,23 @@ def test_step_lines_are_a_bar_on_a_terminal_and_plain_in_a_pipe(tmp_path):
         console.show("[sft] step 1/4 loss 2.5", f)
         console.show("[sft] step 1/4 loss 2.5", f, once=True)  # a line every rank printed: once
     assert pipe.read_text() == "[sft] step 1/4 loss 2.5\n"
+
+
+def test_what_a_library_prints_on_the_driver_goes_to_the_log(tmp_path, capsys, monkeypatch):
+    """Ray Tune prints its tables with print() on the driver, even at verbose=0: inside
+    ``library_prints_to_log`` they go to the log file, while the workers' raylm lines still reach
+    the console; with --verbose everything is printed as it is."""
+    console = Console()
+    console.log_to(tmp_path / "ray.log")
+    with console.library_prints_to_log():
+        print("+--------------------+\n| Trial name  status |")
+        print("Trial status: 6", "TERMINATED")  # print() writes its pieces one by one: one line
+        console.on_worker_output({"lines": ["raylm scale: trial n1-c1 done", "(worker noise)"], "pid": 7})
+    print("[scale] back on the console")
+    assert capsys.readouterr().out == "raylm scale: trial n1-c1 done\n[scale] back on the console\n"
+    assert (tmp_path / "ray.log").read_text() == ("+--------------------+\n| Trial name  status |\nTrial status: 6 TERMINATED\n"
+                                                  "(pid=7) raylm scale: trial n1-c1 done\n(pid=7) (worker noise)\n")
+    console.verbose = True
+    with console.library_prints_to_log():
+        print("| Trial name  status |")
+    assert capsys.readouterr().out == "| Trial name  status |\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,11 +176,14 @@ def test_sweep_plan_is_an_isoflop_grid(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end(data_dir, tmp_path, mlflow_server):
+def test_tiny_sweep_end_to_end(data_dir, tmp_path, mlflow_server, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     import ray
 
+    from raylm.console import CONSOLE
+
+    monkeypatch.setattr(CONSOLE, "verbose", False)  # as without --verbose (another test may have set it)
     config = tiny_config(data_dir, tmp_path / "scale")
     scale.check(config, "tiny")
     for attempt in range(3):  # a loaded machine can miss Ray's 30 s raylet start deadline: not what is tested
@@ -195,6 +199,15 @@ def test_tiny_sweep_end_to_end(data_dir, tmp_path, mlflow_server):
             summary = scale.run(config, run)
     finally:
         ray.shutdown()
+    # Ray Tune prints its experiment table and where its results are even at verbose=0: into the log,
+    # not the console (nor any of its status tables).
+    tune_lines = re.compile(r"Configuration for experiment|Search algorithm|View detailed results|tensorboard|"
+                            r"Trial status|Trial name|TERMINATED")
+    printed = capsys.readouterr().out
+    assert not [line for line in printed.splitlines() if tune_lines.search(line)], printed[-3000:]
+    assert "raylm scale: 6 trials on Ray Tune" in printed
+    logged = (tmp_path / "scale" / "logs" / "ray.log").read_text()  # the stage's log (stage_run), in MLflow
+    assert "Configuration for experiment" in logged and "View detailed results here" in logged
 
     client = MlflowClient(mlflow_server)
     report = json.loads((tmp_path / "scale" / "scaling.json").read_text())
