@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from raylm.config import RayConfig
@@ -33,6 +34,9 @@ def init_ray(cfg: RayConfig, worker_modules: tuple[str, ...] = ()) -> None:
     kwargs["log_to_driver"] = True  # raylm.console decides what of it reaches the console
     if not console.CONSOLE.verbose:
         kwargs["logging_level"] = "WARNING"  # the driver's "Started a local Ray instance" and such
+        # Ray >= 2.5x starts a local cluster with token authentication on and says so at WARNING on the
+        # console at every start; the setting stays (safe), the line goes
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not address:
         kwargs.update(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory)
         preload = list(worker_modules if cfg.preload_modules is None else cfg.preload_modules)
