@@ -278,11 +278,19 @@ def test_a_foreign_checkpoint_keeps_its_template_on_export(tmp_path, folders):
 @pytest.mark.parametrize("family", ["raylm", "chatml"])
 def test_rlhf_prompts_and_reward_sequences_follow_the_template(tmp_path, folders, raylm_checkpoint, family):
     """Rollout prompts are the template's generation prompt; a generated answer (stopped at the
-    end-of-turn token, or cut short without it) reaches the reward model as the whole conversation."""
+    end-of-turn token, at another of the policy's end ids, or cut short without either) reaches the
+    reward model as the whole conversation."""
+    import shutil
+
     from raylm.pipelines import rlhf
 
     tokenizer, folder = raylm_checkpoint
     source = folder / "tokenizer.json" if family == "raylm" else folders["chatml"] / "tokenizer.json"
+    if family == "chatml":  # a policy with Qwen2.5's end ids: <|im_end|> (id 2) and <|endoftext|> (id 0)
+        policy = shutil.copytree(folder, tmp_path / "policy")
+        hf = json.loads((policy / "config.json").read_text())
+        (policy / "config.json").write_text(json.dumps({**hf, "eos_token_id": [2, 0]}))
+        folder = policy
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "What does json.dumps do?", "reference": "Serialize obj."}) + "\n")
     config = rlhf.Config.model_validate({"output_dir": str(tmp_path), "policy": {"checkpoint": str(folder)},
@@ -298,9 +306,12 @@ def test_rlhf_prompts_and_reward_sequences_follow_the_template(tmp_path, folders
     tok = reference(source.parent)
     assert task.train[0]["ids"] == apply(tok, user, add_generation_prompt=True)
     answer = template.encode_text("Serialize obj.")
-    for response in (answer, answer + [template.end_id]):
+    # the template's end of turn first, then the policy's EOS ids, which the engines stop on too
+    other_end = {"raylm": 2, "chatml": 0}[family]
+    assert task.stop_ids == [template.end_id, other_end]
+    for response in (answer, answer + [template.end_id], answer + [other_end]):
         assert task.reward_sequence(task.train[0]["ids"], response) == apply(tok, conversation)
-    assert task.stop_ids == [template.end_id] and task.text(answer + [template.end_id]) == "Serialize obj."
+        assert task.text(response) == "Serialize obj."
 
 
 VLLM_CHAT = textwrap.dedent("""

@@ -19,9 +19,14 @@ class Task:
 
     def __init__(self, config: Config):
         from raylm.data.chat_template import ChatTemplate
+        from raylm.models.hf_checkpoint import load_config
 
         self.template = ChatTemplate(config.tokenizer_file)
-        self.stop_ids = [self.template.end_id]
+        # What ends an answer: the template's end-of-turn token, then every end id of the policy's
+        # config, which the engines stop on too (Qwen2.5's <|endoftext|> beside <|im_end|>, Llama 3's
+        # <|end_of_text|> and <|eom_id|> beside <|eot_id|>).
+        end_ids = load_config(config.policy.checkpoint)[0].end_token_ids
+        self.stop_ids = list(dict.fromkeys([self.template.end_id, *end_ids]))
         self.train, self.held_out = self.load(config)
         if not self.train:
             raise ConfigError(f"data: no prompt of at most {config.data.max_prompt_tokens} tokens")
@@ -51,7 +56,10 @@ class Task:
 
     def reward_sequence(self, prompt_ids: list[int], response: list[int]) -> list[int]:
         """The conversation as the reward model was trained on it, closed as the chat template closes
-        an assistant message (raylm's: ... response <|end|> <|eos|>)."""
+        an assistant message (raylm's: ... response <|end|> <|eos|>). An answer the model ended with
+        another end id (EOS) is closed as the template closes it: that id gives way to the end of turn."""
+        if response and response[-1] in self.stop_ids and response[-1] != self.template.end_id:
+            response = response[:-1]
         return self.template.close(prompt_ids, response)
 
     def text(self, response: list[int]) -> str:
