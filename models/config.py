@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 # The block each Hugging Face family (model_type) has, in the knobs below: what a config exported
 # as that family must hold. attention_bias None: the family has q/k/v biases, zero ones are exact.
@@ -47,8 +47,8 @@ class TransformerConfig:
     qk_norm: str | None = None  # RMSNorm of queries and keys before RoPE: "head" (each head: Qwen3), "full" (OLMo2)
     norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo2)
     # RoPE frequency scaling for contexts longer than training's (Hugging Face's rope_scaling).
-    rope_type: str = "default"  # "default", "linear", "llama3" or "yarn"
-    rope_factor: float = 1.0  # context scaling factor of linear, llama3 and yarn (unused with "default")
+    rope_type: str = "default"  # "default", "linear", "dynamic" (NTK: as default up to max_seq_len), "llama3" or "yarn"
+    rope_factor: float = 1.0  # context scaling factor of linear, dynamic, llama3 and yarn (unused with "default")
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths over original context / this are divided by rope_factor
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original context / this are kept
     rope_original_max_seq_len: int | None = None  # llama3 and yarn: the context before scaling

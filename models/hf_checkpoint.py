@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folders: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
 
-The families raylm loads are Llama (with llama3 / linear / yarn RoPE scaling), Mistral, Qwen2
+The families raylm loads are Llama (with llama3 / linear / yarn / dynamic RoPE scaling), Mistral, Qwen2
 (q/k/v biases), Qwen3 (per-head q/k norms, explicit head_dim), OLMo2 (post-norm blocks, q/k norms
 over the whole projection), and the MoE families Mixtral, Qwen2-MoE and Qwen3-MoE: one plain model
 whose knobs (models/config.py) cover their differences, plus the name adapter below. A config field
@@ -78,6 +78,7 @@ _FAMILY_KEYS = {
 _ROPE_KEYS = {
     "default": set(),
     "linear": {"factor"},
+    "dynamic": {"factor"},  # NTK: a larger base only past max_position_embeddings, where raylm does not run
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
     "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate"},
 }
@@ -101,7 +102,7 @@ def _rope_parameters(cfg: TransformerConfig) -> dict:
     """TransformerConfig's RoPE knobs -> Hugging Face's rope parameters (rope_type, factor, ...)."""
     out = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
     original = cfg.rope_original_max_seq_len or cfg.max_seq_len
-    if cfg.rope_type in ("linear", "llama3", "yarn"):
+    if cfg.rope_type in ("linear", "dynamic", "llama3", "yarn"):
         out["factor"] = cfg.rope_factor
     if cfg.rope_type == "llama3":
         out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,

@@ -30,6 +30,8 @@ def rope_inv_freq(cfg: TransformerConfig) -> tuple[torch.Tensor, float]:
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     factor, attention_factor = cfg.rope_factor, 1.0
+    # "dynamic" (NTK) raises the base only for calls longer than max_seq_len (transformers' original
+    # context, max_position_embeddings), which raylm never runs: up to it, the frequencies are these.
     if cfg.rope_type == "linear":  # positions divided by factor
         inv_freq = inv_freq / factor
     elif cfg.rope_type == "llama3":
@@ -239,6 +241,9 @@ class Transformer(nn.Module):
 
     def rope_for(self, positions: torch.Tensor | None, seq: int, offset: int, dtype) -> tuple:
         if positions is None:
+            if offset + seq > self.rope_cos.shape[0]:
+                raise ValueError(f"{offset + seq} positions: longer than the model's max_seq_len "
+                                 f"({self.config.max_seq_len}, config.json's max_position_embeddings)")
             cos, sin = self.rope_cos[offset : offset + seq], self.rope_sin[offset : offset + seq]
         else:  # per-sequence positions [B, T] (packing, left padding)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]

@@ -33,6 +33,8 @@ FAMILIES = [
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}), "llama"),
     ("llama-linear", "LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}),
      "llama"),
+    ("llama-dynamic", "LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
+     "llama"),
     ("mistral", "MistralConfig", dict(sliding_window=None, head_dim=24), "mistral"),
     ("qwen2", "Qwen2Config", dict(tie_word_embeddings=True), "qwen2"),
     ("qwen3", "Qwen3Config", dict(head_dim=24, tie_word_embeddings=True), "qwen3"),
@@ -161,9 +163,30 @@ def test_llama3_rope_scaling_matters_at_these_positions(tmp_path):
     assert diff > 0.05 * expected.abs().max().item(), diff  # 500x the tolerance the tests above hold
 
 
+def test_dynamic_rope_is_exact_up_to_max_position_embeddings_and_longer_inputs_are_refused(tmp_path):
+    """Dynamic NTK scaling raises RoPE's base only for a call longer than max_position_embeddings
+    (transformers: from the longest position of that call, and kept for later calls until one is
+    short again; vLLM: never, without max_trained_positions). raylm runs a checkpoint up to
+    max_position_embeddings, where the frequencies are the unscaled ones: its logits equal
+    transformers' at every position up to the last, and a longer input is refused by name."""
+    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "llama-dynamic")
+    reference = write_hf_checkpoint(tmp_path, config_class, overrides)
+    model = load_checkpoint(tmp_path).eval()
+    assert (model.config.rope_type, model.config.rope_factor, model.config.max_seq_len) == ("dynamic", 4.0, 256)
+    tokens = tokens_for(seed=8, batch=1, seq=256)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        assert (model(tokens) - expected).abs().max().item() < 1e-4 * max(expected.abs().max().item(), 1.0)
+        # Past it transformers' scaling starts: the last positions' logits move once the call is longer.
+        longer = torch.cat([tokens, tokens_for(seed=9, batch=1, seq=64)], dim=1)
+        assert (reference(longer).logits[:, :256] - expected).abs().max().item() > 1e-2
+        with pytest.raises(ValueError, match="320 positions: longer than the model's max_seq_len [(]256"):
+            model(longer)
+
+
 # (family, a config.json change raylm must refuse, the key its error names)
 REFUSALS = [
-    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "rope_parameters.rope_type"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "alpha": 2.0}}, "rope_parameters.alpha"),
     ("llama", {"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "mscale": 0.7,
                                    "original_max_position_embeddings": 32}}, "rope_parameters.mscale"),
