@@ -21,10 +21,10 @@ from test_hf_families import COMMON, write_hf_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-# Qwen2.5-Instruct's shape of special tokens: <|im_end|> ends a turn and is the config's EOS,
-# <|endoftext|> pads. vLLM's CPU attention takes head sizes 32, 64, 80, ...: hidden 128 over 4 heads.
+# Qwen2.5-Instruct's shape of special tokens: <|im_end|> ends a turn and is the tokenizer's EOS; the
+# config's end ids are it and <|endoftext|>, which also pads. vLLM's CPU attention takes head sizes 32, 64, 80, ...: hidden 128 over 4 heads.
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN2 = dict(hidden_size=128, vocab_size=512, initializer_range=0.3, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+QWEN2 = dict(hidden_size=128, vocab_size=512, initializer_range=0.3, bos_token_id=0, eos_token_id=[2, 0], pad_token_id=0,
              tie_word_embeddings=True,
              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                               "original_max_position_embeddings": 64})
@@ -92,7 +92,7 @@ def test_grpo_with_vllm_rollouts_on_a_brought_in_qwen2_keeps_its_family(tmp_path
     rope = lambda c: c.get("rope_parameters") or c.get("rope_scaling")  # noqa: E731
     # the same yarn parameters, with the defaults transformers applies to those the source left out
     assert rope(written) == {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, **rope(source)}
-    assert written["eos_token_id"] == 2 and written["tie_word_embeddings"] is True
+    assert written["eos_token_id"] == [2, 0] and written["tie_word_embeddings"] is True
     tuned, before = read_safetensors(export), read_safetensors(start)
     bias = "model.layers.1.self_attn.q_proj.bias"
     assert tuned[bias].abs().sum() > 0 and not torch.equal(tuned[bias], before[bias])  # kept, and trained
