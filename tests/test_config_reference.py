@@ -52,7 +52,7 @@ def test_lifecycle_config_shows_each_stage_resolved(capsys):
     assert len(docs) == 1 + len(yaml.safe_load(laptop.read_text())["stages"])
     pretrain = yaml.safe_load(docs[2])
     out = laptop.parents[1] / "out" / "laptop"  # the file's output_dir, relative to its folder
-    assert pretrain["output_dir"] == str(out / "pretrain") and pretrain["train"]["steps"] == 200
+    assert pretrain["output_dir"] == str(out / "pretrain") and pretrain["train"]["steps"] == 500
     assert pretrain["data_dir"] == str(out / "data")  # lineage: what the data stage wrote
 
 
