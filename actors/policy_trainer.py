@@ -41,8 +41,11 @@ def minibatch_rows(n: int, minibatches: int, generator: torch.Generator) -> list
 def trim(batch: dict, rows: torch.Tensor) -> dict:
     """The rows of a batch, cut to the longest real sequence and response among them."""
     out = {k: v[rows] for k, v in batch.items()}
-    width = int(out["response_mask"].sum(-1).max().clamp(min=1))
-    seq_len = int((out["prompt_lens"] + out["response_mask"].sum(-1)).max())
+    # Up to each row's last real token (a tool episode's mask has holes: the tool tokens).
+    mask = out["response_mask"]
+    ends = ((mask > 0) * torch.arange(1, mask.shape[1] + 1)).amax(-1)
+    width = int(ends.max().clamp(min=1))
+    seq_len = int((out["prompt_lens"] + ends).max())
     for key, value in out.items():
         if key == "tokens":
             out[key] = value[:, :max(seq_len, 2)]

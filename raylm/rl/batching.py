@@ -17,15 +17,16 @@ def split_evenly(items: list, n: int) -> list[list]:
     return out
 
 
-def make_batch(prompts: list[list[int]], responses: list[list[int]]) -> dict:
-    """Right-padded ``tokens`` [B, T] (prompt then response), ``prompt_lens`` [B], ``response_mask`` [B, R]."""
+def make_batch(prompts: list[list[int]], responses: list[list[int]], masks: list[list[int]] | None = None) -> dict:
+    """Right-padded ``tokens`` [B, T] (prompt then response), ``prompt_lens`` [B], ``response_mask`` [B, R]:
+    1 on the response's tokens, or where given, on those ``masks`` marks (the model's, in a tool episode)."""
     width = max(1, max(len(r) for r in responses))
     seq_len = max(len(p) + len(r) for p, r in zip(prompts, responses))
     tokens = torch.zeros(len(prompts), max(seq_len, 2), dtype=torch.long)
     mask = torch.zeros(len(prompts), width)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, :len(r)] = 1
+        mask[i, :len(r)] = torch.tensor(masks[i], dtype=mask.dtype) if masks is not None else 1
     return {"tokens": tokens, "prompt_lens": torch.tensor([len(p) for p in prompts]), "response_mask": mask}
 
 
