@@ -123,7 +123,9 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
             stage_run.log_metrics(metrics, step=step)
             progress.update(step, reward=metrics["reward/mean"], truth=metrics["ground_truth/mean"] or 0.0,
                             kl=metrics["kl/mean"], pg=metrics["policy/loss"], clip=metrics["policy/clip_fraction"],
-                            sync_s=metrics["time/weight_sync_s"])
+                            sync_s=metrics["time/weight_sync_s"],
+                            **({"turns": metrics["tools/turns_mean"], "tool_calls": metrics["tools/calls"],
+                                "tool_tokens": metrics["tools/tool_tokens"]} if config.rollout.tools else {}))
             if config.checkpoint.every and (step % config.checkpoint.every == 0 or step == config.ppo.steps):
                 newest = save_checkpoint(config, pools.policy, pools.critic, state, rollouts.sampler_state(step + 1),
                                          step, {"before": before, "before_held_out": before_held_out,
@@ -167,7 +169,8 @@ def train(config: Config, stage_run: StageRun, pools: Pools, task: Task) -> dict
         "max_kl": float(max(m["kl/mean"] for m in history)),
         "held_out_rule_gain": paired_gain(before_held_out, after_held_out),
         "history": [{k: m.get(k) for k in ("reward/mean", "ground_truth/mean", "kl/mean", "policy/loss",
-                                           "policy/clip_fraction", "reward/rule_mean")} for m in history],
+                                           "policy/clip_fraction", "reward/rule_mean")
+                     + (TOOL_KEYS if config.rollout.tools else ())} for m in history],
         "step_s": [m.get("time/step_s") for m in history],
     }
     stage_run.log_metrics({"wall_s": wall, "faults/trainer_restarts": len(restarts)})
@@ -209,9 +212,10 @@ def restore(config: Config, stage_run: StageRun, pools: Pools, task: Task,
 
 
 # What the summary keeps of each step (and a checkpoint, for a resumed run's summary).
-HISTORY_KEYS = ("reward/mean", "ground_truth/mean", "kl/mean", "policy/loss", "policy/clip_fraction",
-                "rollout/logprob_diff_vs_trainer", "time/weight_sync_s", "time/step_s", "reward/rule_mean",
-                "rollout/staleness_max")
+TOOL_KEYS = ("tools/turns_mean", "tools/calls", "tools/tool_tokens", "tools/model_tokens")  # rollout.tools
+HISTORY_KEYS = TOOL_KEYS + ("reward/mean", "ground_truth/mean", "kl/mean", "policy/loss", "policy/clip_fraction",
+                             "rollout/logprob_diff_vs_trainer", "time/weight_sync_s", "time/step_s",
+                             "reward/rule_mean", "rollout/staleness_max")
 
 
 def ppo_step(config: Config, pools: Pools, task: Task, rollouts: RolloutQueue, state: RunState, step: int) -> dict:
@@ -237,7 +241,7 @@ def ppo_step(config: Config, pools: Pools, task: Task, rollouts: RolloutQueue, s
     got = rollouts.next(step, state.version)
     times["time/rollout_s"] = time.perf_counter() - t
     owners, prompts, responses, scores = got.owners, got.prompts, got.responses, got.scores.total
-    batch = make_batch(prompts, responses)
+    batch = make_batch(prompts, responses, got.masks)  # with rollout.tools: 1 on model tokens only
     mask = batch["response_mask"]
     engine_logprobs = pad_rows(got.engine_logprobs, mask.shape[1])
     truth = [x for x in (task.ground_truth(o, r) for o, r in zip(owners, responses)) if x is not None]
@@ -320,6 +324,11 @@ def ppo_step(config: Config, pools: Pools, task: Task, rollouts: RolloutQueue, s
         "rollout/staleness_mean": lag.mean().item(), "rollout/staleness_max": lag.max().item(),
         "time/step_s": time.perf_counter() - started,
     })
+    if got.turns is not None:
+        tool_tokens = sum(len(r) for r in responses) - int(mask.sum())
+        metrics.update({"tools/turns_mean": float(np.mean(got.turns)), "tools/calls_mean": float(np.mean(got.tool_calls)),
+                        "tools/calls": int(sum(got.tool_calls)), "tools/tool_tokens": tool_tokens,
+                        "tools/model_tokens": int(mask.sum())})
     if ppo.dynamic_sampling:
         metrics.update({"dynamic_sampling/rounds": got.rounds, "dynamic_sampling/dropped_groups": got.dropped_groups})
     if values is not None:

@@ -58,6 +58,10 @@ class RolloutConfig(Section):
     # step's rollouts may come from up to this many policy versions back (0: synchronous, every rollout from the
     # current policy). Pair with ppo.tis_cap.
     max_staleness: int = Field(default=0, ge=0)
+    # Multi-turn tool rollouts: tool_use: each rollout is an episode with raylm.tasks.tool_use's tools (a tool call
+    # is run and its result appended as the chat template's tokens; only model tokens carry loss); null: one turn
+    tools: Literal["tool_use"] | None = None
+    max_turns: int = Field(default=4, ge=1)  # with rollout.tools: assistant turns per episode at most
 
 
 class RewardConfig(Section):
@@ -242,6 +246,12 @@ class Config(StageConfig):
             raise ValueError("reward: give a reward model (checkpoint), a rule, or both")
         if self.reward.rule == PER_ITEM and self.data.prompts is None:
             raise ValueError("reward.rule: per_item reads each record's 'reward' field of data.prompts (none given)")
+        if self.rollout.tools is not None and self.uses_critic:
+            raise ValueError("rollout.tools: GAE (ppo.advantage: gae) over responses with tool tokens is not supported; "
+                             "use a group advantage (grpo, rloo)")
+        if self.rollout.tools is not None and self.reward.rule is None:
+            raise ValueError("rollout.tools: the reward is the episode's transcript score: set reward.rule (tool_use, "
+                             "or per_item)")
         if self.data.held_out is not None and self.data.prompts is None:
             raise ValueError("data.held_out: goes with data.prompts (the built-in task has its own held-out split)")
         return self

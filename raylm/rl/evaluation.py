@@ -15,7 +15,7 @@ from raylm.rl.batching import make_batch, pad_rows
 from raylm.rl.config import Config
 from raylm.rl.pools import Pools
 from raylm.rl.prompts import Task, rollout_seeds
-from raylm.rl.rewards import score_rollouts
+from raylm.rl.rollouts import collect_rollouts
 from raylm.tracking import StageRun
 
 
@@ -47,12 +47,13 @@ def evaluate(config: Config, pools: Pools, task: Task, items: list[dict], sample
         return {}
     prompts = [item["ids"] for item in items for _ in range(samples)]
     owners = [item for item in items for _ in range(samples)]
-    rollouts = pools.generate(prompts, task.stop_ids, temperature, seeds=rollout_seeds(seed, 0, len(prompts)))
-    responses = [r["tokens"] for r in rollouts]
-    scores = score_rollouts(config, pools, task, owners, prompts, responses)
-    batch = make_batch(prompts, responses)
+    seeds = rollout_seeds(seed, 0, len(prompts))
+    got = collect_rollouts(config, pools, task, owners, prompts,
+                           pools.submit_rollouts(prompts, task.stop_ids, temperature, seeds), seeds, temperature)
+    responses, scores = got.responses, got.scores
+    batch = make_batch(prompts, responses, got.masks)
     ref = pools.reference_logprobs(batch, temperature)
-    policy_lp = pad_rows([r["logprobs"] for r in rollouts], batch["response_mask"].shape[1])
+    policy_lp = pad_rows(got.engine_logprobs, batch["response_mask"].shape[1])
     kl = ((policy_lp - ref) * batch["response_mask"]).sum(-1)
     truth = [task.ground_truth(o, r) for o, r in zip(owners, responses)]
     truth = [t for t in truth if t is not None]

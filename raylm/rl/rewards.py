@@ -47,14 +47,15 @@ class Scores:
 
 
 def score_rollouts(config: Config, pools: Pools, task: Task, owners: list[dict], prompts: list[list[int]],
-                   responses: list[list[int]]) -> Scores:
-    """``owners[i]``: the prompt record rollout i answers."""
+                   responses: list[list[int]], texts: list[str] | None = None) -> Scores:
+    """``owners[i]``: the prompt record rollout i answers; ``texts``: what the rule scores instead of the
+    decoded responses (a tool episode's transcript)."""
     model = rule = failed = None
     if pools.reward is not None:
         model = pools.score([task.reward_sequence(p, r) for p, r in zip(prompts, responses)])
     if pools.rules is not None:
         records = [{k: v for k, v in o.items() if k != "ids"} for o in owners]
-        out = pools.rules.score(records, [task.text(r) for r in responses])
+        out = pools.rules.score(records, texts if texts is not None else [task.text(r) for r in responses])
         rule = torch.tensor(out["scores"], dtype=torch.float32)
         failed = torch.tensor([not ok for ok in out["ok"]])
     if model is not None and rule is not None:

@@ -35,19 +35,48 @@ class Rollouts:
     scores: Scores | None = None
     rounds: int = 1  # dynamic sampling: rollout rounds this step took
     dropped_groups: int = 0  # dynamic sampling: groups without signal left out (or used as filler)
+    # rollout.tools (raylm.rl.tool_rollouts): per response token 1 where the model generated it (None: all are),
+    # and per episode its assistant turns and tool calls
+    masks: list[list[int]] | None = None
+    turns: list[int] | None = None
+    tool_calls: list[int] | None = None
+
+    EPISODE_FIELDS = ("masks", "turns", "tool_calls")
 
     def rows(self, index: list[int]) -> "Rollouts":
-        pick = lambda xs: [xs[i] for i in index]  # noqa: E731
+        pick = lambda xs: [xs[i] for i in index] if xs is not None else None  # noqa: E731
         scores = self.scores.rows(torch.tensor(index, dtype=torch.long)) if self.scores is not None else None
         return Rollouts(pick(self.owners), pick(self.prompts), pick(self.responses), pick(self.engine_logprobs),
-                        pick(self.versions), scores, self.rounds, self.dropped_groups)
+                        pick(self.versions), scores, self.rounds, self.dropped_groups,
+                        *(pick(getattr(self, name)) for name in self.EPISODE_FIELDS))
 
     @staticmethod
     def concat(parts: list["Rollouts"]) -> "Rollouts":
-        cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        cat = lambda name: ([x for p in parts for x in getattr(p, name)]  # noqa: E731
+                            if getattr(parts[0], name) is not None else None)
         scores = Scores.concat([p.scores for p in parts]) if all(p.scores is not None for p in parts) else None
         return Rollouts(cat("owners"), cat("prompts"), cat("responses"), cat("engine_logprobs"), cat("versions"),
-                        scores)
+                        scores, 1, 0, *(cat(name) for name in Rollouts.EPISODE_FIELDS))
+
+
+def collect_rollouts(config: Config, pools: Pools, task: Task, owners: list[dict], prompts: list[list[int]], flight,
+                     seeds: list[int] | None, temperature: float) -> Rollouts:
+    """The rollouts of a submitted ``flight`` (with ``rollout.tools``: played on as episodes) and their rewards."""
+    rollouts = pools.collect_rollouts(flight)
+    if config.rollout.tools is None:
+        batch = Rollouts(owners, prompts, [r["tokens"] for r in rollouts], [r["logprobs"] for r in rollouts],
+                         [r["policy_version"] for r in rollouts])
+        batch.scores = score_rollouts(config, pools, task, owners, prompts, batch.responses)
+        return batch
+    from raylm.rl.tool_rollouts import play_episodes
+
+    episodes = play_episodes(pools, config, task, owners, prompts, rollouts, seeds, temperature)
+    batch = Rollouts(owners, prompts, [e.tokens for e in episodes], [e.logprobs for e in episodes],
+                     [e.version for e in episodes], masks=[e.mask for e in episodes],
+                     turns=[e.turns for e in episodes], tool_calls=[e.tool_calls for e in episodes])
+    batch.scores = score_rollouts(config, pools, task, owners, prompts, batch.responses,
+                                  texts=[e.transcript() for e in episodes])
+    return batch
 
 
 class RolloutQueue:
@@ -63,14 +92,11 @@ class RolloutQueue:
         prompts = [item["ids"] for item in owners]
         seeds = rollout_seeds(self.config.seed, step, len(prompts), start=round_ * 10_000)
         flight = self.pools.submit_rollouts(prompts, self.task.stop_ids, self.config.rollout.temperature, seeds)
-        return owners, prompts, flight
+        return owners, prompts, flight, seeds
 
-    def _collect(self, owners: list[dict], prompts: list[list[int]], flight) -> Rollouts:
-        rollouts = self.pools.collect_rollouts(flight)
-        batch = Rollouts(owners, prompts, [r["tokens"] for r in rollouts], [r["logprobs"] for r in rollouts],
-                         [r["policy_version"] for r in rollouts])
-        batch.scores = score_rollouts(self.config, self.pools, self.task, owners, prompts, batch.responses)
-        return batch
+    def _collect(self, owners: list[dict], prompts: list[list[int]], flight, seeds: list[int]) -> Rollouts:
+        return collect_rollouts(self.config, self.pools, self.task, owners, prompts, flight, seeds,
+                                self.config.rollout.temperature)
 
     def sampler_state(self, next_step: int) -> dict:
         """The sampler as a checkpoint must keep it: before the prompts of ``next_step`` (and of the
