@@ -82,7 +82,7 @@ def collect_rollouts(config: Config, pools: Pools, task: Task, owners: list[dict
 class RolloutQueue:
     def __init__(self, config: Config, pools: Pools, task: Task, sampler: PromptSampler):
         self.config, self.pools, self.task, self.sampler = config, pools, task, sampler
-        self.in_flight: dict[int, tuple] = {}  # step -> (owners, prompts, the engines' calls)
+        self.in_flight: dict[int, tuple] = {}  # step -> (owners, prompts, the engines' calls, seeds)
         self.sampler_before: dict[int, dict] = {}  # step -> the sampler's state before its prompts were drawn
 
     def _submit(self, step: int, n_prompts: int, round_: int = 0):
