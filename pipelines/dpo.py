@@ -1,5 +1,6 @@
 """`raylm dpo`: Direct Preference Optimisation of a Hugging Face checkpoint on preference pairs,
-against a frozen reference model, on a Ray Train worker group (``actors/train/preference_trainer.py``).
+against a frozen reference model, on a Ray Train worker group (the one training loop,
+``actors/train/train_worker.py``, on ``raylm.train.objectives.DirectPreference``).
 
 The reference's log-probs of every pair are computed once, before training, by plain Ray tasks
 (``<output_dir>/reference_logprobs.safetensors``, reused when the same run is resumed); the
@@ -94,7 +95,7 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
     reference weights, data and sequence length is reused."""
     from safetensors.torch import save_file
 
-    from raylm.actors.train.preference_trainer import reference_logprobs
+    from raylm.train.objectives import reference_logprobs
 
     reference = Path(config.reference or config.checkpoint).resolve()
     quantize = reference_quantization(config)
@@ -127,7 +128,6 @@ def reference_logprobs_file(config: Config, pairs: dict, tokenizer: str) -> Path
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
-    from raylm.actors.train.preference_trainer import preference_loop
     from raylm.data.preferences import PreferenceDataError
     from raylm.train.spec import DPOLoss, Freeze
 
@@ -143,7 +143,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
                            dpo=DPOLoss(config.loss.beta, config.loss.kind, str(reference_file.resolve())),
                            freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
                            peft=config.peft.model_copy())
-    final = launch(config, spec, loop=preference_loop)
+    final = launch(config, spec)
     summary = finish(config, stage_run, final, started, {k: final.get(k) for k in (
         "loss", "initial_val_accuracy", "val_accuracy", "initial_val_logp_margin", "val_logp_margin",
         "val_reward_accuracy", "val_reward_margin")})

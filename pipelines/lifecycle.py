@@ -226,7 +226,7 @@ def log_eval_table(parent: StageRun, config: Config) -> None:
 
 def held_out_pairs(config: Config, stage: str) -> int | None:
     """How many held-out pairs the reward / DPO stage scored: its validation file's pairs, at most
-    what its eval_batches reach (raylm.actors.train.preference_trainer.evaluate)."""
+    what its eval_batches reach (raylm.train.objectives.PreferencePairs.evaluate)."""
     from pathlib import Path
 
     _, stage_cfg = stage_config(config, stage)

@@ -1,6 +1,6 @@
 """`raylm reward`: train a reward model (the checkpoint's backbone + a scalar head) on pairwise
 preferences with the Bradley-Terry loss, on a Ray Train worker group (FSDP2, checkpoints, failure
-recovery: ``actors/train/preference_trainer.py``).
+recovery: the one training loop, ``actors/train/train_worker.py``, on ``raylm.train.objectives.BradleyTerry``).
 
 Data: JSONL pairs ``{"prompt", "chosen", "rejected"[, "margin"]}`` and rankings ``{"prompt",
 "responses": [best, ..., worst]}`` (all K(K-1)/2 pairs), or ``data.builtin: stdlib-docstrings``, a
@@ -56,7 +56,6 @@ def check(config: Config, config_path) -> None:
 
 
 def run(config: Config, stage_run: StageRun) -> dict:
-    from raylm.actors.train.preference_trainer import preference_loop
     from raylm.data.preferences import PreferenceDataError
     from raylm.train.spec import Freeze
 
@@ -69,7 +68,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
     spec = preference_spec(config, "reward", stage_run, pairs, tokenizer, objective="reward",
                            freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
                            reward_margin=config.loss.margin)
-    final = launch(config, spec, loop=preference_loop)
+    final = launch(config, spec)
     summary = finish(config, stage_run, final, started, {k: final.get(k) for k in (
         "loss", "accuracy", "margin", "initial_val_accuracy", "val_accuracy", "val_margin")})
     print(f"raylm reward: held-out pairwise accuracy {summary['initial_val_accuracy']} -> {summary['val_accuracy']}, "

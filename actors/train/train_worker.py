@@ -1,21 +1,20 @@
-"""The Ray Train worker of the training stages: one process per rank, running the training engine
-(``raylm.train.engine``: FSDP2 over gloo on CPU or NCCL on GPU, AdamW with warmup + cosine,
-clipping, bf16 autocast over fp32 master weights, DCP checkpoints, Hugging Face export).
+"""The one Ray Train worker loop of every training stage (`raylm pretrain`, `sft`, `reward`, `dpo`):
+one process per rank, running the training engine (``raylm.train.engine``: FSDP2 over gloo on CPU or
+NCCL on GPU, tensor / context / expert / pipeline parallel, AdamW with warmup + cosine, clipping,
+bf16 autocast over fp32 master weights, DCP checkpoints, Hugging Face export) on the stage's
+objective (``raylm.train.objectives``: next-token cross-entropy, Bradley-Terry, DPO / IPO).
 
-``train_loop`` is pretraining's and SFT's (next-token cross-entropy over packed sequences);
-``actors/train/preference_trainer.py`` holds the reward model's and DPO's, over pairs. What every
-worker does around its loop is here: start (``start_worker``), resume from the newest checkpoint
-(``resume``), report checkpoints to Ray Train and export the final model. The driver passes one
-typed ``raylm.train.spec.TrainingSpec`` as ``config["spec"]``.
+``train_loop`` runs the same way for every objective, top to bottom: start (``start_worker``),
+resume from the newest checkpoint (``resume``), then each step's micro-batches (gradient
+accumulation), the clipped step, held-out evaluation, logging to the console and MLflow, checkpoints
+reported to Ray Train (a replaced worker resumes from the newest one) and the final export. The
+driver passes one typed ``raylm.train.spec.TrainingSpec`` as ``config["spec"]``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import platform
 import signal
 import tempfile
 import time
@@ -25,102 +24,11 @@ import torch
 import torch.distributed as dist
 
 from raylm.distributed import checkpoint as ckpt
-from raylm.distributed.context_parallel import shard_sequence
 from raylm.distributed.parallel_dims import ParallelDims
-from raylm.models.transformer import document_causal_mask, document_positions, flops_per_token
 from raylm.tracking import Progress
 from raylm.train.engine import Engine, build_model, memory_gb
-from raylm.train.losses import IGNORE_INDEX
-from raylm.train.spec import ConversationData, TokenData, TrainingSpec
-
-# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s); other devices are measured.
-DATASHEET_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
-
-
-# ---- data ------------------------------------------------------------------------------------
-
-def build_dataset(spec: TrainingSpec, split: str, rank: int, world_size: int, training: bool):
-    data, train = spec.data, spec.train
-    if isinstance(data, TokenData):
-        from raylm.data.token_shards import PackedTokenDataset
-
-        return PackedTokenDataset(data.dir, split=split, seq_len=train.seq_len, seed=spec.seed, rank=rank,
-                                  world_size=world_size, shuffle=training, loop=training)
-    if isinstance(data, ConversationData):
-        from raylm.data.sft import PackedSFTDataset
-
-        return PackedSFTDataset(getattr(data, split), data.tokenizer, seq_len=train.seq_len, seed=spec.seed,
-                                rank=rank, world_size=world_size, shuffle=training, loop=training,
-                                system_prompt=data.system_prompt)
-    raise ValueError(f"{spec.stage}: the language-model loop reads token shards or conversations, not {type(data).__name__}")
-
-
-def model_inputs(batch: dict, device, cp: int = 1, cp_rank: int = 0) -> tuple:
-    """(tokens, labels, positions, attn_mask) of a batch, or of this rank's chunk of every sequence
-    under context parallelism."""
-    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-    doc = batch["document_ids"].to(device) if "document_ids" in batch else None
-    if cp > 1:
-        return shard_sequence(tokens, labels, doc, cp_rank, cp)
-    positions = attn_mask = None
-    if doc is not None:  # packed examples: no attention across examples, positions restart
-        positions, attn_mask = document_positions(doc), document_causal_mask(doc)
-    return tokens, labels, positions, attn_mask
-
-
-# ---- throughput ------------------------------------------------------------------------------
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} x{torch.get_num_threads()} threads"
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Peak FLOP/s of one device for MFU: the data sheet's for known GPUs, else measured once per
-    device type with a large matmul and cached in ~/.cache/raylm/peak_flops.json."""
-    name = device_name(device)
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        for key, value in DATASHEET_PEAK_BF16.items():
-            if key in name:
-                return value
-    cache = Path(os.environ.get("RAYLM_CACHE", Path.home() / ".cache" / "raylm")) / "peak_flops.json"
-    key = f"{name} {dtype}"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = measure_matmul_flops(device, dtype)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, cache)
-    return known[key]
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+from raylm.train.objectives import build_objective
+from raylm.train.spec import TrainingSpec
 
 
 # ---- what every Ray Train worker does ------------------------------------------------------------
@@ -213,19 +121,18 @@ def newest_checkpoint_folder(run_dir: str | None, world_size: int) -> Path | Non
     return None
 
 
-def resume(spec: TrainingSpec, engine: Engine, dataset, rank: int) -> int:
-    """Load the newest checkpoint into the engine and the data position, and say so. -> the step
-    to go on from (0: a fresh start)."""
+def resume(spec: TrainingSpec, engine: Engine, rank: int) -> tuple[int, dict | None]:
+    """Load the newest checkpoint into the engine (and this rank's RNG states), and say so. -> the
+    step to go on from (0: a fresh start) and this rank's data position (None: from the start)."""
     found = newest_checkpoint(spec, dist.get_world_size())
     if found is None:
-        return 0
+        return 0, None
     with found as folder:
         trainer_state, rank_state = engine.load(folder, rank)
-        dataset.load_state_dict(rank_state["data"])
     step = trainer_state["step"]
     if rank == 0:
         print(f"[{spec.stage}] resumed from step {step} (checkpoint {folder})", flush=True)
-    return step
+    return step, rank_state["data"]
 
 
 def report_checkpoint(step: int, rank: int, engine: Engine, dataset, metrics: dict) -> None:
@@ -249,162 +156,77 @@ def export_final_model(spec: TrainingSpec, engine: Engine, rank: int) -> None:
         print(f"[{spec.stage}] wrote the final model to {written}", flush=True)
 
 
-# ---- language modelling: pretraining and SFT ------------------------------------------------------
-
-def evaluate(engine: Engine, spec: TrainingSpec, dp_rank: int) -> float:
-    """Mean token loss over the first ``eval_batches`` batches of every rank's validation slice."""
-    dims, device = engine.dims, engine.device
-    dataset = build_dataset(spec, "validation", dp_rank, dims.dp_size, training=False)
-    # Pipeline stages exchange activations of one fixed micro-batch shape: no short last batch.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=spec.train.batch_size, drop_last=engine.pipeline is not None)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    engine.model.eval()
-    with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if i == spec.train.eval_batches:
-                break
-            tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(dist.get_rank()))
-            n_labels = (labels != IGNORE_INDEX).sum().double()
-            if engine.pipeline is not None:  # only the last stage has losses: it alone counts the tokens
-                losses = engine.pipeline_lm(tokens, labels, positions, attn_mask, scale=1.0, train=False)
-                if not losses:
-                    continue
-                loss = sum(losses)
-            else:
-                loss = engine.lm_loss_sum(tokens, labels, positions, attn_mask)
-            totals += torch.stack([loss.double(), n_labels])
-    engine.model.train()
-    dist.all_reduce(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-MOE_COLUMNS = ("aux_loss", "load_balance_loss", "z_loss", "forwards")  # after the per-expert token counts
-
-
-def tally_moe(model, tally: torch.Tensor) -> None:
-    """Add the last forward's MoE statistics to ``tally`` [n_layers, n_experts + 4], a row per block
-    by its index in the whole model (a pipeline stage holds only some blocks)."""
-    n_experts = tally.shape[1] - len(MOE_COLUMNS)
-    for name, block in model.layers.items():  # (blocks may be wrapped for checkpointing or compile)
-        moe = next((m for m in block.modules() if hasattr(m, "tokens_per_expert")), None)
-        if moe is not None:
-            row = tally[int(name)]
-            row[:n_experts] += moe.tokens_per_expert.to(row)
-            # detached tensors, not float(): no host-device sync per layer and micro-batch
-            losses = (moe.aux_loss, moe.load_balance_loss, moe.z_loss, torch.ones(()))
-            row[n_experts:] += torch.stack([torch.as_tensor(v).detach().to(row) for v in losses])
-
-
-def moe_metrics(tally: torch.Tensor) -> dict:
-    """From every rank's summed tally: each loss's mean per forward (aux summed over layers, the
-    others averaged), and each layer's share of tokens per expert."""
-    n_experts = tally.shape[1] - len(MOE_COLUMNS)
-    rows = [(i, row) for i, row in enumerate(tally) if row[-1] > 0]
-    if not rows:
-        return {}
-    per_forward = {i: row[n_experts:-1] / row[-1] for i, row in rows}
-    out = {"moe/aux_loss": sum(float(v[0]) for v in per_forward.values()),
-           "moe/load_balance_loss": sum(float(v[1]) for v in per_forward.values()) / len(rows),
-           "moe/z_loss": sum(float(v[2]) for v in per_forward.values()) / len(rows)}
-    for i, row in rows:
-        counts = row[:n_experts]
-        for e, fraction in enumerate((counts / counts.sum().clamp(min=1)).tolist()):
-            out[f"moe/layer{i}/expert{e}_fraction"] = fraction
-    return out
-
+# ---- the loop ----------------------------------------------------------------------------------------
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker of `raylm pretrain` / `raylm sft`: ``config["spec"]`` is the stage's
-    ``TrainingSpec``."""
+    """One Ray Train worker of a training stage: ``config["spec"]`` is the stage's ``TrainingSpec``;
+    its ``objective`` (lm, reward, dpo) picks what the loop optimises."""
     import ray.train
 
     spec: TrainingSpec = config["spec"]
     rank, device, dims, engine = start_worker(spec)
     train = spec.train
-    model, cfg = engine.model, engine.config
-    dataset = build_dataset(spec, "train", dims.dp_rank(rank), dims.dp_size, training=True)
-    step = resume(spec, engine, dataset, rank)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=train.batch_size))
+    step, data_state = resume(spec, engine, rank)
+    first_step = step
+    objective = build_objective(spec, engine, rank)
+    if data_state is not None:
+        objective.train_data.load_state_dict(data_state)
 
-    flops_token = flops_per_token(cfg, train.seq_len)
-    peak = peak_flops(device, engine.autocast_dtype or torch.float32)
     stage_run = spec.stage_run if rank == 0 else None
-    progress = Progress(train.steps, spec.stage, every=train.log_every)
     if stage_run is not None:
         stage_run.log_params({"trainable_params": engine.n_trainable})
+    initial: dict = {}
+    if step == 0 and train.eval_every and objective.evaluates_first:
+        initial = objective.evaluate()
+        if rank == 0:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in initial.items())
+            print(f"[{spec.stage}] before training: {shown}", flush=True)
+            if stage_run is not None:
+                stage_run.log_metrics(initial, step=0)
+    progress = Progress(train.steps, spec.stage, every=train.log_every)
     accum = train.grad_accum
-    moe_tally = None
-    if cfg.is_moe:  # every training forward's expert loads and auxiliary losses, summed over the step
-        moe_tally = torch.zeros(cfg.n_layers, cfg.n_experts + len(MOE_COLUMNS), dtype=torch.float64, device=device)
-        model.register_forward_hook(lambda module, args, output: tally_moe(module, moe_tally) if module.training else None)
     metrics: dict = {}
-    timed_tokens, timed_seconds, first_step = 0, 0.0, step  # throughput after 2 warm-up steps
     while step < train.steps:
         inject_fault(spec, step + 1, rank)
         start = time.perf_counter()
-        batches = [next(loader) for _ in range(accum)]
-        # The step's loss is the mean over every unmasked token of every rank's micro-batches.
-        n_tokens = torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches)), device=device)
-        dist.all_reduce(n_tokens)
-        n_tokens /= dims.tp * dims.cp * dims.pp  # tensor-, context- and pipeline-parallel peers hold the same batch
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        if moe_tally is not None:
-            moe_tally.zero_()
+        batches = objective.batches(accum)
+        count = objective.count(batches)  # the step's loss is the mean over these, every rank's together
+        sums = torch.zeros(len(objective.logged), dtype=torch.float64, device=device)
         for i, batch in enumerate(batches):
-            tokens, labels, positions, attn_mask = model_inputs(batch, device, dims.cp, dims.cp_rank(rank))
             if engine.pipeline is not None:  # the schedule runs forward and backward over its micro-batches
-                scale = dims.grad_average_size / n_tokens.clamp(min=1).item()
-                losses = engine.pipeline_lm(tokens, labels, positions, attn_mask, scale=scale)
-                loss_sum += sum(loss.detach().double() for loss in losses) / scale if losses else 0.0
+                sums += objective.pipeline(batch, scale=dims.grad_average_size / float(count))
                 continue
             engine.sync_gradients(i == accum - 1)
-            ce = engine.lm_loss_sum(tokens, labels, positions, attn_mask)
+            loss_sum, logged = objective.loss(batch)
             # FSDP2 averages gradients over the dp (and cp) ranks; scaling by their number turns that
             # into the global mean.
-            loss = ce * dims.grad_average_size / n_tokens.clamp(min=1)
-            if cfg.is_moe:
-                loss = loss + model.moe_aux_loss() / accum
+            loss = loss_sum * dims.grad_average_size / count
+            if engine.config.is_moe:
+                loss = loss + engine.model.moe_aux_loss() / accum
             loss.backward()
-            loss_sum += ce.detach().double()
+            sums += logged
         grad_norm, lr = engine.step()
         step += 1
-        dist.all_reduce(loss_sum)
-        loss_sum /= dims.tp
-        if moe_tally is not None:
-            dist.all_reduce(moe_tally)
+        dist.all_reduce(sums)
+        sums /= dims.tp  # tensor-parallel peers hold the same batch
         step_time = time.perf_counter() - start
-        step_tokens = sum(b["tokens"].numel() for b in batches) * dims.dp_size
-        tokens_per_s = step_tokens / step_time
-        if step > first_step + 2:
-            timed_tokens, timed_seconds = timed_tokens + step_tokens, timed_seconds + step_time
-        metrics = {
-            "loss": (loss_sum / n_tokens.clamp(min=1)).item(),
-            "grad_norm": grad_norm.item(),
-            "lr": lr,
-            "tokens_per_s": tokens_per_s,
-            "mfu": flops_token * tokens_per_s / dims.world_size / peak,
-            "memory_gb": memory_gb(device),
-            "step_time_s": step_time,
-            "trainable_params": engine.n_trainable,
-            "optimizer_state_mb": engine.optimizer_state_mb(),
-        }
-        if moe_tally is not None:
-            metrics.update(moe_metrics(moe_tally))
-        if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
-            metrics["val_loss"] = evaluate(engine, spec, dims.dp_rank(rank))
+        metrics = {name: (sums[i] / count).item() for i, name in enumerate(objective.logged)}
+        metrics.update(grad_norm=grad_norm.item(), lr=lr,
+                       **objective.step_metrics(batches, step_time, timed=step > first_step + 2),
+                       step_time_s=step_time, memory_gb=memory_gb(device), trainable_params=engine.n_trainable,
+                       optimizer_state_mb=engine.optimizer_state_mb())
+        evaluated = train.eval_every and (step % train.eval_every == 0 or step == train.steps)
+        if evaluated:
+            metrics.update(objective.evaluate())
         if rank == 0:
-            progress.update(step, tokens=step_tokens, loss=metrics["loss"], gnorm=metrics["grad_norm"], lr=lr,
-                            mfu=metrics["mfu"], **({"val": metrics["val_loss"]} if "val_loss" in metrics else {}))
-            if stage_run is not None and (step % train.log_every == 0 or "val_loss" in metrics or step == train.steps):
+            progress.update(step, **objective.console(metrics))
+            if stage_run is not None and (step % train.log_every == 0 or evaluated or step == train.steps):
                 stage_run.log_metrics(metrics, step=step)
         if step == train.steps:  # in the last checkpoint's metrics, which the driver gets
-            metrics["resumed_from_step"] = first_step or None
-        if step == train.steps and timed_seconds:
-            metrics["mean_tokens_per_s"] = timed_tokens / timed_seconds
-            metrics["mean_mfu"] = flops_token * metrics["mean_tokens_per_s"] / dims.world_size / peak
-            metrics["peak_flops_per_device"] = peak
+            metrics.update({f"initial_{k}": v for k, v in initial.items()}, resumed_from_step=first_step or None,
+                           **objective.final_metrics())
         if step % train.checkpoint_every == 0 or step == train.steps:
-            report_checkpoint(step, rank, engine, dataset, metrics)
+            report_checkpoint(step, rank, engine, objective.train_data, metrics)
 
     export_final_model(spec, engine, rank)
     ray.train.report({**metrics, "step": step, "done": 1})

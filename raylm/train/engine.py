@@ -1,21 +1,25 @@
 """The one training engine: what every rank does whatever it trains, for the Ray Train stages
-(pretraining, SFT, reward model, DPO: ``actors/train/train_worker.py``) and for RLHF's policy and critic
-trainer groups (``actors/trainer_group.py``) alike.
+(pretraining, SFT, reward model, DPO: the one loop of ``actors/train/train_worker.py``) and for RLHF's
+policy and critic trainer groups (``actors/trainer_group.py``) alike.
 
 ``build_model`` makes the model: a fresh seeded one or a Hugging Face checkpoint, with or without
 a scalar head, frozen by depth, with PEFT applied from outside. ``Engine`` then owns it on one
 rank: parallelism (pipeline stage, tensor / context / expert parallel, FSDP2), AdamW and the
 warmup-cosine schedule, one optimizer step (gradient clipping across tp / pp / ep, bf16 autocast
 over fp32 master weights), sharded DCP checkpoints and resume, and the final export to Hugging
-Face and PEFT formats. The objectives are loss functions in ``raylm.train.losses``; the loops
-around this engine only feed batches and log.
+Face and PEFT formats. The objectives are loss functions in ``raylm.train.losses``, fed their
+batches by ``raylm.train.objectives`` (Ray Train stages) or the PPO trainers' ``update`` (RLHF).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import platform
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -291,3 +295,60 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s); other devices are measured.
+DATASHEET_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{torch.get_num_threads()} threads"
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Peak FLOP/s of one device for MFU: the data sheet's for known GPUs, else measured once per
+    device type with a large matmul and cached in ~/.cache/raylm/peak_flops.json."""
+    name = device_name(device)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        for key, value in DATASHEET_PEAK_BF16.items():
+            if key in name:
+                return value
+    cache = Path(os.environ.get("RAYLM_CACHE", Path.home() / ".cache" / "raylm")) / "peak_flops.json"
+    key = f"{name} {dtype}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = measure_matmul_flops(device, dtype)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+    return known[key]
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

@@ -3,7 +3,8 @@
 method before any Ray work; build the ``TrainingSpec`` every rank gets; run the group to the end
 through failures (``launch``); and sum up its result (``finish``).
 
-The group runs ``raylm.actors.train.train_worker.train_loop`` unless the stage brings its own loop.
+Every stage's group runs the one loop, ``raylm.actors.train.train_worker.train_loop``, on the
+objective its ``TrainingSpec`` names (``raylm.train.objectives``).
 Checkpoints are sharded (DCP) and reported to Ray Train under ``<output_dir>/ray_train/<stage>``; a
 worker that dies is replaced and the group resumes from the latest one (``train.max_failures``), and
 running the same config again resumes there too. The final model goes to ``<output_dir>/hf``.
@@ -166,11 +167,10 @@ def training_spec(config, stage: str, stage_run: StageRun, **fields) -> Training
                         export_dir=str((config.output_path / "hf").resolve()), **fields)
 
 
-def launch(config, spec: TrainingSpec, loop=None) -> dict:
-    """Run the worker group to the end (through failures, up to ``max_failures``) on the Ray the
-    stage runs on (``raylm.stages.run_stage`` starts it); returns the final metrics rank 0 reported.
-    ``loop``: the worker loop (default: ``train_worker.train_loop``; the preference stages bring
-    their own); it gets ``{"spec": spec}``."""
+def launch(config, spec: TrainingSpec) -> dict:
+    """Run the worker group (``train_worker.train_loop`` on ``{"spec": spec}``) to the end, through
+    failures (up to ``max_failures``), on the Ray the stage runs on (``raylm.stages.run_stage``
+    starts it); returns the final metrics rank 0 reported."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -181,7 +181,7 @@ def launch(config, spec: TrainingSpec, loop=None) -> dict:
     spec.run_dir = str(storage / name)
     parallel = config.parallel
     trainer = TorchTrainer(
-        loop or train_loop,
+        train_loop,
         train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if parallel.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -1,6 +1,7 @@
 """What the two preference stages share (`raylm reward`, `raylm dpo`): the data and loop config
 sections, the checks before any Ray work, reading the pairs (or building the built-in task) and the
-``TrainingSpec`` over them. Both run ``actors/train/preference_trainer.py``'s loop."""
+``TrainingSpec`` over them. Both run the one training loop (``actors/train/train_worker.py``) on
+their objective of ``raylm.train.objectives``."""
 
 from __future__ import annotations
 
