@@ -997,9 +997,6 @@ def interval(report: dict, key: str) -> str:
 def run(config: Config, stage_run: StageRun) -> dict:
     import ray
 
-    from raylm.ray_init import init_ray
-
-    init_ray(config.ray, WORKER_MODULES)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tasks = [(ref, load_task(ref.path, ref.limit)) for ref in config.tasks]
     fairness_tasks, fairness = prepare_fairness(config) if config.fairness is not None else ([], None)

@@ -102,13 +102,12 @@ def stop_at_end_of_turn(config: Config) -> Path:
 
 
 def start_server(config: Config):
-    """The server actor, once /health answers: (actor, url, model names, seconds to start)."""
+    """The server actor, once /health answers, on the Ray already up (``raylm.stages.run_stage``
+    starts it): (actor, url, model names, seconds to start)."""
     import ray
 
     from raylm.actors.openai_server import OpenAIServer
-    from raylm.ray_init import init_ray
 
-    init_ray(config.ray)
     rank = max((lora_rank(Path(p)) for p in config.lora.values()), default=None)
     server = OpenAIServer.options(num_cpus=1).remote(
         str(Path(config.checkpoint).resolve()), host=config.host, port=config.port, model_name=served_name(config),

@@ -454,19 +454,18 @@ MODES = {"instructions": make_instructions, "preferences": make_preferences, "re
 
 def run(config: Config, stage_run: StageRun, engines: list | None = None) -> dict:
     """``engines``: running engine actors to use (their checkpoint must be ``engine.checkpoint``);
-    None: start ``engine.engines`` of them for this run and stop them after."""
+    None: start ``engine.engines`` of them for this run and stop them after. Ray is already up
+    (``raylm.stages.run_stage`` starts it)."""
     import ray
 
     from raylm.data.jsonl import write_jsonl
     from raylm.data.synthetic import SyntheticDataError, checkpoint_fingerprint, split_records
-    from raylm.ray_init import init_ray
 
     started = time.perf_counter()
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
     for name in ("train.jsonl", "validation.jsonl", "documents.jsonl", "rejected.jsonl", "stats.json"):
         (out / name).unlink(missing_ok=True)  # an earlier run's outputs are never mistaken for this one's
-    init_ray(config.ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     own = engines is None
