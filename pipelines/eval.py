@@ -31,6 +31,7 @@ from typing import Literal
 from pydantic import Field
 
 from raylm.config import ConfigError, InputPath, Section, StageConfig
+from raylm.data.jsonl import records, write_jsonl
 from raylm.eval.judge import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
 from raylm.eval.metrics import (
     contaminated,
@@ -298,20 +299,15 @@ def check_pair_section(config: Config, key: str, config_path) -> None:
     read_prompts(section, key)  # a missing file or field fails now, naming file and line
 
 
-def read_prompts(section: PairConfig, key: str = "") -> list[dict]:
-    """The prompt lines of a pairwise section (the whole record: the judge reads its label field)."""
+def read_prompts(section: PairConfig | PreferenceConfig, key: str = "") -> list[dict]:
+    """The prompt lines of a pairwise section, at most ``limit`` (the whole record: the judge reads
+    its label field). A line that is not JSON or lacks the prompt field is an error naming it."""
     path = Path(section.prompts)
     if not path.is_file():
         raise ConfigError(f"{key}.prompts: {path} does not exist")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    prompts = []
+    with open(path, "rb") as f:
+        for number, record in records(f, path, error=ConfigError):
             if not isinstance(record, dict) or not isinstance(record.get(section.prompt_field), str):
                 raise ConfigError(f"{path}:{number}: field {section.prompt_field!r} missing or not text")
             label_field = getattr(section, "label_field", None)
@@ -320,10 +316,10 @@ def read_prompts(section: PairConfig, key: str = "") -> list[dict]:
                 record[label_field] = {"TIE": "tie"}.get(label, label)
                 if record[label_field] not in ("A", "B", "tie"):
                     raise ConfigError(f"{path}:{number}: field {label_field!r}: {record.get(label_field)!r} is not A, B or tie")
-            records.append(record)
-    if not records:
+            prompts.append(record)
+    if not prompts:
         raise ConfigError(f"{key}.prompts: {path} holds no prompts")
-    return records[: section.limit] if section.limit else records
+    return prompts[: section.limit] if section.limit else prompts
 
 
 def check_fairness(cfg: FairnessConfig, config_path) -> None:
@@ -661,15 +657,7 @@ def result_key(ref: TaskRef, task: Task) -> str:
 # ---- preference and decontamination -----------------------------------------------------------
 def preference_win_rate(config: Config) -> dict:
     pref = config.preference
-    prompts = []
-    with open(pref.prompts, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                record = json.loads(line)
-                if pref.prompt_field not in record:
-                    raise ConfigError(f"{pref.prompts}:{number}: field {pref.prompt_field!r} missing")
-                prompts.append(record[pref.prompt_field])
-    prompts = prompts[: pref.limit] if pref.limit else prompts
+    prompts = [record[pref.prompt_field] for record in read_prompts(pref, "preference")]
     folders = {key: config.checkpoints.get(getattr(pref, key), getattr(pref, key)) for key in ("model_a", "model_b")}
     completions = {
         key: generate_texts(folder, prompts, pref.max_new_tokens, [], config.generation, config.seed, pref.temperature,
@@ -761,10 +749,9 @@ def iter_train_texts(cfg: DecontaminationConfig):
             for batch in pq.ParquetFile(file).iter_batches(columns=[cfg.text_field]):
                 yield from batch.column(0).to_pylist()
         elif file.endswith(".jsonl"):
-            with open(file, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line).get(cfg.text_field, "")
+            with open(file, "rb") as f:
+                for _, record in records(f, file):
+                    yield record.get(cfg.text_field, "")
         else:
             yield Path(file).read_text(encoding="utf-8", errors="replace")
 
@@ -859,7 +846,6 @@ def human_export(config: Config, cache: dict) -> dict:
 
 
 def human_import(config: Config) -> dict:
-    from raylm.data.jsonl import write_jsonl
     from raylm.eval.human_eval import AnnotationError, read_choices, read_pairs, to_preferences
 
     cfg = config.human_import
@@ -1062,9 +1048,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
         summary["judge"], verdicts = judge_report(config, completions)
         j = summary["judge"]
         log_numbers(stage_run, "judge", j)
-        with open(out / "judge_verdicts.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in verdicts)
-        stage_run.log_artifact(out / "judge_verdicts.jsonl")
+        stage_run.log_artifact(write_jsonl(verdicts, out / "judge_verdicts.jsonl"))
         print(f"raylm eval: judge {j['judge']}: win rate {j['model_a']} vs {j['model_b']} {interval(j, 'win_rate')} "
               f"over {j['n']} prompts (position-swap debiased); {j['unparseable']} unparseable verdicts; first position "
               f"picked {j['first_position_rate']:.2f} of the time, consistency {j['consistency']:.2f}"

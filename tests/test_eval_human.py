@@ -84,26 +84,31 @@ def test_bad_lines_name_file_and_line(tmp_path):
     _, paths = export(tmp_path)
     key = read_pairs(paths["pairs"])
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join([
+    bad.write_bytes("\n".join([
         json.dumps({"id": "pair-00000", "choice": "left"}),
         json.dumps({"id": "pair-99999", "choice": "left"}),
         "{not json",
         json.dumps({"id": "pair-00001", "choice": "maybe"}),
         json.dumps({"id": "pair-00000", "choice": "right"}),
         json.dumps({"choice": "left"}),
-    ]) + "\n")
+    ]).encode() + b'\n{"id": "pair-00002", "choice": "\xff"}\n')
     with pytest.raises(AnnotationError) as e:
         read_choices(bad, set(key))
     message = str(e.value)
     for line, what in ((2, "unknown pair"), (3, "not valid JSON"), (4, "'maybe' is not one of"),
-                       (5, "already annotated 'left' on line 1"), (6, "'id' and 'choice'")):
+                       (5, "already annotated 'left' on line 1"), (6, "'id' and 'choice'"), (7, "not UTF-8")):
         assert f"{bad}:{line}: " in message and what in message
     assert f"{bad}:1:" not in message
+    assert [int(m.removeprefix(f"{bad}:").split(":")[0]) for m in message.splitlines()] == [2, 3, 4, 5, 6, 7]
     header = tmp_path / "header.csv"
     header.write_text("id,verdict\npair-00000,left\n")
     with pytest.raises(AnnotationError, match=f"{header}:1: the header needs columns 'id' and 'choice'"):
         read_choices(header, set(key))
     broken = tmp_path / "pairs.jsonl"
-    broken.write_text(json.dumps({"id": "x", "prompt": "p"}) + "\n")
-    with pytest.raises(AnnotationError, match=r"pairs.jsonl:1: 'left', 'right', 'left_model', 'right_model': key is missing"):
+    broken.write_bytes(b"\xef\xbb\xbf[1]\n\n{not json\n\xff\n" + json.dumps({"id": "x", "prompt": "p"}).encode() + b"\n")
+    with pytest.raises(AnnotationError) as e:
         read_pairs(broken)
+    assert str(e.value).splitlines() == [  # every bad line, in order (the byte-order mark is not one)
+        f"{broken}:1: expected a JSON object, got list", f"{broken}:3: not valid JSON (Expecting property name "
+        "enclosed in double quotes)", f"{broken}:4: not UTF-8 (byte 0xff at column 1)",
+        f"{broken}:5: 'left', 'right', 'left_model', 'right_model': key is missing"]

@@ -26,7 +26,6 @@ synthetic texts of one run (``filter_reasons``, ``duplicate_rows``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re

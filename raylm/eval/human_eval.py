@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import random
 from pathlib import Path
+
+from raylm.data.jsonl import records, write_jsonl
 
 CHOICES = {"left": "left", "a": "left", "1": "left", "right": "right", "b": "right", "2": "right",
            "tie": "tie", "both": "tie", "=": "tie", "skip": "skip", "s": "skip"}
@@ -59,9 +60,7 @@ def write_pairs(pairs: list[dict], out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"pairs": out / "pairs.jsonl", "csv": out / "annotate.csv", "html": out / "annotate.html"}
-    with open(paths["pairs"], "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair) + "\n")
+    write_jsonl(pairs, paths["pairs"])
     with open(paths["csv"], "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "prompt", "left", "right", "choice"])
@@ -82,26 +81,28 @@ def read_pairs(path: str | Path) -> dict[str, dict]:
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: no such file (the pairs.jsonl that raylm eval's human_export wrote)")
-    pairs, bad = {}, []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"{path}:{number}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(record, dict):
-                bad.append(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                continue
-            missing = [k for k in ("id", "prompt", "left", "right", "left_model", "right_model") if k not in record]
-            if missing:
-                bad.append(f"{path}:{number}: {', '.join(map(repr, missing))}: key is missing")
-                continue
-            pairs[str(record["id"])] = record
-    _raise(bad)
+    pairs, unreadable, bad = {}, [], []
+    for number, record in read_lines(path, unreadable):
+        if not isinstance(record, dict):
+            bad.append((number, f"{path}:{number}: expected a JSON object, got {type(record).__name__}"))
+            continue
+        missing = [k for k in ("id", "prompt", "left", "right", "left_model", "right_model") if k not in record]
+        if missing:
+            bad.append((number, f"{path}:{number}: {', '.join(map(repr, missing))}: key is missing"))
+            continue
+        pairs[str(record["id"])] = record
+    _raise(bad + unreadable)
     return pairs
+
+
+def read_lines(path: Path, unreadable: list[tuple[int, str]]) -> list[tuple[int, object]]:
+    """``(line, record)`` of every readable non-blank line of a JSONL file; each line that is not
+    UTF-8 or not JSON goes to ``unreadable`` as ``(line, "file:line: why")`` (``raylm.data.jsonl``)."""
+    bad: list[dict] = []
+    with open(path, "rb") as f:
+        out = list(records(f, path, bad))
+    unreadable += [(b["line"], f"{b['file']}:{b['line']}: {b['error']}") for b in bad]
+    return out
 
 
 def read_choices(path: str | Path, pair_ids: set[str]) -> list[tuple[str, str, int]]:
@@ -111,6 +112,7 @@ def read_choices(path: str | Path, pair_ids: set[str]) -> list[tuple[str, str, i
     if not path.is_file():
         raise AnnotationError(f"{path}: no such file")
     rows: list[tuple[int, dict | None, str]] = []  # (line, record, error)
+    unreadable: list[tuple[int, str]] = []  # (line, message): not UTF-8 or not JSON
     if path.suffix.lower() == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -119,34 +121,27 @@ def read_choices(path: str | Path, pair_ids: set[str]) -> list[tuple[str, str, i
             for record in reader:
                 rows.append((reader.line_num, record, ""))
     else:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    rows.append((number, None, f"not valid JSON ({e.msg})"))
-                    continue
-                if not isinstance(record, dict) or "id" not in record or "choice" not in record:
-                    rows.append((number, None, "expected an object with 'id' and 'choice'"))
-                    continue
-                rows.append((number, record, ""))
-    out, bad, seen = [], [], {}
+        for number, record in read_lines(path, unreadable):
+            if not isinstance(record, dict) or "id" not in record or "choice" not in record:
+                rows.append((number, None, "expected an object with 'id' and 'choice'"))
+                continue
+            rows.append((number, record, ""))
+    out, bad, seen = [], list(unreadable), {}
     for number, record, error in rows:
         if error:
-            bad.append(f"{path}:{number}: {error}")
+            bad.append((number, f"{path}:{number}: {error}"))
             continue
         pid, raw = str(record["id"]).strip(), str(record.get("choice") or "").strip()
         if pid not in pair_ids:
-            bad.append(f"{path}:{number}: 'id': unknown pair {pid!r} (not in pairs.jsonl)")
+            bad.append((number, f"{path}:{number}: 'id': unknown pair {pid!r} (not in pairs.jsonl)"))
             continue
         choice = CHOICES.get(raw.lower(), None) if raw else ""
         if choice is None:
-            bad.append(f"{path}:{number}: 'choice': {raw!r} is not one of left, right, tie, skip (or A, B)")
+            bad.append((number, f"{path}:{number}: 'choice': {raw!r} is not one of left, right, tie, skip (or A, B)"))
             continue
         if pid in seen and seen[pid][0] != choice:
-            bad.append(f"{path}:{number}: 'id': {pid!r} was already annotated {seen[pid][0]!r} on line {seen[pid][1]}")
+            bad.append((number, f"{path}:{number}: 'id': {pid!r} was already annotated {seen[pid][0]!r} on line "
+                                f"{seen[pid][1]}"))
             continue
         if pid not in seen:
             seen[pid] = (choice, number)
@@ -155,7 +150,9 @@ def read_choices(path: str | Path, pair_ids: set[str]) -> list[tuple[str, str, i
     return out
 
 
-def _raise(bad: list[str]) -> None:
+def _raise(bad: list[tuple[int, str]]) -> None:
+    """One error naming every bad line (the first ``MAX_REPORTED``, in line order): ``(line, message)``."""
+    bad = [message for _, message in sorted(bad, key=lambda b: b[0])]
     if bad:
         more = f"\n... and {len(bad) - MAX_REPORTED} more bad lines" if len(bad) > MAX_REPORTED else ""
         raise AnnotationError("\n".join(bad[:MAX_REPORTED]) + more)

@@ -30,7 +30,6 @@ few-shot examples are drawn with the same seeded sampler, so the same documents 
 from __future__ import annotations
 
 import ast
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import jinja2
 import yaml
 
 from raylm.config import ConfigError
+from raylm.data.jsonl import records
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood_rolling")
 MC_METRICS = ("acc", "acc_norm")
@@ -296,14 +296,8 @@ def read_jsonl(path: Path, split: str = "") -> list[Doc]:
     if not path.exists():
         raise TaskError(f"{path}: data file does not exist")
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
+    with open(path, "rb") as f:
+        for number, data in records(f, path, error=TaskError):
             if not isinstance(data, dict):
                 raise TaskError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
             docs.append(Doc(data, path, number, split))

@@ -4,12 +4,10 @@ seed per rollout."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from raylm.config import ConfigError
+from raylm.data.jsonl import records
 from raylm.rl.config import PER_ITEM, Config
 
 
@@ -76,18 +74,13 @@ class Task:
 def read_prompts(path: str, needs_reward: bool) -> list[dict]:
     """A JSONL file of prompt records; ``needs_reward``: each must carry its own ``reward`` spec."""
     items = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ConfigError(f"{path}:{number}: 'prompt': must be a string")
-        if needs_reward and "reward" not in item:
-            raise ConfigError(f"{path}:{number}: 'reward': missing (reward.rule: per_item reads each record's own)")
-        items.append(item)
+    with open(path, "rb") as f:
+        for number, item in records(f, path, error=ConfigError):
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ConfigError(f"{path}:{number}: 'prompt': must be a string")
+            if needs_reward and "reward" not in item:
+                raise ConfigError(f"{path}:{number}: 'reward': missing (reward.rule: per_item reads each record's own)")
+            items.append(item)
     return items
 
 

@@ -16,12 +16,12 @@ Every file of one call comes from the same problems, so a held-out problem is in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 
 import yaml
 
+from raylm.data.jsonl import write_jsonl
 from raylm.tasks import arithmetic, string_transform, tool_use
 from raylm.tasks.common import Problem
 from raylm.tasks.tool_use import to_basic_roles
@@ -82,14 +82,6 @@ def _represent_str(dumper, value: str):
 _Dumper.add_representer(str, _represent_str)
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
-    return str(path)
-
-
 def write_task_files(family: str, out_dir: str | Path, n_train: int = 2000, n_heldout: int = 200, seed: int = 0,
                      parts: tuple[str, ...] = PARTS) -> dict[str, str]:
     """Generate ``n_train`` train and ``n_heldout`` held-out problems of ``family`` with ``seed`` and
@@ -106,7 +98,7 @@ def write_task_files(family: str, out_dir: str | Path, n_train: int = 2000, n_he
     if "eval" in parts:
         for split, name in (("train", "train"), ("heldout", "test")):
             docs = [doc for p in splits[split] for doc in module.eval_docs(p)]
-            written[f"eval_{name}"] = _write_jsonl(out / "data" / f"{family}_{name}.jsonl", docs)
+            written[f"eval_{name}"] = str(write_jsonl(docs, out / "data" / f"{family}_{name}.jsonl"))
         yaml_path = out / f"{family}.yaml"
         header = (f"# raylm's built-in verifiable task '{family}' (raylm.tasks.{family}; written by\n"
                   f"# raylm.tasks.files.write_task_files with seed {seed}): test = held-out problems.\n"
@@ -117,11 +109,12 @@ def write_task_files(family: str, out_dir: str | Path, n_train: int = 2000, n_he
         written["eval_task"] = str(yaml_path)
     for split, problems in splits.items():
         if "sft" in parts:
-            written[f"sft_{split}"] = _write_jsonl(out / "sft" / f"{family}_{split}.jsonl", [sft_record(p) for p in problems])
+            written[f"sft_{split}"] = str(write_jsonl([sft_record(p) for p in problems],
+                                                      out / "sft" / f"{family}_{split}.jsonl"))
         if "preference" in parts:
-            written[f"preference_{split}"] = _write_jsonl(out / "preference" / f"{family}_{split}.jsonl",
-                                                          [preference_record(p) for p in problems])
+            written[f"preference_{split}"] = str(write_jsonl([preference_record(p) for p in problems],
+                                                             out / "preference" / f"{family}_{split}.jsonl"))
         if "rl" in parts:
-            written[f"rl_{split}"] = _write_jsonl(out / "rl" / f"{family}_{split}.jsonl",
-                                                  [rl_record(p, module.REWARD) for p in problems])
+            written[f"rl_{split}"] = str(write_jsonl([rl_record(p, module.REWARD) for p in problems],
+                                                     out / "rl" / f"{family}_{split}.jsonl"))
     return written
