@@ -334,19 +334,7 @@ def check_fairness(cfg: FairnessConfig, config_path) -> None:
                     raise ConfigError(f"{doc.where()}: field {getattr(cfg, key)!r} (fairness.{key}) is missing")
         if len({doc.data[cfg.group_field] for doc in task.eval_docs}) < 2:
             raise ConfigError(f"{config_path}: fairness.tasks.{i}: {ref.path} has fewer than two groups to compare")
-    from raylm.data.token_shards import read_index
-    from raylm.eval.decontamination import shard_tokenizer
-
-    if cfg.train_files and not train_files(DecontaminationConfig(train_files=cfg.train_files)):
-        raise ConfigError(f"{config_path}: fairness.train_files: no file matches {cfg.train_files}")
-    for i, folder in enumerate(cfg.shard_dirs):
-        try:
-            index = read_index(folder)
-            shard_tokenizer(folder)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{config_path}: fairness.shard_dirs.{i}: {e}") from None
-        if cfg.shard_split not in index["splits"]:
-            raise ConfigError(f"{config_path}: fairness.shard_split: {folder} has no split {cfg.shard_split!r}")
+    check_training_text(cfg, "fairness", config_path)
 
 
 def check_memorization(config: Config, config_path) -> None:
@@ -704,21 +692,27 @@ def judge_tokens(judge: Encoder, chat, prompt: str, answer: str) -> list[int]:
 
 
 def check_decontamination(cfg: DecontaminationConfig, config_path) -> None:
-    from raylm.eval.decontamination import shard_tokenizer
-    from raylm.data.token_shards import read_index
-
     if not cfg.train_files and not cfg.shard_dirs:
         raise ConfigError(f"{config_path}: decontamination: name train_files (text) or shard_dirs (token shards)")
+    check_training_text(cfg, "decontamination", config_path)
+
+
+def check_training_text(cfg: DecontaminationConfig | FairnessConfig, key: str, config_path) -> None:
+    """``{key}.train_files`` (globs: each set must match a file) and ``{key}.shard_dirs`` (token shard
+    folders with their tokenizer and ``shard_split``), as the decontamination and fairness sections name them."""
+    from raylm.data.token_shards import read_index
+    from raylm.eval.decontamination import shard_tokenizer
+
     if cfg.train_files and not train_files(cfg):
-        raise ConfigError(f"{config_path}: decontamination.train_files: no file matches {cfg.train_files}")
+        raise ConfigError(f"{config_path}: {key}.train_files: no file matches {cfg.train_files}")
     for i, folder in enumerate(cfg.shard_dirs):
         try:
             index = read_index(folder)
             shard_tokenizer(folder)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{config_path}: decontamination.shard_dirs.{i}: {e}") from None
+            raise ConfigError(f"{config_path}: {key}.shard_dirs.{i}: {e}") from None
         if cfg.shard_split not in index["splits"]:
-            raise ConfigError(f"{config_path}: decontamination.shard_split: {folder} has no split {cfg.shard_split!r}")
+            raise ConfigError(f"{config_path}: {key}.shard_split: {folder} has no split {cfg.shard_split!r}")
 
 
 def shard_hits(items: list[str], cfg: DecontaminationConfig) -> list[bool | None]:
@@ -737,7 +731,7 @@ def shard_hits(items: list[str], cfg: DecontaminationConfig) -> list[bool | None
     return hits
 
 
-def train_files(cfg: DecontaminationConfig) -> list[str]:
+def train_files(cfg: DecontaminationConfig | FairnessConfig) -> list[str]:
     return sorted({f for pattern in cfg.train_files for f in glob.glob(pattern, recursive=True)})
 
 

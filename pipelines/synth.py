@@ -263,6 +263,18 @@ class Book:
         self.counts[f"dropped_{stage}"][reason] = self.counts[f"dropped_{stage}"].get(reason, 0) + 1
         self.rejected.append({"stage": stage, "reason": reason, **record})
 
+    def chat_response(self, gen: Generator, completion: list[int] | None, **record) -> str | None:
+        """A chat completion's answer text, stripped; None (booked as dropped, with ``record``) where
+        the prompt did not fit or the answer is empty."""
+        if completion is None:
+            self.drop("parse", "prompt_too_long", **record)
+            return None
+        text = gen.text(completion, chat=True).strip()
+        if not text:
+            self.drop("parse", "empty_response", **record)
+            return None
+        return text
+
 
 def filter_and_dedup(config: Config, texts: list[str], dedup_texts: list[str], book: Book, what: list[dict]) -> list[int]:
     """Indices of ``texts`` that pass the data stage's filters and are not duplicates (dedup on
@@ -314,12 +326,8 @@ def make_instructions(config: Config, gen: Generator, book: Book, base: dict) ->
                       config.sampling.max_new_tokens, chat=True)
     pairs, what = [], []
     for (instruction, ids), answer in zip(candidates, answers):
-        if answer is None:
-            book.drop("parse", "prompt_too_long", seed_ids=ids, prompt=instruction)
-            continue
-        response = gen.text(answer, chat=True).strip()
-        if not response:
-            book.drop("parse", "empty_response", seed_ids=ids, prompt=instruction)
+        response = book.chat_response(gen, answer, seed_ids=ids, prompt=instruction)
+        if response is None:
             continue
         pairs.append((instruction, response, ids))
         what.append({"seed_ids": ids, "prompt": instruction, "response": response})
@@ -431,12 +439,8 @@ def make_rephrasings(config: Config, gen: Generator, book: Book, base: dict) -> 
                           config.sampling.max_new_tokens, chat=True)
     texts, what = [], []
     for (doc_id, index, _), completion in zip(chunks, completions):
-        if completion is None:
-            book.drop("parse", "prompt_too_long", document_id=doc_id, chunk=index)
-            continue
-        text = gen.text(completion, chat=True).strip()
-        if not text:
-            book.drop("parse", "empty_response", document_id=doc_id, chunk=index)
+        text = book.chat_response(gen, completion, document_id=doc_id, chunk=index)
+        if text is None:
             continue
         texts.append(text)
         what.append({"document_id": doc_id, "chunk": index, "text": text})

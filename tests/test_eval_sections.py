@@ -109,6 +109,10 @@ def test_bad_sections_are_named_before_ray(tmp_path, base_model, capsys):
     spec["dataset_kwargs"]["data_files"]["test"] = str(data)
     (tmp_path / "fair.yaml").write_text(yaml.safe_dump(spec))
     fails({"fairness": {"tasks": [{"path": str(tmp_path / "fair.yaml")}]}}, f"{data}:2", "'group'", "fairness.group_field")
+    shipped = [{"path": str(TASKS / "fairness_templates.yaml")}]
+    fails({"fairness": {"tasks": shipped, "train_files": [str(tmp_path / "none*.jsonl")]}},
+          "fairness.train_files: no file matches")
+    fails({"fairness": {"tasks": shipped, "shard_dirs": [str(tmp_path)]}}, "fairness.shard_dirs.0")
     big = tmp_path / "big-shards"
     writer = TokenShardWriter(big, "train", 1000, 2)
     writer.add([900] * 10)
