@@ -42,6 +42,9 @@ from raylm.train.preference_stage import (PreferenceDataConfig, PreferenceTrainC
 class DPOLossConfig(Section):
     kind: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: squared distance to 1 / (2 beta)
     beta: float = Field(default=0.1, gt=0)  # strength of the pull toward the reference
+    # RPO (Pang et al. 2024): weight of the chosen answer's per-token negative log-likelihood added to
+    # each pair's loss; 0 is plain DPO / IPO. It keeps the chosen answers likely as the pair is pushed apart.
+    nll_weight: float = Field(default=0.0, ge=0)
 
 
 class DPOOptimConfig(OptimConfig):
@@ -140,7 +143,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
     reference_file = reference_logprobs_file(config, pairs, tokenizer)
     stage_run.log_metrics({"reference_logprobs_s": time.perf_counter() - started})
     spec = preference_spec(config, "dpo", stage_run, pairs, tokenizer, objective="dpo",
-                           dpo=DPOLoss(config.loss.beta, config.loss.kind, str(reference_file.resolve())),
+                           dpo=DPOLoss(config.loss.beta, config.loss.kind, str(reference_file.resolve()),
+                                       config.loss.nll_weight),
                            freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
                            peft=config.peft.model_copy())
     final = launch(config, spec)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from preference_fixtures import VALIDATION_FRACTION, shared_sft_checkpoint
 from raylm.data.preferences import PairDataset
-from raylm.train.losses import dpo_loss, sequence_logprobs
+from raylm.train.losses import dpo_loss, dpo_pair_outputs, sequence_logprobs
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -40,6 +40,22 @@ def test_dpo_and_ipo_losses_are_the_formulas():
     torch.testing.assert_close(dpo_loss(pc, pr, pc, pr, beta, "ipo")["loss"], torch.full((3,), (1 / (2 * beta)) ** 2))
     with pytest.raises(ValueError, match="unknown kind"):
         dpo_loss(pc, pr, rc, rr, beta, "hinge")
+
+
+def test_rpo_adds_the_chosen_answers_per_token_nll_to_each_pair():
+    policy = torch.tensor([-10.0, -4.0, -12.0, -3.0], requires_grad=True)  # chosen, chosen, rejected, rejected
+    reference = torch.tensor([[-11.0, -11.5], [-4.5, -2.0]])
+    tokens = torch.tensor([5, 2, 6, 3])
+    plain = dpo_pair_outputs(policy, reference, 0.1, "sigmoid")
+    rpo = dpo_pair_outputs(policy, reference, 0.1, "sigmoid", tokens, nll_weight=0.5)
+    torch.testing.assert_close(rpo["loss"] - plain["loss"], 0.5 * torch.tensor([10.0 / 5, 4.0 / 2]))
+    # Its gradient reaches only the chosen rows: -w / tokens on each.
+    grad_plain, = torch.autograd.grad(plain["loss"].sum(), policy)
+    grad_rpo, = torch.autograd.grad(rpo["loss"].sum(), policy)
+    torch.testing.assert_close(grad_rpo - grad_plain, torch.tensor([-0.5 / 5, -0.5 / 2, 0.0, 0.0]))
+    assert torch.equal(rpo["correct"], plain["correct"])
+    with pytest.raises(ValueError, match="answer_tokens"):
+        dpo_pair_outputs(policy, reference, 0.1, "sigmoid", nll_weight=0.5)
 
 
 def test_sequence_logprobs_sum_only_the_answer_tokens(tmp_path_factory):

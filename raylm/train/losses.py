@@ -78,14 +78,24 @@ def reward_pair_outputs(model, tokens, attention_mask, margin) -> dict:
             "chosen": chosen.detach(), "rejected": rejected.detach()}
 
 
-def dpo_pair_outputs(logps: torch.Tensor, reference: torch.Tensor, beta: float, kind: str) -> dict:
+def dpo_pair_outputs(logps: torch.Tensor, reference: torch.Tensor, beta: float, kind: str,
+                     answer_tokens: torch.Tensor | None = None, nll_weight: float = 0.0) -> dict:
     """DPO / IPO over one batch of pairs from the policy's summed log-probs [2n] (chosen, then
-    rejected) and the reference's [n, 2]: the per-pair loss and what is logged about it."""
+    rejected) and the reference's [n, 2]: the per-pair loss and what is logged about it.
+
+    ``nll_weight`` > 0 adds the chosen answer's per-token negative log-likelihood (``answer_tokens``
+    [2n] labelled tokens per row), weighted, to each pair's loss: RPO (Pang et al. 2024), which keeps
+    the chosen answers likely while the ratio term pushes the pair apart."""
     n = len(logps) // 2
     out = dpo_loss(logps[:n], logps[n:], reference[:, 0], reference[:, 1], beta, kind)
     reward_margin = out["chosen_rewards"] - out["rejected_rewards"]
     logp_margin = (logps[:n] - logps[n:]).detach()
-    return {"loss": out["loss"], "correct": agreement(logp_margin), "margin": logp_margin,
+    loss = out["loss"]
+    if nll_weight > 0:
+        if answer_tokens is None:
+            raise ValueError("dpo_pair_outputs: nll_weight needs answer_tokens")
+        loss = loss + nll_weight * (-logps[:n] / answer_tokens[:n].clamp(min=1))
+    return {"loss": loss, "correct": agreement(logp_margin), "margin": logp_margin,
             "reward_correct": agreement(reward_margin), "reward_margin": reward_margin,
             "chosen": out["chosen_rewards"], "rejected": out["rejected_rewards"],
             "logp_chosen": logps[:n].detach(), "logp_rejected": logps[n:].detach()}

@@ -316,10 +316,11 @@ class DirectPreference(PreferencePairs):
 
     def outputs(self, batch: dict, split: str) -> dict:
         device = self.engine.device
+        labels = batch["labels"].to(device)
         with self.engine.autocast():
-            logps = sequence_logprobs(self.engine.model, batch["tokens"].to(device), batch["labels"].to(device))
+            logps = sequence_logprobs(self.engine.model, batch["tokens"].to(device), labels)
         return dpo_pair_outputs(logps, self.reference[split][batch["index"]].to(device), self.spec.dpo.beta,
-                                self.spec.dpo.kind)
+                                self.spec.dpo.kind, (labels != IGNORE_INDEX).sum(-1), self.spec.dpo.nll_weight)
 
 
 def reference_logprobs_chunk(checkpoint: str, pairs: list[dict], tokenizer_file: str, seq_len: int,

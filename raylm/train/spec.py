@@ -51,6 +51,7 @@ class DPOLoss:
     beta: float
     kind: Literal["sigmoid", "ipo"]
     reference_logprobs: str  # safetensors: {"train", "validation"} [N, 2] reference log-probs
+    nll_weight: float = 0.0  # RPO: weight of the chosen answer's per-token NLL in each pair's loss
 
 
 Objective = Literal["lm", "reward", "dpo"]
