@@ -133,15 +133,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
         batch, seq, _ = x.shape
-        # Head counts are read off the weights so that tensor parallelism can shard them.
         qkv = self.wqkv(x)
+        # Head counts are read off the projection's width so that tensor parallelism can shard them.
+        heads = qkv.shape[-1] // self.head_dim
+        n_kv = heads * self.n_kv_heads // (self.n_heads + 2 * self.n_kv_heads)
+        n_q = heads - 2 * n_kv
         if self.qk_norm == "full":
-            q_size, k_size = self.q_norm.normalized_shape[0], self.k_norm.normalized_shape[0]
-            q, k, v = qkv.split([q_size, k_size, qkv.shape[-1] - q_size - k_size], dim=-1)
+            q, k, v = qkv.split([n_q * self.head_dim, n_kv * self.head_dim, n_kv * self.head_dim], dim=-1)
             qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
-        qkv = qkv.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        n_kv = qkv.shape[1] * self.n_kv_heads // (self.n_heads + 2 * self.n_kv_heads)
-        n_q = qkv.shape[1] - 2 * n_kv
+        qkv = qkv.view(batch, seq, heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q = apply_rope(self.q_norm(qkv[:, :n_q]), cos, sin)
             k = apply_rope(self.k_norm(qkv[:, n_q : n_q + n_kv]), cos, sin)

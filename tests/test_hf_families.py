@@ -238,52 +238,69 @@ def test_greedy_generation_matches_transformers(tmp_path):
         assert torch.allclose(F.log_softmax(model(seq), -1), F.log_softmax(reference(seq).logits, -1), atol=1e-4)
 
 
-def _tensor_parallel_worker(rank: int, folder: str, init_file: str) -> None:
+def run_on_two_ranks(worker, names: list[str], tmp_path) -> None:
+    """``worker(rank, folders, init_file)`` in 2 gloo processes, on a checkpoint of each family named."""
+    import torch.multiprocessing as mp
+
+    folders = []
+    for name in names:
+        _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == name)
+        write_hf_checkpoint(tmp_path / name, config_class, overrides)
+        folders.append(str(tmp_path / name))
+    mp.spawn(worker, args=(folders, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def _tensor_parallel_worker(rank: int, folders: list[str], init_file: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
+    from raylm.distributed import checkpoint as ckpt
     from raylm.distributed.tensor_parallel import apply_tp, unpermute_state_dict
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
+        mesh = init_device_mesh("cpu", (2,))
         tokens = tokens_for(seed=3)
         labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), -100)], dim=1)
-        plain, sharded = load_checkpoint(folder), load_checkpoint(folder)
-        causal_lm_loss(plain, tokens, labels).loss.backward()
-        apply_tp(sharded, init_device_mesh("cpu", (2,)))
-        bias = sharded.layers["0"].attention.wqkv.bias
-        assert isinstance(bias, DTensor) and bias.to_local().shape[0] == bias.shape[0] // 2  # sharded with its rows
-        out = causal_lm_loss(sharded, tokens, labels)
-        out.loss.backward()
-        assert torch.allclose(sharded(tokens), plain(tokens), atol=1e-5)
-        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in sharded.named_parameters()}
-        grads = unpermute_state_dict(grads, sharded.config, 2)
-        for name, param in plain.named_parameters():
-            assert torch.allclose(grads[name], param.grad, atol=1e-5 * max(param.grad.abs().max().item(), 1e-3)), name
+        for folder in folders:
+            plain, sharded = load_checkpoint(folder), load_checkpoint(folder)
+            cfg = plain.config
+            loss = causal_lm_loss(plain, tokens, labels).loss
+            loss.backward()
+            apply_tp(sharded, mesh)
+            attention = sharded.layers["0"].attention
+            assert attention.wqkv.weight.to_local().shape[0] == attention.wqkv.weight.shape[0] // 2
+            if cfg.attention_bias:  # sharded with its rows
+                assert attention.wqkv.bias.to_local().shape[0] == attention.wqkv.bias.shape[0] // 2
+            if cfg.qk_norm == "full":  # each rank holds the slice of the norm that scales its heads
+                assert attention.q_norm.weight.to_local().shape[0] == cfg.n_heads * cfg.head_dim // 2
+            out = causal_lm_loss(sharded, tokens, labels)
+            assert abs(out.loss.item() - loss.item()) < 1e-5, folder
+            out.loss.backward()
+            with torch.no_grad():
+                assert torch.allclose(sharded(tokens), plain(tokens), atol=1e-5), folder
+            grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                     for n, p in sharded.named_parameters()}
+            grads = unpermute_state_dict(grads, cfg, 2)
+            for name, param in plain.named_parameters():
+                tol = 1e-5 * max(param.grad.abs().max().item(), 1e-3)
+                assert torch.allclose(grads[name], param.grad, atol=tol), (folder, name)
+            # The export's gather: the plain model's weights under their own names.
+            state = unpermute_state_dict(ckpt.full_model_state_dict(sharded, on_every_rank=True), cfg, 2)
+            for name, value in plain.state_dict().items():
+                assert torch.equal(state[name], value), (folder, name)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_tensor_parallel_shards_qwen2_biases_with_their_rows(tmp_path):
-    """tp=2 (2 gloo processes) on a Qwen2 checkpoint with q/k/v biases: the same logits, loss and
-    gradients (gathered, rows put back) as one process."""
-    import torch.multiprocessing as mp
-
-    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen2")
-    write_hf_checkpoint(tmp_path / "hf", config_class, overrides)
-    mp.spawn(_tensor_parallel_worker, args=(str(tmp_path / "hf"), str(tmp_path / "init")), nprocs=2, join=True)
-
-
-def test_tensor_parallel_refuses_qk_norm_families_by_name():
-    from raylm.distributed.tensor_parallel import check_tp
-
-    _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == "qwen3")
-    config = getattr(transformers, config_class)(**{**COMMON, **overrides})
-    with pytest.raises(ValueError, match="tp: models with qk_norm"):
-        check_tp(config_from_hf(json.loads(config.to_json_string())), 2)
+def test_tensor_parallel_matches_one_process_per_family(tmp_path):
+    """tp=2 (2 gloo processes) on Qwen2 (q/k/v biases sharded with their rows), Qwen3 (per-head q/k
+    norms on each rank's heads, their gradients summed over the ranks) and OLMo2 (q/k norm over the
+    whole projection: the mean square summed over the ranks, the weight sharded): the same logits,
+    loss, every gradient (gathered, rows put back) and gathered weights as one process."""
+    run_on_two_ranks(_tensor_parallel_worker, ["qwen2", "qwen3", "olmo2"], tmp_path)
 
 
 @pytest.mark.slow
@@ -415,14 +432,7 @@ def test_context_parallel_ranks_match_one_process_per_family(tmp_path):
     """cp=2 (2 gloo processes, each half of every sequence) on Qwen3 (per-head q/k norms), OLMo2
     (post-norms, whole-projection q/k norms) and Llama 3 (scaled RoPE at global positions): every
     parameter's gradient summed over the ranks equals one process's on the whole sequence."""
-    import torch.multiprocessing as mp
-
-    folders = []
-    for name in ("qwen3", "olmo2", "llama3-rope"):
-        _, config_class, overrides, _ = next(f for f in FAMILIES if f[0] == name)
-        write_hf_checkpoint(tmp_path / name, config_class, overrides)
-        folders.append(str(tmp_path / name))
-    mp.spawn(_context_parallel_worker, args=(folders, str(tmp_path / "init")), nprocs=2, join=True)
+    run_on_two_ranks(_context_parallel_worker, ["qwen3", "olmo2", "llama3-rope"], tmp_path)
 
 
 @pytest.mark.parametrize("name", ["olmo2", "qwen3-moe", "llama3-rope"])

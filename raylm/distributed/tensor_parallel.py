@@ -10,14 +10,22 @@ shard is one contiguous block of rows. So before sharding, their rows are reorde
 [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] and [gate_0 up_0 | gate_1 up_1 | ...]: every rank's block is then a
 self-contained slice that the unchanged model code splits as usual. ``unpermute_state_dict`` undoes
 it for the Hugging Face export.
+
+Query/key RMSNorms (``qk_norm``) run on each rank's own heads. Per-head norms (Qwen3) keep their
+weight replicated; as each rank applies it to its heads only, its gradient is summed over the group.
+OLMo2's norm over the whole projection needs the mean square over every head: each rank all-reduces
+its sum of squares (one number per token, where vLLM all-gathers the projections), and holds the
+slice of the weight that scales its own heads, sharded like the rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from raylm.models.config import TransformerConfig
@@ -28,11 +36,6 @@ def check_tp(cfg: TransformerConfig, tp: int) -> None:
         raise ValueError(f"tp: degree {tp} must divide n_heads ({cfg.n_heads}) and n_kv_heads ({cfg.n_kv_heads})")
     if not cfg.is_moe and cfg.ffn_dim % tp:
         raise ValueError(f"tp: degree {tp} must divide ffn_dim ({cfg.ffn_dim})")
-    if cfg.qk_norm is not None:
-        # Each rank holds some heads: the norm weights' gradients would need a sum over ranks (per-head
-        # norms), or the norm itself statistics over all of them (OLMo2's whole-projection norm).
-        raise ValueError(f"tp: models with qk_norm ({cfg.qk_norm!r}: {cfg.hf_model_type or 'raylm'}) are not "
-                         "tensor-parallel in raylm yet; use FSDP / data, pipeline or context parallelism")
 
 
 def qkv_row_order(cfg: TransformerConfig, tp: int) -> torch.Tensor:
@@ -59,6 +62,53 @@ def _fused_weights(cfg: TransformerConfig, tp: int):
         yield "feed_forward.w13.weight", gate_up_row_order(cfg.ffn_dim, tp)
 
 
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (a weight each rank applies to
+    its own part of the activations)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class HeadRMSNormOnLocalHeads(nn.Module):
+    """A per-head query or key RMSNorm (Qwen3) on this rank's heads: the weight replicated, its
+    gradient summed over the tensor-parallel group."""
+
+    def __init__(self, norm: nn.RMSNorm, group):
+        super().__init__()
+        self.weight, self.eps, self.group = norm.weight, norm.eps, group
+
+    def forward(self, x):
+        weight = _SumGradOverGroup.apply(self.weight, self.group)
+        return nn.functional.rms_norm(x, weight.shape, weight, self.eps)
+
+
+class ProjectionRMSNormOverShards(nn.Module):
+    """OLMo2's query or key RMSNorm over the whole projection, whose columns are split over the
+    tensor-parallel group: the mean square is summed over the ranks (differentiably: its backward
+    sums every rank's gradient of it), the weight sharded with the columns it scales."""
+
+    def __init__(self, norm: nn.RMSNorm, mesh: DeviceMesh):
+        super().__init__()
+        self.width, self.eps, self.group = norm.weight.shape[0], norm.eps, mesh.get_group()
+        self.weight = nn.Parameter(distribute_tensor(norm.weight.detach(), mesh, [Shard(0)]),
+                                   requires_grad=norm.weight.requires_grad)
+
+    def forward(self, x):
+        squares = x.float().pow(2).sum(-1, keepdim=True)
+        mean_square = dist_autograd.all_reduce(squares, group=self.group) / self.width
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps  # nn.RMSNorm's default
+        return (x.float() * torch.rsqrt(mean_square + eps)).to(x.dtype) * self.weight.to_local()
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     cfg, tp = model.config, tp_mesh.size()
     check_tp(cfg, tp)
@@ -73,6 +123,13 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             if not cfg.is_moe:
                 plan.update({"feed_forward.w13": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()})
             parallelize_module(block, tp_mesh, plan)
+            attention = block.attention
+            if cfg.qk_norm == "head":
+                attention.q_norm = HeadRMSNormOnLocalHeads(attention.q_norm, tp_mesh.get_group())
+                attention.k_norm = HeadRMSNormOnLocalHeads(attention.k_norm, tp_mesh.get_group())
+            elif cfg.qk_norm == "full":  # q_r's columns are the r-th contiguous block: so is its weight slice
+                attention.q_norm = ProjectionRMSNormOverShards(attention.q_norm, tp_mesh)
+                attention.k_norm = ProjectionRMSNormOverShards(attention.k_norm, tp_mesh)
 
 
 def unpermute_state_dict(state: dict[str, torch.Tensor], cfg: TransformerConfig, tp: int) -> dict:
