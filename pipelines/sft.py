@@ -79,6 +79,9 @@ class SFTOptimConfig(OptimConfig):
 
 class Config(StageConfig):
     checkpoint: InputPath = "out/pretrain/hf"  # Hugging Face folder (`raylm pretrain` output) to start from
+    # Which code trains the checkpoint: raylm's model (exact, every parallelism), transformers' own module
+    # (any AutoModelForCausalLM; data parallel / FSDP2 only), or auto: raylm's when it implements the family
+    implementation: Literal["auto", "raylm", "transformers"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     epochs: float | None = Field(default=3.0, gt=0)  # sets train.steps from the packed data; None: use train.steps
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
@@ -92,7 +95,7 @@ class Config(StageConfig):
 
 
 def check(config: Config, config_path) -> None:
-    hf = check_start_checkpoint(config, config_path, "raylm pretrain")
+    hf = check_start_checkpoint(config, config_path, "raylm pretrain", config.implementation)
     check_peft(config, config_path, hf)
     check_tokenizer(config, config_path)
     from raylm.data.sft import SFTDataError, read_conversations
@@ -109,7 +112,10 @@ def check(config: Config, config_path) -> None:
             raise ConfigError(f"{config_path}: data.{key}: {e}") from None
     from raylm.models.hf_checkpoint import config_from_hf
 
-    check_parallel(config, config_path, config_from_hf(hf), "checkpoint")
+    from raylm.train.transformers_model import resolve_implementation
+
+    raylm_model = resolve_implementation(hf, config.implementation) == "raylm"
+    check_parallel(config, config_path, config_from_hf(hf) if raylm_model else None, "checkpoint")
 
 
 def data_files(config: Config) -> dict:
@@ -160,7 +166,9 @@ def run(config: Config, stage_run: StageRun) -> dict:
     stage_run.log_params({"train.steps_resolved": config.train.steps})
     if "mix" in files:
         stage_run.log_metrics({f"mix.{name}": n for name, n in files["mix"].items()})
+    implementation = implementation_of(config)
     spec = training_spec(config, "sft", stage_run, init_checkpoint=str(Path(config.checkpoint).resolve()),
+                         implementation=implementation,
                          freeze=Freeze(config.freeze.train_layers, config.freeze.train_from),
                          peft=config.peft.model_copy(), tokenizer_file=tokenizer,
                          data=ConversationData(files["train"], files["validation"], tokenizer, config.data.system_prompt))
@@ -170,7 +178,7 @@ def run(config: Config, stage_run: StageRun) -> dict:
     if config.samples and config.peft.method == "prompt_tuning":
         print("raylm sft: no samples: a soft prompt cannot run with the KV-cached generator", flush=True)
     elif config.samples:
-        text = answer_samples(final_model(config), tokenizer, files["validation"], config.samples,
+        text = answer_samples(final_model(config, implementation), tokenizer, files["validation"], config.samples,
                               config.data.system_prompt)
         stage_run.log_text(text, "samples.txt")
         print(text, flush=True)
@@ -179,12 +187,27 @@ def run(config: Config, stage_run: StageRun) -> dict:
     return summary
 
 
-def final_model(config: Config):
+def implementation_of(config: Config) -> str:
+    """'raylm' or 'transformers': which code trains the checkpoint."""
+    import json
+
+    from raylm.train.transformers_model import resolve_implementation
+
+    return resolve_implementation(json.loads((Path(config.checkpoint) / "config.json").read_text()),
+                                  config.implementation)
+
+
+def final_model(config: Config, implementation: str = "raylm"):
     """The fine-tuned model: the exported checkpoint, or (bottleneck adapters, soft prompt: no merged
-    checkpoint) the starting checkpoint with the adapter of ``hf/adapter`` applied."""
+    checkpoint) the starting checkpoint with the adapter of ``hf/adapter`` applied; transformers'
+    module for a checkpoint trained through transformers."""
     from raylm.models.hf_checkpoint import load_checkpoint
 
     export = config.output_path / "hf"
+    if implementation == "transformers":
+        import transformers
+
+        return transformers.AutoModelForCausalLM.from_pretrained(export, use_safetensors=True)
     if (export / "config.json").exists():
         return load_checkpoint(export)
     from raylm.peft.lora import load_peft
@@ -196,6 +219,8 @@ def answer_samples(model, tokenizer: str, path: str, n: int, system_prompt: str 
                    max_new_tokens: int = 48) -> str:
     """The fine-tuned model's greedy answers to the first ``n`` held-out prompts, beside the references."""
     from raylm.models.generate import SamplingParams, generate
+    from raylm.models.transformer import Transformer
+    from raylm.train.transformers_model import greedy_continuations
     from raylm.data.sft import ChatTemplate, read_conversations
 
     model = model.eval()
@@ -206,8 +231,12 @@ def answer_samples(model, tokenizer: str, path: str, n: int, system_prompt: str 
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompts.append(template.prompt(messages[:last], system_prompt))
         references.append(messages[last]["content"])
-    budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts)))
-    outputs = generate(model, prompts, SamplingParams(max_new_tokens=max(budget, 1), temperature=0.0))
+    if isinstance(model, Transformer):
+        budget = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts)))
+        outputs = generate(model, prompts, SamplingParams(max_new_tokens=max(budget, 1), temperature=0.0))
+    else:  # transformers' module (implementation: transformers)
+        budget = min(max_new_tokens, model.config.max_position_embeddings - max(map(len, prompts)))
+        outputs = greedy_continuations(model, prompts, max(budget, 1), template.stop_ids)
     lines = []
     for messages, reference, output in zip(conversations, references, outputs):
         messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]

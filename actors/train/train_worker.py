@@ -73,7 +73,7 @@ def start_worker(spec: TrainingSpec) -> tuple[int, torch.device, ParallelDims, E
     dims.build_mesh(device.type)
     model = build_model(config=spec.model, checkpoint=spec.init_checkpoint, scalar_head=spec.objective == "reward",
                         seed=spec.seed, train_layers=spec.freeze.train_layers, train_from=spec.freeze.train_from,
-                        peft=spec.peft)
+                        peft=spec.peft, implementation=spec.implementation)
     engine = Engine(model, dims, device, spec.optim, train.steps, mixed_precision=train.mixed_precision,
                     activation_checkpointing=train.activation_checkpointing, compile=train.compile,
                     reshard_after_forward=parallel.fsdp_reshard_after_forward, grad_accum=train.grad_accum,
@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
             # FSDP2 averages gradients over the dp (and cp) ranks; scaling by their number turns that
             # into the global mean.
             loss = loss_sum * dims.grad_average_size / count
-            if engine.config.is_moe:
+            if engine.is_moe:
                 loss = loss + engine.model.moe_aux_loss() / accum
             loss.backward()
             sums += logged

@@ -49,14 +49,15 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool = True,
-               ignored_params: set | None = None) -> None:
-    """FSDP2 ``fully_shard`` per block, then the root (embeddings, final norm and the tied head).
+               ignored_params: set | None = None, blocks: list[nn.Module] | None = None) -> None:
+    """FSDP2 ``fully_shard`` per block (default: raylm's ``model.layers``), then the root (embeddings,
+    final norm and the tied head).
 
     Parameters stay fp32 (the master weights); bf16 compute comes from autocast in the loop, so the
     policy keeps FSDP2's all-gathers and reduce-scatters in fp32 as well."""
     mesh = dims.fsdp_mesh
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    blocks = list(model.layers.values())
+    blocks = list(model.layers.values()) if blocks is None else blocks
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored_params,
@@ -77,6 +78,22 @@ def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: 
         apply_compile(model)
     if dims.grad_average_size > 1 or dims.tp == 1:  # pure tensor parallelism has nothing for FSDP to shard over
         apply_fsdp(model, dims, reshard_after_forward, ignored_params=set(expert_params) or None)
+    return model
+
+
+def parallelize_transformers(model: nn.Module, dims: ParallelDims, activation_checkpointing: ActivationCheckpointing = "off",
+                             reshard_after_forward: bool = True) -> nn.Module:
+    """transformers' module (``raylm.train.transformers_model``): FSDP2 over its decoder blocks and
+    data parallelism only, activation checkpointing through transformers' own switch."""
+    for key in ("tp", "pp", "cp", "ep"):
+        if getattr(dims, key) > 1:
+            raise ValueError(f"parallel.{key}: a model trained through transformers runs with data parallelism / "
+                             "FSDP2 only")
+    if activation_checkpointing == "full":
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif activation_checkpointing != "off":
+        raise ValueError(f"train.activation_checkpointing: {activation_checkpointing} is raylm's; use full or off")
+    apply_fsdp(model, dims, reshard_after_forward, blocks=model.blocks())
     return model
 
 

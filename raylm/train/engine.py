@@ -28,7 +28,7 @@ from torch import nn
 from raylm.distributed import checkpoint as ckpt
 from raylm.distributed.expert_parallel import scale_expert_grads
 from raylm.distributed.parallel_dims import ParallelDims
-from raylm.distributed.parallelize import clean_state_dict_key, parallelize
+from raylm.distributed.parallelize import clean_state_dict_key, parallelize, parallelize_transformers
 from raylm.distributed.pipeline_parallel import attach_aux_loss, build_schedule, gather_stage_states, run_pipeline, split_stage
 from raylm.distributed.pipeline_parallel import clip_grad_norm_ as clip_pipeline_grad_norm_
 from raylm.distributed.tensor_parallel import clip_grad_norm_ as clip_mixed_grad_norm_
@@ -43,14 +43,22 @@ from raylm.train.config import OptimConfig
 
 def build_model(*, config: dict | None = None, checkpoint: str | None = None, scalar_head: bool = False,
                 seed: int = 0, train_layers: int | None = None, train_from: str = "last",
-                peft: PeftConfig | None = None) -> nn.Module:
+                peft: PeftConfig | None = None, implementation: str = "raylm") -> nn.Module:
     """The same full weights on every rank (a fresh model from ``config``, seeded, or the
     ``checkpoint``), frozen by depth if ``train_layers`` is set, with ``peft`` applied (LoRA /
-    QLoRA, bottleneck adapters, a soft prompt). Sharding comes after, in ``Engine``."""
+    QLoRA, bottleneck adapters, a soft prompt). Sharding comes after, in ``Engine``.
+    ``implementation="transformers"``: the checkpoint through transformers' own module (none of the
+    options that reach into raylm's blocks; the stage config refused them)."""
     from raylm.models.config import TransformerConfig
     from raylm.models.hf_checkpoint import load_checkpoint
     from raylm.models.transformer import Transformer
 
+    if implementation == "transformers":
+        from raylm.train.transformers_model import load_transformers_model
+
+        if scalar_head or train_layers is not None or (peft is not None and peft.method != "none"):
+            raise ValueError("implementation transformers: a language model only, no freezing by depth or PEFT")
+        return load_transformers_model(checkpoint)
     if checkpoint is not None:
         model = load_checkpoint(checkpoint, scalar_head=scalar_head)
     else:
@@ -104,7 +112,11 @@ class Engine:
         self.dims, self.device, self.optim = dims, device, optim
         self.peft = peft if peft is not None and peft.method != "none" else None
         self.base_checkpoint = base_checkpoint  # what a PEFT export names as its base
-        self.config = model.config
+        self.config = model.config  # raylm's TransformerConfig, or transformers' config
+        from raylm.train.transformers_model import TransformersCausalLM
+
+        self.transformers = isinstance(model, TransformersCausalLM)
+        self.is_moe = not self.transformers and self.config.is_moe
         self.scalar_head = hasattr(model, "score")
         self.autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
         model = model.to(device)
@@ -125,7 +137,7 @@ class Engine:
                                            pp_microbatches, pipeline_loss,
                                            microbatch=(batch_shape[0] // pp_microbatches, batch_shape[1] // dims.cp),
                                            dim=self.config.dim, vocab_size=self.config.vocab_size, kind=pp_schedule)
-            if self.config.is_moe:  # each micro-batch's auxiliary loss, averaged over the step's micro-batches
+            if self.is_moe:  # each micro-batch's auxiliary loss, averaged over the step's micro-batches
                 attach_aux_loss(model, {"value": 1.0 / (grad_accum * pp_microbatches)})
         # foreach cannot mix DTensors and plain tensors (tensor and expert parallel leave both)
         self.optimizer = build_optimizer(model, optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps,
@@ -141,6 +153,9 @@ class Engine:
         ``hidden_states`` (not ``forward``), so FSDP2 is told to hook that method too, and the outer
         module (the score head) is sharded last as the root."""
         model, dims = self.model, self.dims
+        if self.transformers:
+            parallelize_transformers(model, dims, activation_checkpointing, reshard_after_forward)
+            return
         backbone = model.model if self.scalar_head else model
         parallelize(backbone, dims, activation_checkpointing, compile, reshard_after_forward)
         if backbone is model or not (dims.dp_size > 1 or dims.tp == 1):
@@ -257,6 +272,10 @@ class Engine:
         if torch.distributed.get_rank() != 0:
             return None
         cfg = self.config
+        if self.transformers:  # the same family, written by transformers
+            from raylm.train.transformers_model import save_transformers_checkpoint
+
+            return save_transformers_checkpoint(cfg, state, folder, tokenizer_file)
         if self.peft is not None:
             from raylm.peft.lora import export_peft
 

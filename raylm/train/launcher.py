@@ -71,23 +71,33 @@ def check_token_data(config, config_path) -> dict:
     return index
 
 
-def check_start_checkpoint(config, config_path, made_by: str) -> dict:
+def check_start_checkpoint(config, config_path, made_by: str, implementation: str = "raylm") -> dict:
     """The Hugging Face folder a fine-tuning stage starts from (``config.checkpoint``, e.g. the output
-    of ``made_by``) against ``train.seq_len`` and ``freeze.train_layers``; returns its config.json."""
+    of ``made_by``) against ``train.seq_len`` and ``freeze.train_layers``, and, when it trains through
+    transformers (``implementation``: see ``raylm.train.transformers_model``), against the settings
+    that path cannot run; returns its config.json."""
     hf_config = Path(config.checkpoint) / "config.json"
     if not hf_config.exists():
         raise ConfigError(f"{config_path}: checkpoint: {hf_config} not found (a Hugging Face folder, e.g. "
                           f"`{made_by}` output's hf/)")
     hf = json.loads(hf_config.read_text())
     from raylm.models.hf_checkpoint import config_from_hf
+    from raylm.train.transformers_model import max_positions, resolve_implementation, unsupported_settings
 
-    try:  # a family or a field raylm does not implement stops here, named, before any Ray work
-        config_from_hf(hf)
-    except ValueError as e:
-        raise ConfigError(f"{config_path}: checkpoint: {hf_config.parent}/{e}") from None
-    if config.train.seq_len > hf.get("max_position_embeddings", config.train.seq_len):
+    if resolve_implementation(hf, implementation) == "transformers":
+        for key, why in unsupported_settings(config):
+            raise ConfigError(f"{config_path}: {key}: {why} (checkpoint {hf_config.parent}: model_type "
+                              f"{hf.get('model_type')!r} trains through transformers, implementation: {implementation})")
+        longest = max_positions(hf_config.parent)
+    else:
+        try:  # a family or a field raylm does not implement stops here, named, before any Ray work
+            config_from_hf(hf)
+        except ValueError as e:
+            raise ConfigError(f"{config_path}: checkpoint: {hf_config.parent}/{e}") from None
+        longest = hf.get("max_position_embeddings")
+    if longest is not None and config.train.seq_len > longest:
         raise ConfigError(f"{config_path}: train.seq_len: {config.train.seq_len} exceeds the checkpoint's "
-                          f"max_position_embeddings ({hf['max_position_embeddings']})")
+                          f"max_position_embeddings ({longest})")
     n_layers = hf.get("num_hidden_layers")
     if config.freeze.train_layers is not None and n_layers is not None and config.freeze.train_layers > n_layers:
         raise ConfigError(f"{config_path}: freeze.train_layers: {config.freeze.train_layers} exceeds the "

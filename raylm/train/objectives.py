@@ -116,11 +116,12 @@ class LanguageModelling:
         dims, device, cfg = engine.dims, engine.device, engine.config
         self.train_data = build_dataset(spec, "train", dims.dp_rank(rank), dims.dp_size, training=True)
         self.loader = None  # made at the first step, from the position a resume has set
-        self.flops_token = flops_per_token(cfg, spec.train.seq_len)
+        self.flops_token = (engine.model.flops_per_token(spec.train.seq_len) if engine.transformers
+                            else flops_per_token(cfg, spec.train.seq_len))
         self.peak = peak_flops(device, engine.autocast_dtype or torch.float32)
         self.step_tokens, self.timed_tokens, self.timed_seconds = 0, 0, 0.0
         self.moe_tally = None
-        if cfg.is_moe:  # every training forward's expert loads and auxiliary losses, summed over the step
+        if engine.is_moe:  # every training forward's expert loads and auxiliary losses, summed over the step
             self.moe_tally = torch.zeros(cfg.n_layers, cfg.n_experts + len(MOE_COLUMNS), dtype=torch.float64,
                                          device=device)
             engine.model.register_forward_hook(

@@ -69,6 +69,7 @@ class TrainingSpec:
     objective: Objective = "lm"  # lm: next-token cross-entropy; reward: Bradley-Terry; dpo: DPO / IPO
     model: dict | None = None  # a fresh model's TransformerConfig fields (pretraining)
     init_checkpoint: str | None = None  # else: start from this Hugging Face folder
+    implementation: Literal["raylm", "transformers"] = "raylm"  # which code runs the checkpoint (transformers_model)
     freeze: Freeze = field(default_factory=Freeze)
     peft: PeftConfig | None = None  # None: full fine-tuning (a ``peft.method: none`` section)
     tokenizer_file: str | None = None  # copied beside the exported model
