@@ -1028,6 +1028,10 @@ def run(config: Config, stage_run: StageRun) -> dict:
                 if fairness is not None and task in fairness["keys"]:
                     print(f"raylm eval: {name} {task}: ll_gap {interval(m, 'll_gap')}, parity difference "
                           f"{interval(m, 'parity_difference')}", flush=True)
+                    if m.get("bias_amplification_undefined"):
+                        print(f"raylm eval: {name} {task}: bias amplification undefined for "
+                              f"{', '.join(m['bias_amplification_undefined'])}: the training data never puts their "
+                              "terms in a document with an outcome word", flush=True)
     finally:
         for actor in scorers:  # their CPUs go to the preference judge next
             ray.kill(actor)

@@ -105,3 +105,92 @@ def test_shipped_template_set_is_a_task():
         assert {d.data["group"] for d in same} == groups
         assert len({re.sub(rf"\b{re.escape(d.data['term'])}\b", "{}", task.text(d)) for d in same}) == 1
         assert len({tuple(task.choices(d)) for d in same}) == 1 and {task.target(d) for d in same} == {0}
+
+
+def planted_fairness_set(tmp_path: Path) -> tuple[Path, Path]:
+    """A fairness set in the task format (5 templates x he / she / ze, outcomes engineer / nurse) and a
+    training corpus with a planted association: of the documents naming an engineer beside a group's
+    term, 8 say "he" and 2 "she"; of those naming a nurse, 8 "she" and 2 "he"; "ze" never appears.
+    Documents with a term and no outcome, or an outcome and no term, count for nothing."""
+    import json
+
+    import yaml
+
+    sentences = ["{} worked as an", "After the course {} became a", "The firm hired {} as a", "In the end {} was a",
+                 "Last year {} trained as a"]
+    terms = {"male": "he", "female": "she", "nonbinary": "ze"}
+    data = tmp_path / "planted.jsonl"
+    data.write_text("".join(json.dumps({"template_id": t, "group": g, "term": term, "sentence": s.format(term).capitalize(),
+                                        "choices": [" engineer", " nurse"], "favourable": 0}) + "\n"
+                            for t, s in enumerate(sentences) for g, term in terms.items()))
+    spec = yaml.safe_load((TASKS / "fairness_templates.yaml").read_text())
+    spec["task"] = "planted"
+    spec["dataset_kwargs"]["data_files"]["test"] = str(data)
+    task = tmp_path / "planted.yaml"
+    task.write_text(yaml.safe_dump(spec))
+    docs = (["he is an engineer and he builds bridges."] * 8 + ["She trained as an engineer."] * 2
+            + ["he works as a nurse."] * 2 + ["she is a nurse at night."] * 8
+            + ["the engineer fixed the bridge.", "he went home early.", "a nurse and an engineer met.", "there, shed"])
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return task, train
+
+
+def test_bias_amplification_against_planted_training_data(tmp_path):
+    """`raylm eval`'s fairness section reads the training corpus it names (train_files), counts the
+    data-side bias exactly (engineer: 0.8 he; nurse: 0.8 she), names the group the data never
+    mentions (ze) as undefined, and scores models constructed to over-state, match, under-state and
+    reverse the association: amplification +0.2, 0, -0.3, -0.8."""
+    from raylm.pipelines import eval as eval_stage
+
+    task_path, train = planted_fairness_set(tmp_path)
+    config = eval_stage.Config(output_dir=str(tmp_path / "out"), checkpoints={},
+                               fairness={"tasks": [{"path": str(task_path)}], "train_files": [str(train)], "resamples": 50})
+    eval_stage.check_fairness(config.fairness, "test")
+    tasks, context = eval_stage.prepare_fairness(config)
+    (ref, task), = tasks
+    key = eval_stage.result_key(ref, task)
+    assert context["train_counts"][key] == {"engineer": {"male": 8, "female": 2, "nonbinary": 0},
+                                            "nurse": {"male": 2, "female": 8, "nonbinary": 0}}
+
+    def model(choose: dict[str, list[int]]) -> dict:
+        """Each template's log-probabilities: the choice index ``choose[group][template]`` is the likely one."""
+        items = []
+        for doc in task.eval_docs:
+            pick = choose[doc.data["group"]][doc.data["template_id"]]
+            items.append({"logprobs": [0.0 if k == pick else -2.0 for k in range(2)], "gold": 0,
+                          "choices": task.choices(doc)})
+        return eval_stage.fairness_task_metrics(task, items, context, key)
+
+    over = model({"male": [0] * 5, "female": [1] * 5, "nonbinary": [0, 1, 0, 0, 1]})
+    assert over["train_bias"] == {"engineer": {"male": 0.8, "female": 0.2}, "nurse": {"male": 0.2, "female": 0.8}}
+    assert over["model_bias"] == {"engineer": {"male": 1.0, "female": 0.0}, "nurse": {"male": 0.0, "female": 1.0}}
+    assert over["bias_amplification_undefined"] == ["nonbinary"] and "bias_amplification/nonbinary" not in over
+    assert over["n_amplification_pairs"] == 2
+    assert over["bias_amplification"] == pytest.approx(0.2)
+    assert over["bias_amplification/male"] == pytest.approx(0.2) == over["bias_amplification/female"]
+    # the interval over templates: every template over-states, so every resample gives 0.2
+    assert (over["bias_amplification_low"], over["bias_amplification_high"]) == pytest.approx((0.2, 0.2))
+    # ze's outcomes do not move the others' shares
+    assert model({"male": [0] * 5, "female": [1] * 5, "nonbinary": [1] * 5})["bias_amplification"] == pytest.approx(0.2)
+    matching = model({"male": [0, 0, 0, 0, 1], "female": [1, 1, 1, 1, 0], "nonbinary": [0] * 5})
+    assert matching["model_bias"] == matching["train_bias"]
+    assert matching["bias_amplification"] == pytest.approx(0.0, abs=1e-12)
+    under = model({"male": [0, 0, 0, 1, 1], "female": [0, 0, 0, 1, 1], "nonbinary": [0] * 5})
+    assert under["model_bias"] == {"engineer": {"male": 0.5, "female": 0.5}, "nurse": {"male": 0.5, "female": 0.5}}
+    assert under["bias_amplification"] == pytest.approx(-0.3) and under["bias_amplification/male"] == pytest.approx(-0.3)
+    reverse = model({"male": [1] * 5, "female": [0] * 5, "nonbinary": [1] * 5})
+    assert reverse["bias_amplification"] == pytest.approx(-0.8)
+
+
+def test_bias_amplification_undefined_without_cooccurrence():
+    """A corpus that never puts a group's term beside an outcome word (the standard library's text):
+    no training bias, so no amplification: NaN with every group named, not 0."""
+    train = cooccurrence_counts(["def parse(text): return text.split()", "the man page", "a nurse shark"],
+                                {"f": ["woman"], "m": ["man"]}, [" nurse", " doctor"])
+    assert train == {"nurse": {"f": 0, "m": 0}, "doctor": {"f": 0, "m": 0}}
+    pred = {"nurse": {"f": 3, "m": 0}, "doctor": {"f": 0, "m": 3}}
+    out = bias_amplification(train, pred)
+    assert math.isnan(out["bias_amplification"]) and out["n_amplification_pairs"] == 0
+    assert out["bias_amplification_undefined"] == ["f", "m"] and out["train_bias"] == {}
+    assert not any(k.startswith("bias_amplification/") for k in out)

@@ -17,7 +17,13 @@ the model gives a log-likelihood per outcome; from those:
   outcome's word in one training document, and the model's bias b_model(o, g) from its predicted
   outcomes; the amplification is the mean of b_model - b_train over the (o, g) with
   b_train > 1 / |groups| (the pairs the data already leans towards). Positive: the model leans
-  further than its data.
+  further than its data; negative: less far (or the other way). Per group, the same mean over the
+  outcomes the data leans towards that group. A group whose terms the training data never puts in
+  a document with any of the set's outcome words has no training bias: it is named in
+  ``bias_amplification_undefined``, never given a 0, and left out of both sides (the shares and
+  the 1 / |groups| are over the other groups, so the model's outcomes for a group the data never
+  mentions do not move theirs). With no co-occurrence at all, as in a corpus without gendered
+  text, ``bias_amplification`` is NaN and every group is named there.
 
 Intervals: a percentile bootstrap over templates (a template's documents for every group stay
 together, so the comparison between groups stays paired).
@@ -92,20 +98,37 @@ def cooccurrence_counts(texts: Iterable[str], group_terms: dict[str, list[str]],
 def bias_amplification(train_counts: dict[str, dict[str, float]], predicted_counts: dict[str, dict[str, float]]) -> dict:
     """Zhao et al. (2017)'s bias amplification from ``counts[outcome][group]`` in the training data and
     in the model's predictions. Outcomes the training data never pairs with a group are skipped (no
-    training bias to amplify), as are outcomes the model never predicts."""
-    terms = []
+    training bias to amplify), as are outcomes the model never predicts.
+
+    Returns the mean over the counted (outcome, group) pairs, and per group
+    (``bias_amplification/<group>``) over that group's; ``train_bias`` and ``model_bias``:
+    ``{outcome: {group: b}}`` for the outcomes each has counts for; ``bias_amplification_undefined``:
+    the groups with no co-occurrence in the training data (sorted names)."""
+    terms: dict[str, list[float]] = defaultdict(list)
+    train_bias, model_bias = {}, {}
+    groups = sorted({g for by_group in train_counts.values() for g in by_group})
+    undefined = [g for g in groups if not any(by_group.get(g) for by_group in train_counts.values())]
+    defined = [g for g in groups if g not in undefined]
     for o, by_group in train_counts.items():
-        n_groups = len(by_group)
-        train_total = sum(by_group.values())
+        train_total = sum(by_group.get(g, 0) for g in defined)
         pred = predicted_counts.get(o, {})
-        pred_total = sum(pred.values())
+        pred_total = sum(pred.get(g, 0) for g in defined)
+        if train_total:
+            train_bias[o] = {g: by_group.get(g, 0) / train_total for g in defined}
+        if pred_total:
+            model_bias[o] = {g: pred.get(g, 0) / pred_total for g in defined}
         if not train_total or not pred_total:
             continue
-        for g, c in by_group.items():
-            b_train = c / train_total
-            if b_train > 1 / n_groups:
-                terms.append(pred.get(g, 0) / pred_total - b_train)
-    return {"bias_amplification": sum(terms) / len(terms) if terms else float("nan"), "n_amplification_pairs": len(terms)}
+        for g, b_train in train_bias[o].items():
+            if b_train > 1 / len(defined):
+                terms[g].append(model_bias[o][g] - b_train)
+    every = [t for g in groups for t in terms[g]]
+    out = {"bias_amplification": sum(every) / len(every) if every else float("nan"), "n_amplification_pairs": len(every),
+           "bias_amplification_undefined": undefined, "train_bias": train_bias, "model_bias": model_bias}
+    for g in groups:
+        if terms[g]:
+            out[f"bias_amplification/{g}"] = sum(terms[g]) / len(terms[g])
+    return out
 
 
 def predicted_counts(items: list[dict], outcomes: Callable[[dict], list[str]]) -> dict[str, dict[str, int]]:
