@@ -9,10 +9,14 @@
   (``train.jsonl`` / ``validation.jsonl``: ``{"prompt", "response", "provenance"}``);
 - ``preferences``: ``samples_per_prompt`` answers to each of ``preferences.prompts``, scored by a
   reward model, a rule reward (a named rule on each record's ``reference``, a family checker or a
-  user function, through the rule-reward pool) or the model itself as a pairwise judge
-  (``raylm.eval.judge``: both orders of every pair); the best answer is ``chosen``, the worst
-  ``rejected``; a prompt whose answers tie gives no pair (counted). Out: reward / DPO's JSONL
-  (``{"prompt", "chosen", "rejected", "provenance"}``);
+  user function, through the rule-reward pool) or an LM as a pairwise judge (``raylm.eval.judge``:
+  both orders of every pair; ``preferences.judge_checkpoint`` on its own engine actors, or the
+  generating model itself); the best answer is ``chosen``, the worst ``rejected``; a prompt whose
+  answers tie, or whose chosen and rejected answers are the same or near-identical text, gives no
+  pair (counted). Prompts go through the data stage's MinHash dedup before any answer is sampled,
+  prompt + chosen answer through its filters (bad words; the quality rules with
+  ``preferences.quality_filters``), and PII is redacted from all three texts. Out:
+  reward / DPO's JSONL (``{"prompt", "chosen", "rejected", "provenance"}``);
 - ``rephrase``: each document of ``rephrase.inputs``, in chunks of at most ``chunk_words`` words,
   rewritten in ``rephrase.style``; filtered and deduplicated like instructions. Out:
   ``documents.jsonl`` (``{"id", "text", "source", "provenance"}``), an input of `raylm data`.
@@ -73,13 +77,17 @@ class InstructionsConfig(Section):
 class PreferencesConfig(Section):
     prompts: InputPath | None = None  # JSONL {"prompt", "id"?, "reference"?, "reward"?}; required in this mode
     samples_per_prompt: int = Field(default=4, ge=2)  # answers sampled per prompt; best vs worst make the pair
-    scorer: Literal["reward_model", "rule", "judge"] = "rule"  # what scores the answers; judge: the model itself, pairwise
+    scorer: Literal["reward_model", "rule", "judge"] = "rule"  # what scores the answers; judge: an LM, pairwise (judge_checkpoint)
+    judge_checkpoint: InputPath | None = None  # scorer judge: the judge model (a Hugging Face folder with a chat template) on its own engine actors; null: the generating model judges
+    judge_engines: int = Field(default=1, ge=1)  # scorer judge with judge_checkpoint: the judge's engine actors (engine.* for the rest)
     judge_template: str | None = None  # judge: the pairwise prompt ({prompt}, {response_a}, {response_b}); null: raylm.eval.judge's
     judge_max_new_tokens: int = Field(default=16, ge=1)  # judge: the verdict's length (greedy)
     reward_model: InputPath | None = None  # a *ForSequenceClassification folder (`raylm reward` output), for scorer: reward_model
     rule: RewardSpec = None  # a reward spec (raylm.tasks.rewards), e.g. numeric; null: each record's "reward"
     rule_timeout_s: float = Field(default=5.0, gt=0)  # per answer, for a user function
     min_margin: float = Field(default=0.0, ge=0)  # best - worst score at or below this is a tie (no pair)
+    quality_filters: bool = False  # also the filters' quality rules and classifier on prompt + chosen; false: only bad words (and normalisation), as for the data stage's curated inputs: "Answer: 22" fails rules made for documents
+    near_identical_jaccard: float = Field(default=0.8, gt=0, le=1)  # chosen and rejected at or above this estimated Jaccard similarity of word n-grams (dedup's MinHash) give no pair
 
 
 class RephraseConfig(Section):
@@ -125,8 +133,8 @@ class Config(StageConfig):
     instructions: InstructionsConfig = Field(default_factory=InstructionsConfig)  # mode instructions: self-instruct from seed tasks
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)  # mode preferences: scored samples -> pairs
     rephrase: RephraseConfig = Field(default_factory=RephraseConfig)  # mode rephrase: pretraining text rewritten
-    filters: SynthFilterConfig = Field(default_factory=SynthFilterConfig)  # the data stage's quality filters (instructions, rephrase)
-    dedup: SynthDedupConfig = Field(default_factory=SynthDedupConfig)  # the data stage's MinHash dedup (instructions, rephrase)
+    filters: SynthFilterConfig = Field(default_factory=SynthFilterConfig)  # the data stage's quality filters (instructions, rephrase; preferences: prompt + chosen)
+    dedup: SynthDedupConfig = Field(default_factory=SynthDedupConfig)  # the data stage's MinHash dedup (instructions, rephrase; preferences: the prompts)
     output: OutputConfig = Field(default_factory=OutputConfig)  # the files written
     provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)  # what every record's provenance field adds
 
@@ -149,12 +157,16 @@ def check(config: Config, config_path) -> None:
     folder = config.engine.checkpoint
     if folder is None:
         raise ConfigError(f"{where}: engine.checkpoint: required (a Hugging Face folder, e.g. out/sft/hf)")
-    if not (Path(folder) / "config.json").exists():
-        raise ConfigError(f"{where}: engine.checkpoint: {folder} has no config.json (not a Hugging Face folder)"
-                          + where_relative(folder, config_path))
-    if not (Path(folder) / "tokenizer.json").exists() or not has_chat_template(folder):
-        raise ConfigError(f"{where}: engine.checkpoint: {folder} has no tokenizer.json with a chat template: "
-                          "answers could not be prompted or read")
+    chat_models = [("engine.checkpoint", folder)]
+    if config.mode == "preferences" and config.preferences.scorer == "judge" and config.preferences.judge_checkpoint:
+        chat_models.append(("preferences.judge_checkpoint", config.preferences.judge_checkpoint))
+    for key, model in chat_models:
+        if not (Path(model) / "config.json").exists():
+            raise ConfigError(f"{where}: {key}: {model} has no config.json (not a Hugging Face folder)"
+                              + where_relative(model, config_path))
+        if not (Path(model) / "tokenizer.json").exists() or not has_chat_template(model):
+            raise ConfigError(f"{where}: {key}: {model} has no tokenizer.json with a chat template: "
+                              "its prompts could not be written or its answers read")
     section, key = INPUT_KEY[config.mode]
     path = getattr(getattr(config, section), key)
     if path is None:
@@ -180,38 +192,48 @@ def check(config: Config, config_path) -> None:
                 parse_spec(p.rule, "preferences.rule")
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
-    try:
-        from raylm.data.chat_template import ChatTemplate
+    from raylm.data.chat_template import ChatTemplate
 
-        ChatTemplate(folder)
-    except ChatTemplateError as e:
-        raise ConfigError(f"{where}: engine.checkpoint: {e}") from None
+    for key, model in chat_models:
+        try:
+            ChatTemplate(model)
+        except ChatTemplateError as e:
+            raise ConfigError(f"{where}: {key}: {e}") from None
 
 
 # ---- the engine pool ------------------------------------------------------------------------------
 
-def start_engines(config: Config) -> list:
+def judge_checkpoint(config: Config) -> str | None:
+    """The separate judge model's folder, where one judges this run (else None: no judge, or the
+    generating model judges its own answers on its own engines)."""
+    p = config.preferences
+    return p.judge_checkpoint if config.mode == "preferences" and p.scorer == "judge" and p.judge_checkpoint else None
+
+
+def start_engines(config: Config, checkpoint: str | Path, count: int) -> list:
+    """``count`` engine actors serving ``checkpoint``, with the ``engine`` section's settings."""
     import ray
 
     from raylm.actors.generation_engine import make_generation_engine
 
     e = config.engine
-    engines = [make_generation_engine(str(Path(e.checkpoint).resolve()), backend=e.backend, num_cpus=e.cpus_per_engine,
+    engines = [make_generation_engine(str(Path(checkpoint).resolve()), backend=e.backend, num_cpus=e.cpus_per_engine,
                                       num_gpus=e.gpus_per_engine, dtype=e.dtype, max_model_len=e.max_model_len,
                                       seed=config.seed + i, gpu_memory_utilization=e.memory_fraction)
-               for i in range(e.engines)]
+               for i in range(count)]
     ray.get([engine.ready.remote() for engine in engines], timeout=1800)
     return engines
 
 
 class Generator:
-    """Prompts -> completions through the engine pool, in the model's own chat template."""
+    """Prompts -> completions through an engine pool serving ``checkpoint`` (default
+    ``engine.checkpoint``), in that model's own chat template."""
 
-    def __init__(self, config: Config, engines: list):
+    def __init__(self, config: Config, engines: list, checkpoint: str | Path | None = None):
         from raylm.data.chat_template import ChatTemplate
 
         self.config, self.engines = config, engines
-        self.template = ChatTemplate(config.engine.checkpoint)
+        self.template = ChatTemplate(checkpoint or config.engine.checkpoint)
         self.budget = config.engine.max_model_len
 
     def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None) -> dict:
@@ -257,6 +279,7 @@ class Book:
     def __init__(self):
         self.counts: dict = {}
         self.rejected: list[dict] = []
+        self.verdicts: list[dict] = []  # scorer judge: every judged pair, both orders (judge_verdicts.jsonl)
 
     def drop(self, stage: str, reason: str, **record) -> None:
         self.counts.setdefault(f"dropped_{stage}", {})
@@ -276,24 +299,39 @@ class Book:
         return text
 
 
-def filter_and_dedup(config: Config, texts: list[str], dedup_texts: list[str], book: Book, what: list[dict]) -> list[int]:
-    """Indices of ``texts`` that pass the data stage's filters and are not duplicates (dedup on
-    ``dedup_texts`` of the survivors); the others go to the book with ``what[i]``."""
-    from raylm.data.synthetic import duplicate_rows, filter_reasons
+def passing_filters(config: Config, texts: list[str], book: Book, what: list[dict], quality: bool = True) -> list[int]:
+    """Indices of ``texts`` that pass the data stage's filters (``quality=False``: not its quality rules);
+    the others go to the book with ``what[i]``."""
+    from raylm.data.synthetic import filter_reasons
 
-    reasons = filter_reasons(texts, config.filters)
     passed = []
-    for i, reason in enumerate(reasons):
+    for i, reason in enumerate(filter_reasons(texts, config.filters, quality)):
         if reason:
             book.drop("filter", reason, **what[i])
         else:
             passed.append(i)
-    removed, stats = duplicate_rows([dedup_texts[i] for i in passed], config.dedup, config.output_path / "work")
+    return passed
+
+
+def not_duplicates(config: Config, texts: list[str], book: Book, what: list[dict]) -> list[int]:
+    """Indices of ``texts`` that are not exact or near duplicates of an earlier one (the data stage's
+    MinHash dedup); the others go to the book with ``what[i]``."""
+    from raylm.data.synthetic import duplicate_rows
+
+    removed, stats = duplicate_rows(texts, config.dedup, config.output_path / "work")
     book.counts["dedup"] = stats
+    for i in removed:
+        book.drop("dedup", "duplicate", **what[i])
     removed_set = set(removed)
-    for j in removed:
-        book.drop("dedup", "duplicate", **what[passed[j]])
-    return [i for j, i in enumerate(passed) if j not in removed_set]
+    return [i for i in range(len(texts)) if i not in removed_set]
+
+
+def filter_and_dedup(config: Config, texts: list[str], dedup_texts: list[str], book: Book, what: list[dict]) -> list[int]:
+    """Indices of ``texts`` that pass the data stage's filters and are not duplicates (dedup on
+    ``dedup_texts`` of the survivors); the others go to the book with ``what[i]``."""
+    passed = passing_filters(config, texts, book, what)
+    kept = not_duplicates(config, [dedup_texts[i] for i in passed], book, [what[i] for i in passed])
+    return [passed[j] for j in kept]
 
 
 def make_instructions(config: Config, gen: Generator, book: Book, base: dict) -> list[dict]:
@@ -364,34 +402,50 @@ def score_answers(config: Config, items: list[dict], answers: list[str]) -> list
         pool.shutdown()
 
 
-def judge_scores(config: Config, gen: Generator, prompts: list[str], groups: list[list[str]], book: Book) -> list[list[float]]:
-    """LM-as-judge on the engine pool's own model (``raylm.eval.judge``): every pair of a prompt's
-    answers is judged in both orders (position-swap debiasing); an answer's score is its mean
-    debiased score over its pairs (1 win, 0.5 tie, 0 loss); pairs with no parseable verdict count
-    for neither. Verdicts and unparseable replies are counted in the book."""
+def judge_scores(config: Config, gen: Generator, prompts: list[dict], groups: list[list[str]], book: Book) -> list[list[float]]:
+    """LM-as-judge (``raylm.eval.judge``) on ``gen``: the judge model's engines, in its own chat
+    template. Every pair of a prompt's answers is judged in both orders (position-swap debiasing);
+    an answer's score is its mean debiased score over its pairs (1 win, 0.5 tie, 0 loss); pairs with
+    no parseable verdict count for neither. ``prompts``: the prompt records (``prompt``, ``id``).
+    Verdicts and unparseable replies are counted in the book, and every pair's two replies logged."""
     from raylm.data.synthetic import answer_pairs, judged_scores
     from raylm.eval.judge import DEFAULT_TEMPLATE, judge_prompt, parse_verdict
 
     template = config.preferences.judge_template or DEFAULT_TEMPLATE
+    pairs = answer_pairs([len(answers) for answers in groups])
     requests = []
-    for k, i, j in answer_pairs([len(answers) for answers in groups]):
-        requests += [gen.chat_ids(judge_prompt(prompts[k], groups[k][i], groups[k][j], template)),
-                     gen.chat_ids(judge_prompt(prompts[k], groups[k][j], groups[k][i], template))]
+    for k, i, j in pairs:
+        text = prompts[k]["prompt"]
+        requests += [gen.chat_ids(judge_prompt(text, groups[k][i], groups[k][j], template)),
+                     gen.chat_ids(judge_prompt(text, groups[k][j], groups[k][i], template))]
     replies = gen.run(requests, [0] * len(requests), config.preferences.judge_max_new_tokens, chat=True,
                       temperature=0.0)  # a verdict is read greedily
-    verdicts = [parse_verdict(gen.text(r, chat=True)) if r is not None else None for r in replies]
+    texts = [gen.text(r, chat=True) if r is not None else None for r in replies]
+    verdicts = [parse_verdict(t) if t is not None else None for t in texts]
     counts = {"A": 0, "B": 0, "tie": 0, "unparseable": 0}
     for v in verdicts:
         counts[v or "unparseable"] += 1
     book.counts["judge_verdicts"] = counts
+    # "first": answer i shown as response A; "swapped": j shown first; i, j: the answers' places in the
+    # prompt's answers (the order of the provenance's scores)
+    for n, (k, i, j) in enumerate(pairs):
+        book.verdicts.append({"prompt_id": prompts[k]["id"], "prompt": prompts[k]["prompt"], "i": i, "j": j,
+                              "answer_i": groups[k][i],
+                              "answer_j": groups[k][j], "reply_first": texts[2 * n], "verdict_first": verdicts[2 * n],
+                              "reply_swapped": texts[2 * n + 1], "verdict_swapped": verdicts[2 * n + 1]})
     return judged_scores([len(answers) for answers in groups], verdicts)
 
 
-def make_preferences(config: Config, gen: Generator, book: Book, base: dict) -> list[dict]:
-    from raylm.data.synthetic import choose_pair, provenance, read_prompt_records
+def make_preferences(config: Config, gen: Generator, book: Book, base: dict, judge: Generator | None = None) -> list[dict]:
+    """``judge``: the judge model's generator (scorer judge); None: ``gen`` judges its own answers."""
+    from raylm.data.synthetic import choose_pair, provenance, read_prompt_records, redact, similar_answers
 
     p = config.preferences
     records = read_prompt_records(p.prompts)
+    book.counts["prompts"] = len(records)
+    # duplicate prompts collapse to one before any answer is sampled
+    records = [records[i] for i in not_duplicates(config, [r["prompt"] for r in records], book,
+                                                  [{"prompt_id": r["id"], "prompt": r["prompt"]} for r in records])]
     n = p.samples_per_prompt
     prompts = [gen.chat_ids(r["prompt"]) for r in records for _ in range(n)]
     seeds = [config.seed * 1_000_003 + i for i in range(len(prompts))]
@@ -400,14 +454,20 @@ def make_preferences(config: Config, gen: Generator, book: Book, base: dict) -> 
     scored = [i for i, a in enumerate(answers) if a]
     if p.scorer == "judge":
         groups = [[i for i in scored if i // n == k] for k in range(len(records))]
-        values = judge_scores(config, gen, [r["prompt"] for r in records], [[answers[i] for i in g] for g in groups], book)
+        values = judge_scores(config, judge or gen, records,
+                              [[answers[i] for i in g] for g in groups], book)
         scores = {i: v for g, vs in zip(groups, values) for i, v in zip(g, vs)}
     else:
         scores = dict(zip(scored, score_answers(config, [records[i // n] for i in scored], [answers[i] for i in scored])))
-    book.counts["prompts"] = len(records)
     book.counts["answers_sampled"] = len(prompts)
-    out = []
+    pairs, what = [], []
     sampling = {**gen.sampling(), "seed": config.seed, "samples_per_prompt": n}
+    judge_of = None
+    if p.scorer == "judge":  # which model gave the verdicts
+        from raylm.data.synthetic import checkpoint_fingerprint
+
+        folder = judge_checkpoint(config) or config.engine.checkpoint
+        judge_of = {"model": str(Path(folder).resolve()), "model_fingerprint": checkpoint_fingerprint(folder)}
     for k, record in enumerate(records):
         rows = [k * n + j for j in range(n) if scores.get(k * n + j) is not None]
         if len(rows) < 2:
@@ -419,12 +479,23 @@ def make_preferences(config: Config, gen: Generator, book: Book, base: dict) -> 
             book.drop("pair", "tie", prompt_id=record["id"], prompt=record["prompt"], answers=texts, scores=values)
             continue
         best, worst = choice
-        out.append({"prompt": record["prompt"], "chosen": texts[best], "rejected": texts[worst],
-                    "provenance": provenance("preferences", **base, sampling=sampling, prompt_id=record["id"],
-                                             scorer=f"rule:{json.dumps(p.rule)}" if p.scorer == "rule" else p.scorer,
-                                             reward_model=p.reward_model, chosen_score=values[best],
-                                             rejected_score=values[worst], scores=values)})
-    return out
+        same = similar_answers(texts[best], texts[worst], config.dedup, p.near_identical_jaccard)
+        if same:
+            book.drop("pair", same, prompt_id=record["id"], prompt=record["prompt"], chosen=texts[best],
+                      rejected=texts[worst], scores=values)
+            continue
+        pairs.append({"prompt": record["prompt"], "chosen": texts[best], "rejected": texts[worst],
+                      "provenance": provenance("preferences", **base, sampling=sampling, prompt_id=record["id"],
+                                               scorer=f"rule:{json.dumps(p.rule)}" if p.scorer == "rule" else p.scorer,
+                                               reward_model=p.reward_model, judge=judge_of, chosen_score=values[best],
+                                               rejected_score=values[worst], scores=values)})
+        what.append({"prompt_id": record["id"], "prompt": record["prompt"], "chosen": texts[best],
+                     "rejected": texts[worst]})
+    # the data stage's filters judge the prompt with the answer that is to be learned; the rejected
+    # answer is meant to be worse (a low-quality or offensive one is what the pair teaches against)
+    kept = passing_filters(config, [f"{r['prompt']}\n\n{r['chosen']}" for r in pairs], book, what, p.quality_filters)
+    return [{**pairs[i], **{key: redact(pairs[i][key], config.filters) for key in ("prompt", "chosen", "rejected")}}
+            for i in kept]
 
 
 def make_rephrasings(config: Config, gen: Generator, book: Book, base: dict) -> list[dict]:
@@ -456,9 +527,10 @@ def make_rephrasings(config: Config, gen: Generator, book: Book, base: dict) -> 
 MODES = {"instructions": make_instructions, "preferences": make_preferences, "rephrase": make_rephrasings}
 
 
-def run(config: Config, stage_run: StageRun, engines: list | None = None) -> dict:
+def run(config: Config, stage_run: StageRun, engines: list | None = None, judge_engines: list | None = None) -> dict:
     """``engines``: running engine actors to use (their checkpoint must be ``engine.checkpoint``);
-    None: start ``engine.engines`` of them for this run and stop them after. Ray is already up
+    None: start ``engine.engines`` of them for this run and stop them after. ``judge_engines``: the
+    same for ``preferences.judge_checkpoint`` (``judge_engines`` of them). Ray is already up
     (``raylm.stages.run_stage`` starts it)."""
     import ray
 
@@ -468,15 +540,24 @@ def run(config: Config, stage_run: StageRun, engines: list | None = None) -> dic
     started = time.perf_counter()
     out = config.output_path
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("train.jsonl", "validation.jsonl", "documents.jsonl", "rejected.jsonl", "stats.json"):
+    for name in ("train.jsonl", "validation.jsonl", "documents.jsonl", "rejected.jsonl", "judge_verdicts.jsonl",
+                 "stats.json"):
         (out / name).unlink(missing_ok=True)  # an earlier run's outputs are never mistaken for this one's
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     own = engines is None
-    if own:
-        engines = start_engines(config)
+    judge_folder = judge_checkpoint(config)
+    own_judges = judge_folder is not None and judge_engines is None
+    started_engines = []
     try:
+        if own:
+            engines = start_engines(config, config.engine.checkpoint, config.engine.engines)
+            started_engines += engines
+        if own_judges:
+            judge_engines = start_engines(config, judge_folder, config.preferences.judge_engines)
+            started_engines += judge_engines
         gen = Generator(config, engines)
+        judge = Generator(config, judge_engines, judge_folder) if judge_folder is not None else None
         book = Book()
         base = {"checkpoint": str(Path(config.engine.checkpoint).resolve()),
                 "fingerprint": checkpoint_fingerprint(config.engine.checkpoint),
@@ -484,14 +565,16 @@ def run(config: Config, stage_run: StageRun, engines: list | None = None) -> dic
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **config.provenance.tags}
         generate_started = time.perf_counter()
-        records = MODES[config.mode](config, gen, book, base)
+        records = (make_preferences(config, gen, book, base, judge) if config.mode == "preferences"
+                   else MODES[config.mode](config, gen, book, base))
         book.counts["generate_s"] = round(time.perf_counter() - generate_started, 2)
     finally:
-        if own:
-            for engine in engines:
-                ray.kill(engine)
+        for engine in started_engines:
+            ray.kill(engine)
     # first the drops and counts: they say why, if too little is left to write
     files = {"rejected": str(write_jsonl(book.rejected, out / "rejected.jsonl"))}
+    if book.verdicts:
+        files["judge_verdicts"] = str(write_jsonl(book.verdicts, out / "judge_verdicts.jsonl"))
     (out / "stats.json").write_text(json.dumps({"mode": config.mode, "written": len(records), **book.counts}, indent=1))
     if config.mode == "rephrase":
         if not records:

@@ -1,8 +1,10 @@
 """`raylm synth`: synthetic instructions, preference pairs and rephrased text from a tiny model on one
 vLLM engine (shared by the module), as Ray Data over the engine actor. The files written are read
 back by the SFT and preference readers; the tests check what is in them: planted duplicates
-removed, filters applied, provenance present, pairs ordered by their recomputed scores. The weighted
-mix of human and synthetic instruction data is counted by source."""
+removed, filters applied, provenance present, pairs ordered by their recomputed scores; preference
+pairs with planted duplicate prompts, a bad word, an address, identical answers; a separate judge
+model on its own engine, its verdicts recomputed. The weighted mix of human and synthetic
+instruction data is counted by source."""
 
 from __future__ import annotations
 
@@ -80,6 +82,66 @@ def train_tiny_model(folder: Path) -> Path:
     torch.set_num_threads(threads)
     save_checkpoint(model.eval(), folder / "hf", tokenizer_file=folder / "tokenizer.json")
     return folder / "hf"
+
+
+TOPIC_WORDS = {t.split()[-1] for t in TOPICS}
+
+
+def judge_prefers(text: str) -> bool:
+    """The rule the test judge learned: a response is better when its last word is a topic's noun."""
+    words = text.split()
+    return bool(words) and words[-1].strip(".,").lower() in TOPIC_WORDS
+
+
+def train_judge(folder: Path, tokenizer: Path, steps: int = 150) -> Path:
+    """A judge model, separate from the generating one (same tokenizer and chat template): trained on
+    judge prompts (raylm.eval.judge's template, in the chat template) to answer "B" when response B
+    ends with a topic's noun and "A" otherwise, the loss on its answer only. Responses are cut from
+    the generating model's kind of answer at random words, half of them just after a topic."""
+    from raylm.data.chat_template import ChatTemplate
+    from raylm.eval.judge import judge_prompt
+    from raylm.models.config import preset
+    from raylm.models.hf_checkpoint import save_checkpoint
+    from raylm.models.transformer import Transformer, causal_lm_loss
+
+    template = ChatTemplate(tokenizer)
+    rng = random.Random(1)
+
+    def response() -> str:
+        words = (f"Here is my answer about {rng.choice(TOPICS)}. People in the town like {rng.choice(TOPICS)} "
+                 "and they talk about it every day.").split()
+        ends = [i + 1 for i, w in enumerate(words) if w.strip(".,").lower() in TOPIC_WORDS]
+        others = [i for i in range(2, len(words) + 1) if i not in ends]
+        return " ".join(words[:rng.choice(ends if rng.random() < 0.5 else others)])  # a topic or not: a half each
+
+    sequences = []
+    for _ in range(600):
+        a, b = response(), response()
+        prompt = f"{rng.choice(VERBS)} {rng.choice(TOPICS)}."
+        ids, target = template.encode([{"role": "user", "content": judge_prompt(prompt, a, b)},
+                                       {"role": "assistant", "content": "B" if judge_prefers(b) else "A"}])
+        sequences.append((ids, target))
+    model = Transformer(preset("debug", vocab_size=512, max_seq_len=256))
+    model.init_weights(seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(sequences), (16,), generator=g).tolist()
+        width = max(len(sequences[i][0]) for i in idx)
+        tokens = torch.zeros(16, width, dtype=torch.long)
+        labels = torch.full((16, width), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids, target = sequences[i]
+            tokens[row, :len(ids)] = torch.tensor(ids)
+            labels[row, :len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], target[1:])])
+        loss = causal_lm_loss(model, tokens, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return save_checkpoint(model.eval(), folder, tokenizer_file=tokenizer)
 
 
 def save_reward_model(folder: Path, tokenizer: Path) -> Path:
@@ -257,10 +319,11 @@ def test_preferences_rule_reward_pairs_ordered_ties_dropped(assets, engine):
         assert namespace["reward"](record["prompt"], record["chosen"]) == p["chosen_score"] == max(p["scores"]) == 1.0
         assert namespace["reward"](record["prompt"], record["rejected"]) == p["rejected_score"] == min(p["scores"]) == 0.0
         assert len(p["scores"]) == 4
-    ties = [r for r in read(out / "rejected.jsonl") if r["reason"] == "tie"]
+    rejected = read(out / "rejected.jsonl")
+    ties = [r for r in rejected if r["reason"] == "tie"]
     assert ties, "no prompt tied: the tie rule is not exercised"
     assert all(len(set(r["scores"])) == 1 for r in ties)
-    assert len(written) + len(ties) == len(tasks) == json.loads((out / "stats.json").read_text())["prompts"]
+    assert len(written) + len(rejected) == len(tasks) == json.loads((out / "stats.json").read_text())["prompts"]
 
 
 def test_preferences_reward_model_chosen_is_best(assets, engine):
@@ -276,7 +339,9 @@ def test_preferences_reward_model_chosen_is_best(assets, engine):
                      "reward_model": str(assets["rm"])})
     out = config.output_path
     written = read(out / "train.jsonl") + read(out / "validation.jsonl")
-    assert len(read_preferences(out / "train.jsonl")[0]) + len(read_preferences(out / "validation.jsonl")[0]) == 4
+    assert len(read_preferences(out / "train.jsonl")[0]) + len(read_preferences(out / "validation.jsonl")[0]) == len(written)
+    assert len(written) + len(read(out / "rejected.jsonl")) == 4 and all(r["stage"] != "pair" or r["reason"] != "tie"
+                                                                      for r in read(out / "rejected.jsonl"))
     model = load_checkpoint(assets["rm"], scalar_head=True).eval()
     template = ChatTemplate(assets["rm"])
     for record in written:
@@ -312,8 +377,163 @@ def test_preferences_judge_both_orders(assets, engine):
     for record in written:
         p = record["provenance"]
         assert p["scorer"] == "judge" and p["chosen_score"] == max(p["scores"]) > min(p["scores"]) == p["rejected_score"]
-    ties = [r for r in read(out / "rejected.jsonl") if r["reason"] == "tie"]
-    assert all(len(set(r["scores"])) == 1 for r in ties) and len(written) + len(ties) == 4
+    rejected = read(out / "rejected.jsonl")
+    ties = [r for r in rejected if r["reason"] == "tie"]
+    assert all(len(set(r["scores"])) == 1 for r in ties) and len(written) + len(rejected) == 4
+
+
+# a different score on every call: identical answers do not tie, so only the identity check drops them
+CLOCK_REWARD = "import time\n\ndef reward(prompt, completion):\n    return time.perf_counter_ns() / 1e9\n"
+HARBOUR = "Describe the colour of the sea on a cold morning when the wind comes from the north and the boats stay in the {}."
+
+
+def test_preferences_dedup_and_filters(assets, engine):
+    """Planted: p6 repeats p1 exactly, p7 repeats p2 but for its last word (near duplicate), p3 and p8
+    hold a bad word, p4 and p9 an e-mail address. The duplicates collapse before sampling (the data stage's MinHash
+    dedup), the bad-word prompt is filtered with its chosen answer, the address is redacted; every
+    other drop is checked against the library; the counts land in stats.json and MLflow. (A clock
+    scores the answers, so no prompt ties, and only identical answers make no pair: every prompt
+    reaches the filters.)"""
+    from mlflow.tracking import MlflowClient
+
+    prompts = assets["root"] / "prompts_dedup.jsonl"
+    texts = {"p0": "Write a short poem about rain.", "p1": "Explain how to care for a garden.", "p2": HARBOUR.format("harbour"),
+             "p3": "Explain how to care for a volcano.", "p4": "Write a short poem about rain and send it to anna@example.com.",
+             "p5": "Give a reason to like a city.", "p6": "Explain how to care for a garden.", "p7": HARBOUR.format("port"),
+             "p8": "Give a reason to like a volcano.", "p9": "Describe the colour of a city for anna@example.com."}
+    write_jsonl([{"id": k, "prompt": v} for k, v in texts.items()], prompts)
+    function = assets["root"] / "clock_reward.py"
+    function.write_text(CLOCK_REWARD)
+    config, summary, run = run_synth(
+        assets, engine, "pairs_dedup", mode="preferences", sampling={"temperature": 1.2, "max_new_tokens": 24},
+        preferences={"prompts": str(prompts), "samples_per_prompt": 4, "rule": f"{function}:reward",
+                     "near_identical_jaccard": 1.0},
+        filters={"bad_words": {"words": ["volcano"]}})
+    out = config.output_path
+    written = read(out / "train.jsonl") + read(out / "validation.jsonl")
+    rejected = read(out / "rejected.jsonl")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["prompts"] == 10 and len(written) + len(rejected) == 10
+    assert sorted(r["prompt_id"] for r in rejected if r["stage"] == "dedup") == ["p6", "p7"]
+    assert stats["dedup"]["exact_duplicates_removed"] == 1 and stats["dedup"]["near_duplicates_removed"] == 1
+    ids = [r["provenance"]["prompt_id"] for r in written]
+    assert len(set(ids)) == len(ids) and set(ids) <= {"p0", "p1", "p2", "p4", "p5", "p9"}
+    assert stats["answers_sampled"] == 8 * 4  # the duplicates were never sampled
+    for r in rejected:
+        if r["stage"] == "filter":
+            assert synthetic.filter_reasons([f"{r['prompt']}\n\n{r['chosen']}"], config.filters, quality=False) == [r["reason"]]
+        elif r["stage"] == "pair":
+            assert synthetic.similar_answers(r["chosen"], r["rejected"], config.dedup, 1.0) == r["reason"]
+    # the bad-word prompts never written; those that reached the filters (not identical answers) filtered
+    assert ("filter", "bad_words") in {(r["stage"], r["reason"]) for r in rejected if r["prompt_id"] in ("p3", "p8")}
+    for r in written:
+        assert synthetic.similar_answers(r["chosen"], r["rejected"], config.dedup, 1.0) == ""
+        assert r["provenance"]["chosen_score"] > r["provenance"]["rejected_score"]
+        assert "volcano" not in r["prompt"] and "anna@example.com" not in r["prompt"]
+        if r["provenance"]["prompt_id"] in ("p4", "p9"):
+            assert r["prompt"] == texts[r["provenance"]["prompt_id"]].replace("anna@example.com", "<EMAIL>")
+    assert {"p4", "p9"} & set(ids)
+    assert len(written) >= 4
+    logged = MlflowClient(run.uri).get_run(run.run_id).data.metrics
+    assert logged["dropped_dedup.duplicate"] == 2 and logged["dedup.exact_duplicates_removed"] == 1
+    for reason, count in stats.get("dropped_filter", {}).items():
+        assert logged[f"dropped_filter.{reason}"] == count
+
+
+def test_preferences_identical_answers_give_no_pair(assets, engine):
+    """Greedy sampling: a prompt's answers are all the same text; a scorer that never ties them (a
+    clock) still gets no pair: every prompt is dropped as identical, and the run says so."""
+    prompts = assets["root"] / "prompts_identical.jsonl"
+    write_jsonl([{"id": f"q{i}", "prompt": f"{VERBS[i]} {TOPICS[i]}."} for i in range(3)], prompts)
+    function = assets["root"] / "clock_reward.py"
+    function.write_text(CLOCK_REWARD)
+    with pytest.raises(synthetic.SyntheticDataError, match="0 record.*rejected.jsonl"):
+        run_synth(assets, engine, "pairs_identical", mode="preferences", sampling={"temperature": 0.0, "max_new_tokens": 16},
+                  preferences={"prompts": str(prompts), "samples_per_prompt": 2, "rule": f"{function}:reward"})
+    out = assets["root"] / "pairs_identical"
+    rejected = read(out / "rejected.jsonl")
+    assert [r["reason"] for r in rejected] == ["identical"] * 3
+    assert all(r["chosen"] == r["rejected"] and r["scores"][0] != r["scores"][1] for r in rejected)
+    assert json.loads((out / "stats.json").read_text())["dropped_pair"] == {"identical": 3}
+
+
+@pytest.fixture
+def judge_engine(assets):
+    """A second vLLM engine actor serving the separate judge model (stopped after its test: the
+    module's other tests need the CPUs)."""
+    from raylm.actors.generation_engine import make_generation_engine
+
+    folder = train_judge(assets["root"] / "judge", assets["hf"] / "tokenizer.json")
+    handle = make_generation_engine(folder, backend="vllm", num_cpus=0.5, max_model_len=256, gpu_memory_utilization=0.06)
+    ray.get(handle.ready.remote(), timeout=900)
+    yield folder, handle
+    ray.kill(handle)
+
+
+def test_preferences_separate_judge_model(assets, engine, judge_engine):
+    """preferences.judge_checkpoint: a judge model other than the generating one, on its own engine,
+    in its own chat template. The generating model cannot write a verdict (test above: mostly
+    unparseable); this judge (trained towards "B" when response B ends with a topic's noun) answers A
+    or B every time. Its verdicts are the judge checkpoint's (recomputed greedily with torch), and
+    every prompt's answer scores are the position-swap debiased means of its logged verdicts: the
+    chosen / rejected answers are their best / worst, a prompt whose answers score alike gives none."""
+    from raylm.data.chat_template import ChatTemplate
+    from raylm.eval.judge import debiased_scores, judge_prompt, parse_verdict
+    from raylm.models.hf_checkpoint import load_checkpoint
+    from raylm.tracking import stage_run
+
+    judge_folder, judge_handle = judge_engine
+    prompts = assets["root"] / "prompts_judge_model.jsonl"
+    write_jsonl([{"id": f"j{i}", "prompt": f"{VERBS[i % 6]} {TOPICS[i]}."} for i in range(8)], prompts)
+    out = assets["root"] / "pairs_judge_model"
+    config = synth.Config(output_dir=str(out), engine={"checkpoint": str(assets["hf"])},
+                          tracking={"uri": f"sqlite:///{assets['root'] / 'mlflow.db'}", "registry": False},
+                          mode="preferences", sampling={"temperature": 1.0, "max_new_tokens": 8},
+                          preferences={"prompts": str(prompts), "samples_per_prompt": 4, "scorer": "judge",
+                                       "judge_checkpoint": str(judge_folder), "judge_max_new_tokens": 4})
+    synth.check(config, "test")
+    try:
+        with stage_run("synth", config) as run:
+            synth.run(config, run, engines=[engine], judge_engines=[judge_handle])
+    except synthetic.SyntheticDataError as e:  # fewer than 2 pairs: the rest tied, as rejected.jsonl says
+        assert "rejected.jsonl" in str(e)
+    stats = json.loads((out / "stats.json").read_text())
+    verdicts = read(out / "judge_verdicts.jsonl")
+    assert len(verdicts) == 8 * 6 and sum(stats["judge_verdicts"].values()) == 8 * 6 * 2
+    assert stats["judge_verdicts"]["unparseable"] == 0 and stats["judge_verdicts"]["A"] and stats["judge_verdicts"]["B"]
+    # the verdicts are the judge checkpoint's: its greedy reply, recomputed here, for the first pairs
+    model, template = load_checkpoint(judge_folder).eval(), ChatTemplate(judge_folder)
+    for v in verdicts[:6]:
+        for first, second, key in ((v["answer_i"], v["answer_j"], "verdict_first"),
+                                   (v["answer_j"], v["answer_i"], "verdict_swapped")):
+            ids = template.prompt([{"role": "user", "content": judge_prompt(v["prompt"], first, second)}])
+            with torch.no_grad():
+                token = model(torch.tensor([ids]))[0, -1].argmax().item()
+            assert parse_verdict(template.tokenizer.decode([token])) == v[key]
+    written = read(out / "train.jsonl") + read(out / "validation.jsonl") if (out / "train.jsonl").exists() else []
+    rejected = {r["prompt_id"]: r for r in read(out / "rejected.jsonl")}
+    assert len(written) + len(rejected) == 8
+    by_prompt = {r["provenance"]["prompt_id"]: r for r in written}
+    for prompt_id in [f"j{i}" for i in range(8)]:
+        mine = [v for v in verdicts if v["prompt_id"] == prompt_id]
+        totals: dict = {}
+        texts = {}
+        for v, score in zip(mine, debiased_scores([v["verdict_first"] for v in mine], [v["verdict_swapped"] for v in mine])):
+            texts[v["i"]], texts[v["j"]] = v["answer_i"], v["answer_j"]
+            for answer, value in ((v["i"], score), (v["j"], 1 - score)):
+                totals.setdefault(answer, []).append(value)
+        means = [sum(totals[a]) / len(totals[a]) for a in sorted(totals)]
+        if prompt_id in rejected:
+            assert rejected[prompt_id]["reason"] == "tie" and rejected[prompt_id]["scores"] == pytest.approx(means)
+            assert max(means) == min(means)
+            continue
+        record = by_prompt[prompt_id]
+        p = record["provenance"]
+        assert means == pytest.approx(p["scores"]) and len(means) == 4
+        best = max(range(4), key=lambda a: (means[a], -a))
+        worst = min(range(4), key=lambda a: (means[a], -a))
+        assert (record["chosen"], record["rejected"]) == (texts[best], texts[worst]) and means[best] > means[worst]
+        assert p["judge"]["model"] == str(judge_folder.resolve()) and p["model"] == str(assets["hf"].resolve())
 
 
 def test_rephrase_writes_data_stage_documents(assets, engine):
@@ -359,10 +579,27 @@ def test_parse_instruction_and_choose_pair():
     assert synthetic.parse_instruction(" write a short POEM about the sun.", 3, 20, seeds) == ("", "copies_seed")
     assert synthetic.choose_pair(["a", "b", "c"], [0.1, 0.9, -0.5]) == (1, 2)
     assert synthetic.choose_pair(["a", "b", "c"], [1.0, 1.0, 1.0]) is None  # a tie
-    assert synthetic.choose_pair(["same", "same "], [1.0, 0.0]) is None  # the same text
+    assert synthetic.choose_pair(["same", "same "], [1.0, 0.0]) == (0, 1)  # the same text: similar_answers' call
     assert synthetic.choose_pair(["a"], [1.0]) is None
     assert synthetic.word_chunks("one two three\n\nfour five six seven", 4) == ["one two three", "four five six seven"]
     assert synthetic.word_chunks("a b c d e f", 4) == ["a b c d", "e f"]
+
+
+def test_similar_answers():
+    from raylm.actors.data.minhash_dedup import DedupConfig
+
+    dedup = DedupConfig(ngram=3)
+    long = "people in the town like the sea and they talk about it every day when the boats come home"
+    assert synthetic.similar_answers("The sea is  blue.", " The sea is blue.", dedup, 0.8) == "identical"
+    assert synthetic.similar_answers(long, long.replace("home", "back"), dedup, 0.8) == "near_identical"  # J = 16/18
+    assert synthetic.similar_answers(long, long.replace("home", "back"), dedup, 1.0) == ""
+    assert synthetic.similar_answers("The sea is blue.", "The SEA is blue!", dedup, 1.0) == "near_identical"  # same shingles
+    assert synthetic.similar_answers(long, "a garden needs water and sun every single day", dedup, 0.8) == ""
+    # preferences: a short answer passes the filters as a curated text does (no quality rules), not bad words
+    filters = synth.Config(filters={"bad_words": {"words": ["volcano"]}}).filters
+    pairs = ["What is 51 - 29?\n\nAnswer: 22", "What is a volcano?\n\nA mountain."]
+    assert synthetic.filter_reasons(pairs, filters, quality=False) == ["", "bad_words"]
+    assert synthetic.filter_reasons(pairs, filters)[0].startswith("gopher_")
 
 
 def test_judged_scores_position_swap():

@@ -198,15 +198,28 @@ def word_chunks(text: str, max_words: int) -> list[str]:
 
 def choose_pair(samples: list[str], scores: list[float], tolerance: float = 1e-9) -> tuple[int, int] | None:
     """(index of the best sample, index of the worst), or None when they tie: every sample scores
-    the same within ``tolerance`` (no preference to learn), or the best and worst texts are equal.
-    The first of equally best and the last of equally worst are taken."""
+    the same within ``tolerance`` (no preference to learn). The first of equally best and the last
+    of equally worst are taken. (Equal or near-equal texts: ``similar_answers``.)"""
     if len(samples) < 2:
         return None
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     worst = min(range(len(scores)), key=lambda i: (scores[i], -i))
-    if scores[best] - scores[worst] <= tolerance or samples[best].strip() == samples[worst].strip():
+    if scores[best] - scores[worst] <= tolerance:
         return None
     return best, worst
+
+
+def similar_answers(a: str, b: str, dedup, max_jaccard: float) -> str:
+    """Why a chosen / rejected pair teaches nothing: "identical" (the same text, whitespace collapsed),
+    "near_identical" (the estimated Jaccard similarity of their word n-gram shingles, the data
+    stage's MinHash with ``dedup``'s settings, is at least ``max_jaccard``), else ""."""
+    from raylm.actors.data.minhash_dedup import estimated_jaccard, minhash_signature
+
+    if " ".join(a.split()) == " ".join(b.split()):
+        return "identical"
+    if estimated_jaccard(minhash_signature(a, dedup), minhash_signature(b, dedup)) >= max_jaccard:
+        return "near_identical"
+    return ""
 
 
 def answer_pairs(group_sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -234,13 +247,15 @@ def judged_scores(group_sizes: list[int], verdicts: list) -> list[list[float]]:
     return [[total / n if n else 0.5 for total, n in answers] for answers in totals]
 
 
-def filter_reasons(texts: list[str], filters) -> list[str]:
-    """The data stage's quality filters (``DocumentFilter``) on each text: "" kept, else the reason
-    (e.g. ``gopher_repetition:duplicate_lines_ratio``), as the data stage counts them."""
+def filter_reasons(texts: list[str], filters, quality: bool = True) -> list[str]:
+    """The data stage's filters (``DocumentFilter``) on each text: "" kept, else the reason (e.g.
+    ``gopher_repetition:duplicate_lines_ratio``), as the data stage counts them. ``quality=False``:
+    as the data stage treats a curated input: no quality rules or classifier; normalisation and
+    bad words still apply."""
     from raylm.actors.data.quality_filters import DocumentFilter
 
     document_filter = DocumentFilter(filters)
-    return [document_filter.filter_one(text)[1] for text in texts]
+    return [document_filter.filter_one(text, quality)[1] for text in texts]
 
 
 def redact(text: str, filters) -> str:
