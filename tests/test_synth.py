@@ -398,9 +398,9 @@ def test_preferences_dedup_and_filters(assets, engine):
 
     prompts = assets["root"] / "prompts_dedup.jsonl"
     texts = {"p0": "Write a short poem about rain.", "p1": "Explain how to care for a garden.", "p2": HARBOUR.format("harbour"),
-             "p3": "Explain how to care for a volcano.", "p4": "Write a short poem about rain and send it to anna@example.com.",
+             "p3": "Volcano fans: write a short poem about the moon.", "p4": "Write a short poem about rain and send it to anna@example.com.",
              "p5": "Give a reason to like a city.", "p6": "Explain how to care for a garden.", "p7": HARBOUR.format("port"),
-             "p8": "Give a reason to like a volcano.", "p9": "Describe the colour of a city for anna@example.com."}
+             "p8": "Volcano lovers: give a reason to like the sea.", "p9": "Describe the colour of a city for anna@example.com."}
     write_jsonl([{"id": k, "prompt": v} for k, v in texts.items()], prompts)
     function = assets["root"] / "clock_reward.py"
     function.write_text(CLOCK_REWARD)
