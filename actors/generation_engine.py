@@ -36,6 +36,8 @@ import time
 import ray
 import torch
 
+from raylm.peft.config import PeftConfig
+
 log = logging.getLogger("raylm.generation")
 BUCKET_TIMEOUT_S = 300  # fetching one published weight bucket from the object store
 
@@ -340,17 +342,16 @@ class TorchEngine:
     generated without a KV cache (the prompt-tuning hooks prepend it to whole sequences)."""
 
     def __init__(self, checkpoint_dir: str, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
-                 peft: dict | None = None, **_):
+                 peft: PeftConfig | None = None, **_):
         from raylm.models.hf_checkpoint import load_checkpoint
 
         self.model = load_checkpoint(checkpoint_dir, dtype=getattr(torch, dtype)).eval()
         self.use_cache = True
         if peft is not None:
             from raylm.peft.lora import apply_peft
-            from raylm.peft.config import PeftConfig
 
-            apply_peft(self.model, PeftConfig(**peft))
-            self.use_cache = peft["method"] != "prompt_tuning"
+            apply_peft(self.model, peft)
+            self.use_cache = peft.method != "prompt_tuning"
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.policy_version = 0

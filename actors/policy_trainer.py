@@ -17,7 +17,6 @@ blocks) the full weights are published as without one.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import ray
 import torch
@@ -31,33 +30,12 @@ from raylm.train.engine import memory_gb
 from raylm.train.losses import ppo_policy_loss
 
 
-def minibatch_rows(n: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A fresh permutation of ``n`` rows cut into ``minibatches`` equal parts (every rank the same count)."""
-    order = torch.randperm(n, generator=generator)
-    per = n // minibatches
-    return [order[i * per:(i + 1) * per] for i in range(minibatches)]
-
-
-def trim(batch: dict, rows: torch.Tensor) -> dict:
-    """The rows of a batch, cut to the longest real sequence and response among them."""
-    out = {k: v[rows] for k, v in batch.items()}
-    # Up to each row's last real token (a tool episode's mask has holes: the tool tokens).
-    mask = out["response_mask"]
-    ends = ((mask > 0) * torch.arange(1, mask.shape[1] + 1)).amax(-1)
-    width = int(ends.max().clamp(min=1))
-    seq_len = int((out["prompt_lens"] + ends).max())
-    for key, value in out.items():
-        if key == "tokens":
-            out[key] = value[:, :max(seq_len, 2)]
-        elif value.ndim == 2:
-            out[key] = value[:, :width]
-    return out
-
-
 @ray.remote
 class PolicyTrainer(ShardedTrainer):
     """The policy: the causal LM (with ``peft``, adapters on its frozen base; with ``freeze``, only
     some blocks train), built, sharded, stepped and exported by the engine."""
+
+    role = "policy"
 
     def forward(self, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch["tokens"].to(self.device)
@@ -83,25 +61,16 @@ class PolicyTrainer(ShardedTrainer):
         The batch may carry ``loss_mask`` (the tokens that carry loss; default ``response_mask``)
         and ``is_weights`` (per-token truncated importance weights).
         Each rank's loss is aggregated over its own minibatch; FSDP2 averages the gradients."""
-        generator = torch.Generator().manual_seed(self.seed * 100003 + step)
-        stats = defaultdict(list)
-        start = time.perf_counter()
-        for _ in range(epochs):
-            for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
-                mb = trim(batch, rows)
-                logits, logprobs = self.forward(mb, temperature)
-                weights = mb["is_weights"].to(self.device) if "is_weights" in mb else None
-                loss, numbers = ppo_policy_loss(
-                    logits, logprobs, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
-                    mb.get("loss_mask", mb["response_mask"]).to(self.device), clip_eps, entropy_coef,
-                    mb["ref_logprobs"].to(self.device) if kl_loss_coef > 0 else None, kl_loss_coef, kl_estimator,
-                    clip_high, aggregation, weights)
-                loss.backward()
-                stats["policy/grad_norm"].append(self.optimizer_step())
-                for key, value in numbers.items():
-                    stats[key].append(value)
-        metrics = {k: sum(v) / len(v) for k, v in stats.items()}
-        metrics["time/policy_update_s"] = time.perf_counter() - start
+        def loss(mb: dict) -> tuple[torch.Tensor, dict]:
+            logits, logprobs = self.forward(mb, temperature)
+            weights = mb["is_weights"].to(self.device) if "is_weights" in mb else None
+            return ppo_policy_loss(
+                logits, logprobs, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
+                mb.get("loss_mask", mb["response_mask"]).to(self.device), clip_eps, entropy_coef,
+                mb["ref_logprobs"].to(self.device) if kl_loss_coef > 0 else None, kl_loss_coef, kl_estimator,
+                clip_high, aggregation, weights)
+
+        metrics = self.ppo_epochs(batch, epochs, minibatches, step, loss)
         metrics["policy/memory_gb"] = memory_gb(self.device)  # this rank's peak
         metrics["policy/optimizer_state_mb"] = self.engine.optimizer_state_mb()  # this rank's shard
         return metrics

@@ -4,19 +4,22 @@ group.
 
 ``ShardedTrainer`` is what every rank does whatever it trains: join the group, then run the same
 training engine as the Ray Train stages (``raylm.train.engine``: build the model, shard it with
-FSDP2, step the optimizer with clipping, checkpoint with DCP, export to Hugging Face / PEFT).
-``PolicyTrainer`` and ``ValueTrainer`` add their role's methods and losses. On the driver,
-``TrainerGroup`` starts the ranks on the slots the placement hands it, has rank 0 choose the
-rendezvous address, and fans a method out to every rank (each with its own shard of the batch, or
-all with the same arguments), waiting with a timeout. A call that finds a rank dead raises
-``TrainerRankDied``: the group's survivors are then stuck in (or failed out of) a collective with it,
-so the driver replaces the whole group (``raylm.rl.pools``) and resumes from a checkpoint.
+FSDP2, step the optimizer with clipping, checkpoint with DCP, export to Hugging Face / PEFT) and
+PPO's epochs of minibatch steps (``ppo_epochs``). ``PolicyTrainer`` and ``ValueTrainer`` add their
+role's methods and losses. On the driver, ``TrainerGroup`` starts the ranks on the slots the
+placement hands it, has rank 0 choose the rendezvous address, and fans a method out to every rank
+(each with its own shard of the batch, or all with the same arguments), waiting with a timeout. A
+call that finds a rank dead raises ``TrainerRankDied``: the group's survivors are then stuck in (or
+failed out of) a collective with it, so the driver replaces the whole group (``raylm.rl.pools``) and
+resumes from a checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from collections import defaultdict
 from datetime import timedelta
 from typing import Callable
 
@@ -27,6 +30,7 @@ from ray.actor import ActorHandle
 
 from raylm.distributed.parallel_dims import ParallelDims
 from raylm.peft.config import PeftConfig
+from raylm.rl.batching import minibatch_rows, shard_batch, trim
 from raylm.rl.remote import Pending, wait
 from raylm.train.engine import Engine, build_model
 from raylm.train.spec import Freeze
@@ -36,6 +40,7 @@ from raylm.train.config import OptimConfig
 class ShardedTrainer:
     """One rank. Not a Ray actor by itself: subclasses are decorated with ``@ray.remote``."""
 
+    role = ""  # "policy" or "critic": the prefix of its update metrics
     scalar_head = False  # a policy: the causal LM; the critic: a scalar head per token
 
     def __init__(self, rank: int, world_size: int, threads: int = 1, use_gpu: bool = False, seed: int = 0):
@@ -78,6 +83,27 @@ class ShardedTrainer:
     def optimizer_step(self) -> float:
         """Clip the gradients (global norm across ranks), step, zero. -> the norm before clipping."""
         return float(self.engine.step()[0])
+
+    def ppo_epochs(self, batch: dict, epochs: int, minibatches: int, step: int,
+                   loss: Callable[[dict], tuple[torch.Tensor, dict]]) -> dict:
+        """PPO's update of this rank's rollouts, whatever the role's loss: ``epochs`` passes, each a
+        fresh permutation of the rows (seeded by the step) cut into ``minibatches`` optimizer steps
+        on ``loss(minibatch) -> (loss, numbers)``, every minibatch trimmed to its longest row.
+        -> the mean of each number over the optimizer steps, ``<role>/grad_norm`` (before clipping)
+        and ``time/<role>_update_s``."""
+        generator = torch.Generator().manual_seed(self.seed * 100003 + step)
+        stats = defaultdict(list)
+        start = time.perf_counter()
+        for _ in range(epochs):
+            for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
+                value, numbers = loss(trim(batch, rows))
+                value.backward()
+                stats[f"{self.role}/grad_norm"].append(self.optimizer_step())
+                for key, number in numbers.items():
+                    stats[key].append(number)
+        metrics = {k: sum(v) / len(v) for k, v in stats.items()}
+        metrics[f"time/{self.role}_update_s"] = time.perf_counter() - start
+        return metrics
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the unsharded weights (raylm names) on rank 0, an empty dict elsewhere."""
@@ -163,8 +189,6 @@ class TrainerGroup:
     def sharded(self, call: Callable[[ActorHandle, dict], ray.ObjectRef], batch: dict, what: str,
                 combine=list) -> GroupCall:
         """Rank i runs the call on its contiguous slice of the batch's rows."""
-        from raylm.rl.batching import shard_batch
-
         shards = shard_batch(batch, self.world_size)
         return GroupCall(self, [call(a, s) for a, s in zip(self.actors, shards)], f"{self.name}.{what}",
                          self.remote_s, combine)

@@ -9,13 +9,9 @@ gets a fresh zero head.
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-
 import ray
 import torch
 
-from raylm.actors.policy_trainer import minibatch_rows, trim
 from raylm.actors.trainer_group import ShardedTrainer, TrainerGroup, mean_dicts
 from raylm.rl.batching import cat_padded
 from raylm.rl.ppo import response_index
@@ -25,6 +21,7 @@ from raylm.train.losses import clipped_value_loss
 
 @ray.remote
 class ValueTrainer(ShardedTrainer):
+    role = "critic"
     scalar_head = True
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -42,23 +39,13 @@ class ValueTrainer(ShardedTrainer):
 
     def update(self, batch: dict, epochs: int, minibatches: int, value_clip_eps: float | None, step: int = 0) -> dict:
         """``epochs`` passes in ``minibatches`` steps each of the (clipped) value loss against ``returns``."""
-        generator = torch.Generator().manual_seed(self.seed * 100003 + step)
-        stats = defaultdict(list)
-        start = time.perf_counter()
-        for _ in range(epochs):
-            for rows in minibatch_rows(len(batch["tokens"]), minibatches, generator):
-                mb = trim(batch, rows)
-                mask = mb["response_mask"].to(self.device)
-                values = self.forward(mb)
-                loss, clipped = clipped_value_loss(values, mb["old_values"].to(self.device), mb["returns"].to(self.device),
-                                                   mask, value_clip_eps)
-                loss.backward()
-                stats["critic/grad_norm"].append(self.optimizer_step())
-                stats["critic/value_loss"].append(loss.item())
-                stats["critic/value_clip_fraction"].append(float(clipped))
-        metrics = {k: sum(v) / len(v) for k, v in stats.items()}
-        metrics["time/critic_update_s"] = time.perf_counter() - start
-        return metrics
+        def loss(mb: dict) -> tuple[torch.Tensor, dict]:
+            value_loss, clipped = clipped_value_loss(self.forward(mb), mb["old_values"].to(self.device),
+                                                     mb["returns"].to(self.device),
+                                                     mb["response_mask"].to(self.device), value_clip_eps)
+            return value_loss, {"critic/value_loss": value_loss.item(), "critic/value_clip_fraction": float(clipped)}
+
+        return self.ppo_epochs(batch, epochs, minibatches, step, loss)
 
 
 class CriticGroup(TrainerGroup):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from preference_fixtures import VALIDATION_FRACTION, shared_sft_checkpoint
+from preference_fixtures import VALIDATION_FRACTION, check_fault_drill, shared_sft_checkpoint, small_pair_inputs
 from raylm.data.preferences import PairDataset
 from raylm.train.losses import dpo_loss, dpo_pair_outputs, sequence_logprobs
 
@@ -149,35 +149,26 @@ def test_raylm_dpo_raises_held_out_margin_and_accuracy(tmp_path, tmp_path_factor
     assert {"model", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-# ---- peft methods through `raylm dpo` ---------------------------------------------------------------
+# ---- peft methods and the fault drill through `raylm dpo` ----------------------------------------------
 
 @pytest.fixture(scope="module")
 def dpo_base(tmp_path_factory):
     """A random debug-size model (room for a soft prompt past 128 positions), a tokenizer, and pair
     files from 60 stdlib instructions (chosen: the function's docstring line, rejected: another
-    function's); a local Ray shared by the module's peft runs."""
+    function's); a local Ray shared by the module's peft runs and its fault drill."""
     import ray
 
-    from raylm.models.config import preset
-    from raylm.models.hf_checkpoint import save_checkpoint
-    from raylm.models.transformer import Transformer
-    from raylm.data.jsonl import write_jsonl
-    from sft_fixtures import stdlib_instructions
-    from raylm.data.tokenizer import train_tokenizer
-
-    folder = tmp_path_factory.mktemp("peft-dpo")
-    examples = stdlib_instructions(limit=60)
-    train_tokenizer((e["prompt"] + "\n" + e["response"] for e in examples), 512, folder / "tokenizer.json")
-    pairs = [{"prompt": e["prompt"], "chosen": e["response"], "rejected": examples[(i + 7) % len(examples)]["response"]}
-             for i, e in enumerate(examples)]
-    files = {"train": str(write_jsonl(pairs[:48], folder / "train.jsonl")),
-             "validation": str(write_jsonl(pairs[48:], folder / "validation.jsonl"))}
-    base = Transformer(preset("debug", vocab_size=512, max_seq_len=256))
-    base.init_weights(seed=0)
-    save_checkpoint(base, folder / "base", tokenizer_file=str(folder / "tokenizer.json"))
+    inputs = small_pair_inputs(tmp_path_factory.mktemp("peft-dpo"))
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield folder / "base", files, pairs[:48]
+    yield inputs
     ray.shutdown()
+
+
+@pytest.mark.slow
+def test_dpo_killed_worker_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_run(dpo_base, tmp_path):
+    """train.fail_at_step on `raylm dpo` (see ``check_fault_drill``)."""
+    base, files, _ = dpo_base
+    check_fault_drill("dpo", base, files, tmp_path, loss={"beta": 0.1})
 
 
 def dpo_losses(model, pairs, tokenizer, reference: torch.Tensor, beta: float) -> float:

@@ -13,7 +13,6 @@ from raylm.data.token_shards import TokenShardWriter, TokenStream, write_index
 from raylm.eval.memorization import (
     canary_report,
     extraction_report,
-    greedy_match_length,
     sample_sequences,
     scan_pii,
     split_canary,
@@ -117,7 +116,6 @@ def test_extraction_rate_memorised_vs_untrained(shards, checkpoints):
         for s, hit in ((samples[i], extracted[i]) for i in checked):
             decoded = greedy_decode(model, s["prefix"], len(s["suffix"]))
             assert (decoded == s["suffix"]) == hit
-            assert (greedy_match_length(decoded, s["suffix"]) == len(s["suffix"])) == hit
     n = len(samples)
     assert rates["memorised"]["extraction_rate"] >= 0.9 * sum(from_memorised) / n
     assert rates["untrained"]["extraction_rate"] == 0.0 and rates["untrained"]["n_sequences"] == n

@@ -19,7 +19,8 @@ from raylm.data.preferences import (
 )
 from raylm.data.stdlib_task import reference_score, stdlib_preference_splits, stdlib_prompts
 from raylm.train.losses import bradley_terry_loss
-from preference_fixtures import VALIDATION_FRACTION, reward_inputs, shared_sft_checkpoint
+from preference_fixtures import (VALIDATION_FRACTION, check_fault_drill, reward_inputs, shared_sft_checkpoint,
+                                 small_pair_inputs)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -211,6 +212,19 @@ def test_raylm_reward_learns_the_stdlib_task_and_exports_for_transformers(tmp_pa
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_reward_killed_worker_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path):
+    """train.fail_at_step on `raylm reward` (see ``check_fault_drill``)."""
+    import ray
+
+    base, files, _ = small_pair_inputs(tmp_path)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        check_fault_drill("reward", base, files, tmp_path)
+    finally:
+        ray.shutdown()
+
+
 def test_cli_rejects_bad_preference_files_before_any_ray_work(tmp_path, tmp_path_factory, capsys):
     from raylm import cli
 
@@ -237,6 +251,9 @@ def test_cli_rejects_bad_preference_files_before_any_ray_work(tmp_path, tmp_path
     write(loss={"margin": 1.0, "beta": 0.1})
     assert cli.main(["reward", str(config)]) == 2
     assert "loss.beta: unknown key" in capsys.readouterr().err
+    write(train={"fail_at_step": 3, "fail_rank": 2})  # the fault drill's rank must be one of the workers
+    assert cli.main(["reward", str(config)]) == 2
+    assert "train.fail_rank: 2 is not a rank of 2 workers" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

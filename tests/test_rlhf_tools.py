@@ -15,11 +15,10 @@ import pytest
 import ray
 import torch
 
-from raylm.actors.policy_trainer import trim
 from raylm.data.chat_template import ChatTemplate
 from raylm.models.hf_checkpoint import save_checkpoint
 from raylm.pipelines import rlhf
-from raylm.rl.batching import make_batch, pad_rows
+from raylm.rl.batching import make_batch, pad_rows, trim
 from raylm.rl.prompts import rollout_seeds
 from raylm.rl.rollouts import collect_rollouts
 from raylm.rl.tool_rollouts import Episode, tool_turn_ids

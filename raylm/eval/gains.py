@@ -288,10 +288,6 @@ def from_dict(d: dict) -> Gain | NotShown:
                                      "note", "higher_is_better")})
 
 
-def format_gains(gains: list[Gain | NotShown]) -> str:
-    return "\n".join(g.line() for g in gains)
-
-
 def markdown_gains(gains: list[Gain | NotShown]) -> str:
     """The gains as a results.md table."""
     lines = ["| stage | vs | metric | before | after | gain [95% interval] | n | method | shown |",

@@ -61,16 +61,6 @@ def extraction_report(extracted: list[bool], confidence: float = 0.95) -> dict:
             "extraction_rate_high": high, "extracted": hits, "n_sequences": n}
 
 
-def greedy_match_length(generated: list[int], suffix: list[int]) -> int:
-    """How many leading suffix tokens a generation reproduces."""
-    n = 0
-    for g, s in zip(generated, suffix):
-        if g != s:
-            break
-        n += 1
-    return n
-
-
 def pii_patterns() -> dict[str, re.Pattern]:
     """The data stage's own redaction patterns (imported here, where used: the data actors' module
     pulls in its filters' dependencies)."""

@@ -419,14 +419,3 @@ def _metrics(path: Path, output_type: str, metric_list: Any) -> tuple[list[str],
         names.append(name)
         kwargs[name] = {k: v for k, v in entry.items() if k in ("ignore_case", "ignore_punctuation", "regexes_to_ignore")}
     return names, kwargs
-
-
-def find_task_files(paths: list[str | Path]) -> list[Path]:
-    """Task YAML files named directly, or every ``*.yaml`` in a named folder (sorted)."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(list(p.glob("*.yaml")) + list(p.glob("*.yml"))))
-        else:
-            out.append(p)
-    return out

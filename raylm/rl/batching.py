@@ -47,3 +47,26 @@ def shard_batch(batch: dict, n: int) -> list[dict]:
 def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     width = max(p.shape[1] for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
+def minibatch_rows(n: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A fresh permutation of ``n`` rows cut into ``minibatches`` equal parts (every rank the same count)."""
+    order = torch.randperm(n, generator=generator)
+    per = n // minibatches
+    return [order[i * per:(i + 1) * per] for i in range(minibatches)]
+
+
+def trim(batch: dict, rows: torch.Tensor) -> dict:
+    """The rows of a batch, cut to the longest real sequence and response among them."""
+    out = {k: v[rows] for k, v in batch.items()}
+    # Up to each row's last real token (a tool episode's mask has holes: the tool tokens).
+    mask = out["response_mask"]
+    ends = ((mask > 0) * torch.arange(1, mask.shape[1] + 1)).amax(-1)
+    width = int(ends.max().clamp(min=1))
+    seq_len = int((out["prompt_lens"] + ends).max())
+    for key, value in out.items():
+        if key == "tokens":
+            out[key] = value[:, :max(seq_len, 2)]
+        elif value.ndim == 2:
+            out[key] = value[:, :width]
+    return out

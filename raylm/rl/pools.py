@@ -66,7 +66,7 @@ def start_engine(config: Config, backend: str, strategy) -> ActorHandle:
     elif config.uses_lora:
         raise ConfigError("peft.method: lora needs the vLLM rollout backend, and vLLM is not installed here")
     elif config.uses_adapter:
-        kwargs.update(peft=config.peft.model_dump())
+        kwargs.update(peft=config.peft)
     engine_cls = VLLMEngine if backend == "vllm" else TorchEngine
     return engine_cls.options(num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
                               scheduling_strategy=strategy).remote(str(Path(config.policy.checkpoint).resolve()),

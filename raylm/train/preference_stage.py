@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 from raylm.config import ConfigError, InputPath, Section, check_one_data_source
 from raylm.tracking import StageRun
 from raylm.train.config import TrainConfig
-from raylm.train.launcher import check_data_files, check_start_checkpoint, check_tokenizer, training_spec
+from raylm.train.launcher import (check_data_files, check_parallel, check_start_checkpoint, check_tokenizer,
+                                  training_spec)
 from raylm.train.spec import PairData, TrainingSpec
 
 
@@ -55,8 +56,7 @@ def check_preference_stage(config, config_path) -> None:
         if getattr(config.parallel, key) > 1:
             raise ConfigError(f"{config_path}: parallel.{key}: not supported by preference training (use dp_shard, "
                               "dp_replicate, tp)")
-    if config.train.fail_at_step is not None:
-        raise ConfigError(f"{config_path}: train.fail_at_step: fault injection is pretraining/SFT only")
+    check_parallel(config, config_path)  # with cp and pp 1: train.fail_rank against the workers
     check_data_files(config, config_path, lambda path: read_preferences(path, config.data.on_bad_line),
                      PreferenceDataError, separator="\n")
 
