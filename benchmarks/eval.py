@@ -4,7 +4,7 @@ in one run: the same multiple-choice task, the same documents, the same checkpoi
     .venv/bin/python benchmarks/eval.py --lm-eval-batches batch --repeat 3   # small preset, 200 items, 0-shot
     .venv/bin/python benchmarks/eval.py --preset tiny --num-fewshot 3 --limit 100
 
-raylm's side is `raylm eval`'s path for one checkpoint (pipelines.eval.evaluate_checkpoint: the
+raylm's side is `raylm eval`'s path for one checkpoint (raylm.eval.evaluate.evaluate_checkpoint: the
 scorer actors start on Ray's workers and load the model while the driver tokenises; then the actors
 score); lm_eval's is `lm_eval.simple_evaluate` with `model="hf"` (loading the model and the task's
 data, tokenising, scoring), run at its default batch size 1 and at raylm's batch size.
@@ -73,14 +73,16 @@ def lm_eval_task_copy(out: Path) -> tuple[Path, str]:
 
 def run_raylm(checkpoint: Path, num_fewshot: int, limit: int, actors: int, max_batch: int, dtype: str) -> dict:
     from raylm.eval.tasks import load_task
-    from raylm.pipelines.eval import Config, ScorerConfig, TaskRef, evaluate_checkpoint, result_key
+    from raylm.eval.evaluate import evaluate_checkpoint
+    from raylm.eval.tasks import result_key
+    from raylm.pipelines.eval import Config, ScorerConfig, TaskRef
 
     ref = TaskRef(path=str(TASK), num_fewshot=num_fewshot, limit=limit)
     config = Config(checkpoints={"bench": str(checkpoint)}, tasks=[ref],
                     scorer=ScorerConfig(num_actors=actors, max_batch=max_batch, dtype=dtype))
     start = time.perf_counter()
     tasks = [(ref, load_task(ref.path, ref.limit))]
-    results = evaluate_checkpoint("bench", str(checkpoint), tasks, config)
+    results = evaluate_checkpoint("bench", str(checkpoint), tasks, config.scorer, config.generation, config.seed)
     seconds = time.perf_counter() - start
     metrics = results[result_key(ref, tasks[0][1])]
     return {"system": f"raylm eval ({actors} actors)", "batch": max_batch, "items": metrics["n_items"],

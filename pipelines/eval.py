@@ -8,6 +8,10 @@ tokenised the way lm-evaluation-harness's Hugging Face backend does, so accuraci
 Markdown table with one column per checkpoint; optionally a reward-model win rate of one
 checkpoint against another, and an n-gram decontamination report against the training shards.
 
+This module is the stage's config, its checks and ``run``; the mechanics are in ``raylm.eval``: requests
+(tokenisation, log-likelihood requests), engines (the scorer and generation actor pools), evaluate (one
+checkpoint), pairs (the pairwise sections' prompts and responses), and a module per section.
+
 Beyond likelihood (docs/evaluation.md; the math in raylm.eval.judge / fairness / memorization /
 human_eval): an LM judge's position-swap-debiased win rate (``judge``), bias metrics on templated
 prompts with swapped demographic terms (``fairness``: scored with the tasks, in the same scorer calls),
@@ -18,34 +22,30 @@ scorer calls) with canaries and PII-like text in generations, and side-by-side p
 
 from __future__ import annotations
 
-import functools
-import glob
 import json
 import math
 import time
 from pathlib import Path
-
-import numpy as np
 from typing import Literal
 
 from pydantic import Field
 
 from raylm.config import ConfigError, InputPath, Section, StageConfig
-from raylm.data.jsonl import records, write_jsonl
+from raylm.data.jsonl import write_jsonl
+from raylm.eval.decontamination import check_decontamination, decontamination_report
+from raylm.eval.evaluate import evaluate_checkpoint
+from raylm.eval.fairness import check_fairness, prepare_fairness
+from raylm.eval.human_eval import AnnotationError, human_export, human_import, read_choices, read_pairs
 from raylm.eval.judge import DEFAULT_TEMPLATE as DEFAULT_JUDGE_TEMPLATE
-from raylm.eval.metrics import (
-    contaminated,
-    generation_metrics,
-    multiple_choice_metrics,
-    perplexity_metrics,
-    rolling_windows,
-    win_rate,
-    word_count,
-)
-from raylm.eval.tasks import Task, load_task
+from raylm.eval.judge import judge_report
+from raylm.eval.memorization import check_memorization, extraction_report, memorization_generations, memorization_samples
+from raylm.eval.pairs import pair_chat, pair_folders, preference_win_rate, read_prompts
+from raylm.eval.tasks import load_task
 from raylm.tracking import StageRun
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# What the scorer actors import: Ray's first workers import it as they start (raylm.ray_init).
+WORKER_MODULES = ("torch",)
 
 
 class TaskRef(Section):
@@ -223,10 +223,10 @@ def check(config: Config, config_path) -> None:
         for key in ("model_a", "model_b"):
             check_checkpoint(config.checkpoints.get(getattr(pref, key), getattr(pref, key)), f"preference.{key}", config_path)
         check_checkpoint(pref.reward_model, "preference.reward_model", config_path)
-        if preference_chat(config, config_path):  # every template loads (or the run would fail after the tasks)
+        if pair_chat(pref, "preference", config.checkpoints, config_path):  # every template loads (or the run would fail after the tasks)
             from raylm.data.chat_template import ChatTemplate, ChatTemplateError
 
-            for key, folder in preference_folders(config).items():
+            for key, folder in pair_folders(pref, "preference", config.checkpoints).items():
                 try:
                     ChatTemplate(folder)
                 except ChatTemplateError as e:
@@ -241,10 +241,8 @@ def check(config: Config, config_path) -> None:
     if config.fairness is not None:
         check_fairness(config.fairness, config_path)
     if config.memorization is not None:
-        check_memorization(config, config_path)
+        check_memorization(config.memorization, config.checkpoints, config_path)
     if config.human_import is not None:
-        from raylm.eval.human_eval import AnnotationError, read_choices, read_pairs
-
         for key in ("pairs", "choices"):
             if not Path(getattr(config.human_import, key)).is_file():
                 raise ConfigError(f"{config_path}: human_import.{key}: {getattr(config.human_import, key)} does not exist")
@@ -252,27 +250,6 @@ def check(config: Config, config_path) -> None:
             read_choices(config.human_import.choices, set(read_pairs(config.human_import.pairs)))
         except AnnotationError as e:
             raise ConfigError(f"{config_path}: human_import: {e}") from None
-
-
-def pair_folders(config: Config, key: str) -> dict[str, str]:
-    """The checkpoints a pairwise section (judge, human_export) reads, by its keys."""
-    section = getattr(config, key)
-    names = ("model_a", "model_b") + (("model",) if key == "judge" else ())
-    return {name: config.checkpoints.get(getattr(section, name), getattr(section, name)) for name in names}
-
-
-def pair_chat(config: Config, key: str, config_path=None) -> bool:
-    """A pairwise section's ``chat``, or unset: whether all its checkpoints have a chat template."""
-    from raylm.data.chat_template import has_chat_template
-
-    section = getattr(config, key)
-    if section.chat is not None:
-        return section.chat
-    have = {name: has_chat_template(folder) for name, folder in pair_folders(config, key).items()}
-    if all(have.values()) or not any(have.values()):
-        return all(have.values())
-    raise ConfigError(f"{config_path}: {key}.chat: {', '.join(k for k, v in have.items() if v)} have a chat "
-                      f"template and {', '.join(k for k, v in have.items() if not v)} not: set chat: true or false")
 
 
 def check_pair_section(config: Config, key: str, config_path) -> None:
@@ -286,668 +263,18 @@ def check_pair_section(config: Config, key: str, config_path) -> None:
             raise ConfigError(f"{config_path}: judge.template: {', '.join(missing)} missing from the judge's prompt")
         if section.reward_model is not None:
             check_checkpoint(section.reward_model, "judge.reward_model", config_path)
-    for name, folder in pair_folders(config, key).items():
+    for name, folder in pair_folders(section, key, config.checkpoints).items():
         check_checkpoint(folder, f"{key}.{name}", config_path)
-    if pair_chat(config, key, config_path):
+    if pair_chat(section, key, config.checkpoints, config_path):
         from raylm.data.chat_template import ChatTemplate, ChatTemplateError
 
-        for name, folder in pair_folders(config, key).items():
+        for name, folder in pair_folders(section, key, config.checkpoints).items():
             try:
                 ChatTemplate(folder)
             except ChatTemplateError as e:
                 raise ConfigError(f"{config_path}: {key}.{name}: {e} (or set {key}.chat: false)") from None
-    read_prompts(section, key)  # a missing file or field fails now, naming file and line
-
-
-def read_prompts(section: PairConfig | PreferenceConfig, key: str = "") -> list[dict]:
-    """The prompt lines of a pairwise section, at most ``limit`` (the whole record: the judge reads
-    its label field). A line that is not JSON or lacks the prompt field is an error naming it."""
-    path = Path(section.prompts)
-    if not path.is_file():
-        raise ConfigError(f"{key}.prompts: {path} does not exist")
-    prompts = []
-    with open(path, "rb") as f:
-        for number, record in records(f, path, error=ConfigError):
-            if not isinstance(record, dict) or not isinstance(record.get(section.prompt_field), str):
-                raise ConfigError(f"{path}:{number}: field {section.prompt_field!r} missing or not text")
-            label_field = getattr(section, "label_field", None)
-            if label_field is not None:
-                label = str(record.get(label_field, "")).strip().upper()
-                record[label_field] = {"TIE": "tie"}.get(label, label)
-                if record[label_field] not in ("A", "B", "tie"):
-                    raise ConfigError(f"{path}:{number}: field {label_field!r}: {record.get(label_field)!r} is not A, B or tie")
-            prompts.append(record)
-    if not prompts:
-        raise ConfigError(f"{key}.prompts: {path} holds no prompts")
-    return prompts[: section.limit] if section.limit else prompts
-
-
-def check_fairness(cfg: FairnessConfig, config_path) -> None:
-    for i, ref in enumerate(cfg.tasks):
-        task = load_task(ref.path, ref.limit)
-        if task.output_type != "multiple_choice":
-            raise ConfigError(f"{config_path}: fairness.tasks.{i}: {ref.path} is {task.output_type}; a fairness set is a "
-                              "multiple_choice task (its choices are the outcomes)")
-        for doc in task.eval_docs:
-            for key in ("group_field", "template_field", "term_field"):
-                if getattr(cfg, key) not in doc.data:
-                    raise ConfigError(f"{doc.where()}: field {getattr(cfg, key)!r} (fairness.{key}) is missing")
-        if len({doc.data[cfg.group_field] for doc in task.eval_docs}) < 2:
-            raise ConfigError(f"{config_path}: fairness.tasks.{i}: {ref.path} has fewer than two groups to compare")
-    check_training_text(cfg, "fairness", config_path)
-
-
-def check_memorization(config: Config, config_path) -> None:
-    from raylm.data.token_shards import TokenStream
-
-    cfg = config.memorization
-    for i, folder in enumerate(cfg.shard_dirs):
-        try:
-            stream = TokenStream(folder, cfg.shard_split)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{config_path}: memorization.shard_dirs.{i}: {e}") from None
-        for name, checkpoint in config.checkpoints.items():
-            hf = json.loads((Path(checkpoint) / "config.json").read_text())
-            if hf.get("vocab_size", stream.vocab_size) < stream.vocab_size:
-                raise ConfigError(f"{config_path}: memorization.shard_dirs.{i}: {folder} holds ids of a vocabulary of "
-                                  f"{stream.vocab_size}, larger than checkpoint {name}'s ({hf['vocab_size']}): "
-                                  "not the tokenizer this model was trained with")
-    if cfg.prompts is not None and not Path(cfg.prompts).is_file():
-        raise ConfigError(f"{config_path}: memorization.prompts: {cfg.prompts} does not exist")
-
-
-def preference_folders(config: Config) -> dict[str, str]:
-    pref = config.preference
-    return {key: config.checkpoints.get(getattr(pref, key), getattr(pref, key)) for key in ("model_a", "model_b", "reward_model")}
-
-
-def preference_chat(config: Config, config_path=None) -> bool:
-    """``preference.chat``, or unset: whether all three checkpoints have a chat template (an error
-    when only some have one)."""
-    from raylm.data.chat_template import has_chat_template
-
-    if config.preference.chat is not None:
-        return config.preference.chat
-    have = {key: has_chat_template(folder) for key, folder in preference_folders(config).items()}
-    if all(have.values()) or not any(have.values()):
-        return all(have.values())
-    raise ConfigError(f"{config_path}: preference.chat: {', '.join(k for k, v in have.items() if v)} have a chat "
-                      f"template and {', '.join(k for k, v in have.items() if not v)} not: set chat: true or false")
-
-
-# ---- tokenisation, as lm-evaluation-harness's Hugging Face backend does it ----------------------
-class Encoder:
-    """Text to token ids as lm_eval's Hugging Face backend has them (``encode``, ``encode_pair``), and back.
-
-    A tokenizer that is one ``tokenizer.json`` under transformers' generic fast class, with nothing in
-    ``tokenizer_config.json`` that changes what it adds or how it decodes (what raylm's checkpoints
-    carry), is run by the ``tokenizers`` library directly: that is all transformers does with it, and
-    importing transformers (which imports torch) would cost the driver ~6 s before it could hand the
-    scorers any work. Any other tokenizer goes through ``transformers.AutoTokenizer``."""
-
-    PLAIN_FAST_KEYS = {"tokenizer_class", "model_max_length", "clean_up_tokenization_spaces",
-                       "bos_token", "eos_token", "pad_token", "unk_token", "chat_template"}
-
-    def __init__(self, folder: str):
-        path = Path(folder)
-        tok_config = path / "tokenizer_config.json"
-        settings = json.loads(tok_config.read_text()) if tok_config.exists() else {}
-        plain = ((path / "tokenizer.json").exists() and not (path / "special_tokens_map.json").exists()
-                 and settings.get("tokenizer_class") == "PreTrainedTokenizerFast"
-                 and set(settings) <= self.PLAIN_FAST_KEYS and not settings.get("clean_up_tokenization_spaces")
-                 and all(isinstance(settings.get(k, ""), str) for k in ("bos_token", "eos_token")))
-        if plain:
-            import tokenizers
-
-            self.tokenizer = None
-            self.backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-            bos, eos = (self.backend.token_to_id(settings[k]) if k in settings else None for k in ("bos_token", "eos_token"))
-        else:
-            import transformers
-
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        self.prefix_token_id = bos if bos is not None else eos
-        hf = json.loads((path / "config.json").read_text())
-        self.max_length = next((hf[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if k in hf), 2048)
-
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            return self.backend.encode(text).ids
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return self.backend.decode(ids, skip_special_tokens=True)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if not context:
-            return [self.prefix_token_id], self.encode(continuation)
-        spaces = len(context) - len(context.rstrip())  # trailing spaces belong to the continuation
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.encode(context + continuation)
-        context_ids = self.encode(context)
-        return context_ids, whole[len(context_ids) :]
-
-
-# ---- requests ---------------------------------------------------------------------------------
-def loglikelihood_rows(task: Task, num_fewshot: int | None, enc: Encoder, max_length: int, stride: int | None) -> list[dict]:
-    """One row per scored sequence; ``doc``/``choice`` say what it belongs to."""
-    rows = []
-    if task.output_type == "multiple_choice":
-        for d, (doc, context) in enumerate(zip(task.eval_docs, task.contexts(num_fewshot))):
-            for c, choice in enumerate(task.choices(doc)):
-                ctx, cont = enc.encode_pair(context, task.target_delimiter + choice)
-                seq = (ctx + cont)[-(max_length + 1) :]
-                rows.append({"doc": d, "choice": c, "tokens": seq, "n_scored": min(len(cont), len(seq) - 1)})
-    else:
-        for d, doc in enumerate(task.eval_docs):
-            full = [enc.prefix_token_id] + enc.encode(task.text(doc))
-            for w, (start, end, n) in enumerate(rolling_windows(len(full) - 1, max_length, stride)):
-                rows.append({"doc": d, "choice": w, "tokens": full[start:end], "n_scored": n})
-    return rows
-
-
-# What the scorer actors import: Ray's first workers import it as they start (raylm.ray_init).
-WORKER_MODULES = ("torch",)
-
-
-def start_scorers(folder: str, cfg: ScorerConfig) -> list:
-    """The log-likelihood actors. Each loads the model as soon as it starts, so the driver can
-    tokenise while they do: on a small machine starting Python, torch and the model is a good part of
-    a whole evaluation."""
-    actor = scorer_actor_class().options(num_cpus=cfg.cpus_per_actor)
-    threads = max(1, int(cfg.cpus_per_actor))
-    return [actor.remote(str(folder), dtype=cfg.dtype, max_batch=cfg.max_batch, num_threads=threads)
-            for _ in range(cfg.num_actors)]
-
-
-@functools.cache
-def scorer_actor_class():
-    """One Ray actor class per process: Ray pickles a class (by value, scanning every loaded module)
-    and ships it to the cluster the first time it starts an actor of it, 0.2-0.4 s in a driver that
-    has transformers imported, and then only once per job for every checkpoint that is scored."""
-    import ray
-
-    from raylm.actors.loglikelihood_scorer import LoglikelihoodScorer
-
-    return ray.remote(LoglikelihoodScorer)
-
-
-def scoring_calls(rows: list[dict], rows_per_call: int) -> list[list[int]]:
-    """Row indices in calls of about ``rows_per_call`` rows. Rows with the same context (one question's
-    answers) stay in one call: the actor computes their context once, then the answers as a trie. The
-    questions go largest first by what the actor will compute for them (the context plus its answers'
-    tokens, an upper bound on the trie), so the trees of one call, and of one forward pass, are of
-    about one size and their rows need little padding."""
-    contexts = [tuple(r["tokens"][: len(r["tokens"]) - r["n_scored"]]) for r in rows]
-    tree_size: dict[tuple, int] = {}
-    for context, row in zip(contexts, rows):
-        tree_size[context] = tree_size.get(context, len(context)) + row["n_scored"] - 1
-    order = sorted(range(len(rows)), key=lambda i: (-tree_size[contexts[i]], contexts[i]))
-    calls, current = [], []
-    for i in order:
-        if len(current) >= rows_per_call and contexts[i] != contexts[current[-1]]:
-            calls.append(current)
-            current = []
-        current.append(i)
-    return calls + [current] if current else calls
-
-
-def score_rows(scorers: list, rows: list[dict], cfg: ScorerConfig) -> list[dict]:
-    """Log-likelihood of every row, the calls handed to whichever actor is free."""
-    from ray.util import ActorPool
-
-    def call(actor, indices):
-        batch = {"id": indices, "tokens": [rows[i]["tokens"] for i in indices],
-                 "n_scored": [rows[i]["n_scored"] for i in indices]}
-        return actor.__call__.remote(batch)
-
-    out = [None] * len(rows)
-    for scored in ActorPool(scorers).map_unordered(call, scoring_calls(rows, cfg.rows_per_batch)):
-        for i, logprob, greedy in zip(scored["id"], scored["logprob"], scored["is_greedy"]):
-            out[int(i)] = {"logprob": float(logprob), "is_greedy": bool(greedy)}
-    return out
-
-
-def generate_texts(folder: str, prompts: list[str], max_new_tokens: int, until: list[str], cfg: GenerationConfig,
-                   seed: int, temperature: float = 0.0, chat: bool = False) -> list[str]:
-    """Continuations from a pool of generation engines, cut at the first ``until`` string. ``chat``:
-    each prompt is a user message in the checkpoint's chat template, answered up to its end-of-turn."""
-    import ray
-    from ray.util import ActorPool
-
-    from raylm.actors.generation_engine import make_generation_engine
-
-    enc = Encoder(folder)
-    budget = cfg.max_model_len - max_new_tokens
-    stop_ids = None
-    if chat:
-        from raylm.data.chat_template import ChatTemplate
-
-        template = ChatTemplate(folder)
-        ids = [template.prompt([{"role": "user", "content": p}]) for p in prompts]
-        if max(map(len, ids)) > budget:
-            raise ConfigError(f"preference: a chat prompt of {max(map(len, ids))} tokens leaves no room for "
-                              f"{max_new_tokens} new tokens in generation.max_model_len {cfg.max_model_len}")
-        stop_ids = template.stop_ids
-    else:
-        ids = [enc.encode(p)[-budget:] or [enc.prefix_token_id] for p in prompts]  # keep the prompt's end
-    engines = [
-        make_generation_engine(folder, backend=cfg.backend, num_cpus=cfg.cpus_per_engine, dtype="float32",
-                               max_model_len=cfg.max_model_len, seed=seed)
-        for _ in range(cfg.num_engines)
-    ]
-    try:
-        ray.get([e.ready.remote() for e in engines], timeout=900)
-        chunks = [ids[i : i + cfg.prompts_per_call] for i in range(0, len(ids), cfg.prompts_per_call)]
-        pool = ActorPool(engines)
-        results = [r for chunk in pool.map(
-            lambda e, chunk: e.generate.remote(chunk, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                               stop_token_ids=stop_ids),
-            chunks) for r in chunk]
-    finally:
-        for e in engines:
-            ray.kill(e)
-    texts = []
-    for r in results:
-        text = template.answer_text(r["tokens"]) if chat else enc.decode(r["tokens"])
-        for stop in until:
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-        texts.append(text)
-    return texts
-
-
-# ---- one checkpoint ---------------------------------------------------------------------------
-def evaluate_checkpoint(name: str, folder: str, tasks: list[tuple[TaskRef, Task]], config: Config,
-                        scorers: list | None = None, fairness: dict | None = None,
-                        extra_rows: list[dict] | None = None) -> dict:
-    """Every task on one checkpoint. ``scorers`` is a pool of scorer actors that the caller keeps across
-    checkpoints (and kills at the end): started here when empty, else switched to this checkpoint, and
-    emptied when generation follows, since the engines take the CPUs. Without a pool, the scorers live
-    for this checkpoint only. ``fairness`` (``prepare_fairness``): the tasks it names get fairness
-    metrics instead of accuracy. ``extra_rows`` (``{"tokens", "n_scored"}``, memorization's sequences) are
-    scored in the same calls; each gets its ``logprob`` and ``is_greedy``."""
-    import ray
-
-    start = time.perf_counter()
-    scoring = any(task.output_type != "generate_until" for _, task in tasks) or bool(extra_rows)
-    generating = any(task.output_type == "generate_until" for _, task in tasks)
-    pool = [] if scorers is None else scorers
-    try:
-        loading = []
-        if scoring and pool:  # each actor loads before this checkpoint's calls: it runs one caller's calls in order
-            loading = [actor.load.remote(str(folder)) for actor in pool]
-        elif scoring:
-            pool += start_scorers(folder, config.scorer)
-        enc = Encoder(folder)
-        max_length = min(config.scorer.max_length or enc.max_length, enc.max_length)
-        rows, owner = [], []
-        for t, (ref, task) in enumerate(tasks):
-            if task.output_type != "generate_until":
-                task_rows = loglikelihood_rows(task, ref.num_fewshot, enc, max_length, config.scorer.stride)
-                rows += task_rows
-                owner += [t] * len(task_rows)
-        for row in extra_rows or ():
-            rows.append({"doc": -1, "choice": -1, "tokens": row["tokens"], "n_scored": row["n_scored"]})
-            owner.append(-1)
-        ray.get(loading)  # a checkpoint that fails to load fails here, not scored with the last one's weights
-        scores = score_rows(pool, rows, config.scorer) if rows else []
-    finally:
-        if scorers is None or generating:  # their CPUs go to the generation engines next
-            for actor in pool:
-                ray.kill(actor)
-            pool.clear()
-    if scoring:
-        print(f"raylm eval: {name}: tokenised and scored {len(rows)} sequences in {time.perf_counter() - start:.1f}s",
-              flush=True)
-    extra_scores = [s for s, o in zip(scores, owner) if o == -1]
-    for row, s in zip(extra_rows or (), extra_scores):
-        row.update(s)
-    results = {}
-    for t, (ref, task) in enumerate(tasks):
-        k = task.num_fewshot if ref.num_fewshot is None else ref.num_fewshot
-        mine = [(row, s) for row, s, o in zip(rows, scores, owner) if o == t]
-        if task.output_type == "multiple_choice":
-            items = [{"logprobs": [], "choices": task.choices(doc), "gold": task.target(doc)} for doc in task.eval_docs]
-            for row, s in mine:
-                items[row["doc"]]["logprobs"].append(s["logprob"])
-            if fairness is not None and result_key(ref, task) in fairness["keys"]:
-                metrics = fairness_task_metrics(task, items, fairness, result_key(ref, task))
-            else:
-                metrics = multiple_choice_metrics(items)
-        elif task.output_type == "loglikelihood_rolling":
-            texts = [task.text(doc) for doc in task.eval_docs]
-            metrics = perplexity_metrics(
-                sum(s["logprob"] for _, s in mine), sum(row["n_scored"] for row, _ in mine),
-                sum(word_count(t_) for t_ in texts), sum(len(t_.encode("utf-8")) for t_ in texts),
-            )
-        else:
-            started = time.perf_counter()
-            predictions = generate_texts(folder, task.contexts(ref.num_fewshot), task.max_gen_toks, task.until,
-                                         config.generation, config.seed, chat=ref.chat)
-            references = [task.target_text(doc) for doc in task.eval_docs]
-            metrics = generation_metrics(predictions, references, **task.metric_kwargs.get("exact_match", {}))
-            metrics["items_per_s"] = len(predictions) / (time.perf_counter() - started)
-        metrics.update(n_items=len(task.eval_docs), num_fewshot=k)
-        results[result_key(ref, task)] = metrics
-    return results
-
-
-def result_key(ref: TaskRef, task: Task) -> str:
-    """The task's name, with its shot count when the config overrides the YAML's."""
-    return task.name if ref.num_fewshot is None else f"{task.name}_{ref.num_fewshot}shot"
-
-
-# ---- preference and decontamination -----------------------------------------------------------
-def preference_win_rate(config: Config) -> dict:
-    pref = config.preference
-    prompts = [record[pref.prompt_field] for record in read_prompts(pref, "preference")]
-    folders = {key: config.checkpoints.get(getattr(pref, key), getattr(pref, key)) for key in ("model_a", "model_b")}
-    completions = {
-        key: generate_texts(folder, prompts, pref.max_new_tokens, [], config.generation, config.seed, pref.temperature,
-                            chat=preference_chat(config))
-        for key, folder in folders.items()
-    }
-    scores_a, scores_b = reward_scores(pref.reward_model, preference_chat(config), prompts, completions["model_a"],
-                                       completions["model_b"], config)
-    result = win_rate(scores_a, scores_b, pref.confidence)
-    result.update(model_a=pref.model_a, model_b=pref.model_b, confidence=pref.confidence)
-    return result
-
-
-def reward_scores(reward_model: str, chat: bool, prompts: list[str], answers_a: list[str], answers_b: list[str],
-                  config: Config) -> tuple[list[float], list[float]]:
-    """A reward model's score of every (prompt, answer) of A and of B."""
-    import ray
-
-    from raylm.actors.reward_scorer import RewardRowScorer
-    from raylm.data.chat_template import ChatTemplate
-
-    judge = Encoder(reward_model)
-    template = ChatTemplate(reward_model) if chat else None
-    answers = list(answers_a) + list(answers_b)
-    items = [{"id": i, "tokens": judge_tokens(judge, template, prompts[i % len(prompts)], answer)}
-             for i, answer in enumerate(answers)]
-    scored = ray.data.from_items(items).map_batches(
-        RewardRowScorer, fn_constructor_kwargs={"checkpoint_dir": reward_model}, batch_size=config.scorer.rows_per_batch,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=config.scorer.cpus_per_actor,
-    ).take_all()
-    score = {int(r["id"]): float(r["score"]) for r in scored}
-    n = len(prompts)
-    return [score[i] for i in range(n)], [score[n + i] for i in range(n)]
-
-
-def judge_tokens(judge: Encoder, chat, prompt: str, answer: str) -> list[int]:
-    """What the reward model scores: with its ``chat`` template, [user: prompt, assistant: answer]
-    encoded as reward training encodes a pair; without, the text, its end kept."""
-    from raylm.data.preferences import encode_response
-
-    if chat is None:
-        return judge.encode(prompt + answer)[-judge.max_length:]
-    return encode_response(chat, prompt, answer, judge.max_length)[0]
-
-
-def check_decontamination(cfg: DecontaminationConfig, config_path) -> None:
-    if not cfg.train_files and not cfg.shard_dirs:
-        raise ConfigError(f"{config_path}: decontamination: name train_files (text) or shard_dirs (token shards)")
-    check_training_text(cfg, "decontamination", config_path)
-
-
-def check_training_text(cfg: DecontaminationConfig | FairnessConfig, key: str, config_path) -> None:
-    """``{key}.train_files`` (globs: each set must match a file) and ``{key}.shard_dirs`` (token shard
-    folders with their tokenizer and ``shard_split``), as the decontamination and fairness sections name them."""
-    from raylm.data.token_shards import read_index
-    from raylm.eval.decontamination import shard_tokenizer
-
-    if cfg.train_files and not train_files(cfg):
-        raise ConfigError(f"{config_path}: {key}.train_files: no file matches {cfg.train_files}")
-    for i, folder in enumerate(cfg.shard_dirs):
-        try:
-            index = read_index(folder)
-            shard_tokenizer(folder)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{config_path}: {key}.shard_dirs.{i}: {e}") from None
-        if cfg.shard_split not in index["splits"]:
-            raise ConfigError(f"{config_path}: {key}.shard_split: {folder} has no split {cfg.shard_split!r}")
-
-
-def shard_hits(items: list[str], cfg: DecontaminationConfig) -> list[bool | None]:
-    """Token n-gram overlap with every shard folder; None where an item is shorter than n tokens."""
-    from tokenizers import Tokenizer
-
-    from raylm.eval.decontamination import contaminated_items, shard_tokenizer
-
-    hits: list[bool | None] = [None] * len(items)
-    for folder in cfg.shard_dirs:
-        tokenizer = Tokenizer.from_file(str(shard_tokenizer(folder)))
-        tokens = [e.ids for e in tokenizer.encode_batch(items, add_special_tokens=False)]
-        for i, hit in enumerate(contaminated_items(tokens, folder, cfg.ngram, cfg.shard_split)):
-            if hit is not None:
-                hits[i] = bool(hits[i]) or hit
-    return hits
-
-
-def train_files(cfg: DecontaminationConfig | FairnessConfig) -> list[str]:
-    return sorted({f for pattern in cfg.train_files for f in glob.glob(pattern, recursive=True)})
-
-
-def iter_train_texts(cfg: DecontaminationConfig):
-    for file in train_files(cfg):
-        if file.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(file).iter_batches(columns=[cfg.text_field]):
-                yield from batch.column(0).to_pylist()
-        elif file.endswith(".jsonl"):
-            with open(file, "rb") as f:
-                for _, record in records(f, file):
-                    yield record.get(cfg.text_field, "")
-        else:
-            yield Path(file).read_text(encoding="utf-8", errors="replace")
-
-
-def decontamination_report(tasks: list[tuple[TaskRef, Task]], cfg: DecontaminationConfig) -> dict:
-    items, where = [], []
-    for ref, task in tasks:
-        for doc in task.eval_docs:
-            text = task.text(doc)
-            if task.output_type != "loglikelihood_rolling":
-                text += " " + task.target_text(doc)
-            items.append(text)
-            where.append((result_key(ref, task), doc.where()))
-    hits = contaminated(items, iter_train_texts(cfg), cfg.ngram) if cfg.train_files else [False] * len(items)
-    token_hits = shard_hits(items, cfg) if cfg.shard_dirs else [False] * len(items)
-    report = {}
-    for ref, task in tasks:
-        key = result_key(ref, task)
-        mine = [(w, hit, token_hit) for (name, w), hit, token_hit in zip(where, hits, token_hits) if name == key]
-        flagged = [w for w, hit, token_hit in mine if hit or token_hit]
-        n = len(task.eval_docs)
-        report[key] = {"ngram": cfg.ngram, "n_items": n, "contaminated": len(flagged),
-                       "fraction": len(flagged) / n, "examples": flagged[:10]}
-        if cfg.shard_dirs:  # items shorter than n tokens cannot be tested against the shards
-            report[key]["too_short_for_shards"] = sum(token_hit is None for _, _, token_hit in mine)
-    return report
-
-
-# ---- LM-as-judge and human evaluation ----------------------------------------------------------
-def pair_completions(config: Config, key: str, cache: dict) -> tuple[list[dict], dict[str, list[str]]]:
-    """A pairwise section's prompt records and each model's responses (generated once per checkpoint,
-    prompts and settings: the judge and the human export share them)."""
-    section = getattr(config, key)
-    records = read_prompts(section, key)
-    prompts = [r[section.prompt_field] for r in records]
-    chat = pair_chat(config, key)
-    out = {}
-    for name in ("model_a", "model_b"):
-        folder = pair_folders(config, key)[name]
-        cache_key = (folder, tuple(prompts), section.max_new_tokens, section.temperature, chat)
-        if cache_key not in cache:
-            cache[cache_key] = generate_texts(folder, prompts, section.max_new_tokens, [], config.generation,
-                                              config.seed, section.temperature, chat=chat)
-        out[name] = cache[cache_key]
-    return records, out
-
-
-def judge_report(config: Config, cache: dict) -> tuple[dict, list[dict]]:
-    """The judge's debiased win rate of model_a over model_b, its position bias and unparseable
-    verdicts, and its agreement with the labels and/or the reward model; plus every verdict."""
-    from raylm.eval.judge import agreement, debiased_scores, judge_prompt, pairwise_report, parse_verdict, \
-        preference_of, reward_preferences
-
-    cfg = config.judge
-    records, answers = pair_completions(config, "judge", cache)
-    prompts = [r[cfg.prompt_field] for r in records]
-    a, b = answers["model_a"], answers["model_b"]
-    judge_inputs = [judge_prompt(p, x, y, cfg.template) for p, x, y in zip(prompts, a, b)]  # A shown first
-    judge_inputs += [judge_prompt(p, y, x, cfg.template) for p, x, y in zip(prompts, a, b)]  # swapped
-    replies = generate_texts(pair_folders(config, "judge")["model"], judge_inputs, cfg.judge_max_new_tokens, [],
-                             config.generation, config.seed, 0.0, chat=pair_chat(config, "judge"))
-    n = len(prompts)
-    verdicts = [parse_verdict(r) for r in replies]
-    report = pairwise_report(verdicts[:n], verdicts[n:], cfg.confidence)
-    report.update(model_a=cfg.model_a, model_b=cfg.model_b, judge=cfg.model)
-    preferences = [preference_of(x) for x in debiased_scores(verdicts[:n], verdicts[n:])]
-    if cfg.label_field is not None:
-        labels = [r[cfg.label_field] for r in records]
-        report.update({f"labels/{k}": v for k, v in agreement(preferences, labels).items()})
-    reward = [None] * n
-    if cfg.reward_model is not None:
-        scores_a, scores_b = reward_scores(cfg.reward_model, pair_chat(config, "judge"), prompts, a, b, config)
-        reward = reward_preferences(scores_a, scores_b)
-        report.update({f"reward_model/{k}": v for k, v in agreement(preferences, reward).items()})
-    rows = [{"prompt": p, "response_a": x, "response_b": y, "reply_a_first": replies[i], "verdict_a_first": verdicts[i],
-             "reply_b_first": replies[n + i], "verdict_b_first": verdicts[n + i], "preference": preferences[i],
-             **({"label": records[i][cfg.label_field]} if cfg.label_field else {}),
-             **({"reward_preference": reward[i]} if cfg.reward_model else {})}
-            for i, (p, x, y) in enumerate(zip(prompts, a, b))]
-    return report, rows
-
-
-def human_export(config: Config, cache: dict) -> dict:
-    from raylm.eval.human_eval import make_pairs, write_pairs
-
-    cfg = config.human_export
-    records, answers = pair_completions(config, "human_export", cache)
-    pairs = make_pairs([r[cfg.prompt_field] for r in records], answers["model_a"], answers["model_b"],
-                       cfg.model_a, cfg.model_b, config.seed)
-    paths = write_pairs(pairs, config.output_path / "human_eval")
-    return {"n_pairs": len(pairs), **{k: str(v) for k, v in paths.items()}}
-
-
-def human_import(config: Config) -> dict:
-    from raylm.eval.human_eval import AnnotationError, read_choices, read_pairs, to_preferences
-
-    cfg = config.human_import
-    try:
-        pairs = read_pairs(cfg.pairs)
-        records, counts = to_preferences(pairs, read_choices(cfg.choices, set(pairs)), cfg.confidence)
-    except AnnotationError as e:
-        raise ConfigError(f"human_import: {e}") from None
-    output = Path(cfg.output) if cfg.output else config.output_path / "human_preferences.jsonl"
-    write_jsonl(records, output)
-    return {**counts, "output": str(output)}
-
-
-# ---- fairness and memorization ---------------------------------------------------------------
-def prepare_fairness(config: Config) -> tuple[list[tuple[TaskRef, Task]], dict]:
-    """The fairness sets as tasks, and what ``evaluate_checkpoint`` needs to score them: their keys and
-    the training data's group/outcome co-occurrences (one pass over the training data for all)."""
-    from raylm.eval.fairness import cooccurrence_counts
-
-    cfg = config.fairness
-    tasks = [(ref, load_task(ref.path, ref.limit)) for ref in cfg.tasks]
-    context = {"config": cfg, "keys": {result_key(ref, task) for ref, task in tasks}, "train_counts": {},
-               "seed": config.seed}
-    if cfg.train_files or cfg.shard_dirs:
-        wanted = {}
-        for ref, task in tasks:
-            terms: dict[str, set] = {}
-            for doc in task.eval_docs:
-                terms.setdefault(str(doc.data[cfg.group_field]), set()).add(str(doc.data[cfg.term_field]))
-            outcomes = sorted({c.strip().lower() for doc in task.eval_docs for c in task.choices(doc)})
-            wanted[result_key(ref, task)] = ({g: sorted(t) for g, t in terms.items()}, outcomes)
-        texts = list(iter_fairness_texts(cfg))
-        for key, (terms, outcomes) in wanted.items():
-            context["train_counts"][key] = cooccurrence_counts(texts, terms, outcomes)
-    return tasks, context
-
-
-def iter_fairness_texts(cfg: FairnessConfig):
-    yield from iter_train_texts(DecontaminationConfig(train_files=cfg.train_files, text_field=cfg.text_field))
-    from tokenizers import Tokenizer
-
-    from raylm.data.token_shards import TokenStream
-    from raylm.eval.decontamination import shard_tokenizer
-
-    for folder in cfg.shard_dirs:  # documents: the stream cut at its EOS tokens
-        tokenizer = Tokenizer.from_file(str(shard_tokenizer(folder)))
-        stream = TokenStream(folder, cfg.shard_split)
-        tokens = stream.read(0, stream.num_tokens)
-        ends = [-1] + np.flatnonzero(tokens == stream.eos_token_id).tolist()
-        for start, end in zip(ends, ends[1:]):
-            yield tokenizer.decode(tokens[start + 1 : end].tolist())
-
-
-def fairness_task_metrics(task: Task, items: list[dict], fairness: dict, key: str) -> dict:
-    from raylm.eval.fairness import fairness_metrics
-
-    cfg = fairness["config"]
-    docs = task.eval_docs
-    fair_items = [{"group": str(doc.data[cfg.group_field]), "template": str(doc.data[cfg.template_field]),
-                   "logprobs": item["logprobs"], "favourable": item["gold"], "choices": item["choices"]}
-                  for doc, item in zip(docs, items)]
-    return fairness_metrics(fair_items, lambda item: item["choices"], fairness["train_counts"].get(key),
-                            cfg.resamples, cfg.confidence, fairness["seed"])
-
-
-def memorization_samples(config: Config) -> list[dict]:
-    """The training sequences tested, sampled once for every checkpoint."""
-    from raylm.data.token_shards import TokenStream
-    from raylm.eval.memorization import sample_sequences
-
-    cfg = config.memorization
-    samples = []
-    for i, folder in enumerate(cfg.shard_dirs):
-        try:
-            stream = TokenStream(folder, cfg.shard_split)
-            found = sample_sequences(stream, cfg.num_sequences, cfg.prefix_tokens, cfg.suffix_tokens, config.seed + i)
-        except ValueError as e:
-            raise ConfigError(f"memorization.shard_dirs.{i}: {e}") from None
-        samples += [{**sample, "shard_dir": folder} for sample in found]
-    return samples
-
-
-def memorization_generations(name: str, folder: str, samples: list[dict], config: Config) -> dict:
-    """Generations from canary prompts, sampled training prefixes and the configured prompts, checked
-    for the canaries and scanned for PII-like text."""
-    from raylm.eval.memorization import canary_report, scan_pii, split_canary
-
-    cfg = config.memorization
-    enc = Encoder(folder)
-    canary_prompts, secrets = [], []
-    for canary in cfg.canaries:
-        try:
-            prompt_ids, secret_ids = split_canary(enc.encode(canary), cfg.canary_prompt_fraction)
-        except ValueError as e:
-            raise ConfigError(f"memorization.canaries: {canary!r}: {e}") from None
-        canary_prompts.append(enc.decode(prompt_ids))
-        secrets.append(enc.decode(secret_ids))
-    prefixes = [enc.decode(s["prefix"]) for s in samples[: cfg.generate_sequences]]
-    extra = [r["prompt"] for r in read_prompts(PairConfig(model_a="", model_b="", prompts=cfg.prompts))] if cfg.prompts else []
-    prompts = canary_prompts + prefixes + extra
-    if not prompts:
-        return {}
-    continuations = generate_texts(folder, prompts, cfg.max_new_tokens, [], config.generation, config.seed)
-    full = [p + c for p, c in zip(prompts, continuations)]
-    report = scan_pii(continuations)  # what the model wrote, not what it was given
-    report.update(canary_report(cfg.canaries, secrets, continuations[: len(cfg.canaries)], full))
-    report["generations"] = [{"prompt": p, "continuation": c} for p, c in zip(prompts, continuations)][:50]
-    return report
+    # a missing file or field fails now, naming file and line
+    read_prompts(section.prompts, section.prompt_field, section.limit, getattr(section, "label_field", None), key)
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -979,8 +306,8 @@ def run(config: Config, stage_run: StageRun) -> dict:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     tasks = [(ref, load_task(ref.path, ref.limit)) for ref in config.tasks]
-    fairness_tasks, fairness = prepare_fairness(config) if config.fairness is not None else ([], None)
-    samples = memorization_samples(config) if config.memorization is not None else []
+    fairness_tasks, fairness = prepare_fairness(config.fairness, config.seed) if config.fairness is not None else ([], None)
+    samples = memorization_samples(config.memorization, config.seed) if config.memorization is not None else []
     mem = config.memorization
     mem_generates = mem is not None and bool(mem.canaries or mem.generate_sequences or mem.prompts)
     out = config.output_path
@@ -993,18 +320,17 @@ def run(config: Config, stage_run: StageRun) -> dict:
         for name, folder in config.checkpoints.items():
             started = time.perf_counter()
             extra = [{"tokens": s["prefix"] + s["suffix"], "n_scored": len(s["suffix"])} for s in samples]
-            results = (evaluate_checkpoint(name, folder, tasks + fairness_tasks, config, scorers, fairness, extra or None)
+            results = (evaluate_checkpoint(name, folder, tasks + fairness_tasks, config.scorer, config.generation,
+                                           config.seed, scorers, fairness, extra or None)
                        if tasks or fairness_tasks or extra else {})
             if mem is not None:
-                from raylm.eval.memorization import extraction_report
-
                 report = extraction_report([row["is_greedy"] for row in extra], mem.confidence)
                 report["suffix_nll_per_token"] = -sum(r["logprob"] for r in extra) / sum(r["n_scored"] for r in extra)
                 if mem_generates:
                     for actor in scorers:  # the generation engines need the CPUs
                         ray.kill(actor)
                     scorers.clear()
-                    details = memorization_generations(name, folder, samples, config)
+                    details = memorization_generations(folder, samples, mem, config.generation, config.seed)
                     summary.setdefault("memorization", {})[name] = details
                     report.update({k: v for k, v in details.items() if isinstance(v, (int, float))})
                 report.update(n_items=report["n_sequences"], prefix_tokens=mem.prefix_tokens, suffix_tokens=mem.suffix_tokens)
@@ -1036,14 +362,16 @@ def run(config: Config, stage_run: StageRun) -> dict:
         for actor in scorers:  # their CPUs go to the preference judge next
             ray.kill(actor)
     if config.preference is not None:
-        summary["preference"] = preference_win_rate(config)
+        summary["preference"] = preference_win_rate(config.preference, config.checkpoints, config.generation,
+                                                    config.scorer, config.seed)
         p = summary["preference"]
         stage_run.log_metrics({f"preference/{k}": v for k, v in p.items() if isinstance(v, (int, float))})
         print(f"raylm eval: win rate {p['model_a']} vs {p['model_b']}: {p['win_rate']:.3f} "
               f"[{p['win_rate_low']:.3f}, {p['win_rate_high']:.3f}] over {p['n']} prompts", flush=True)
     completions: dict = {}  # responses generated once for the judge and the human export
     if config.judge is not None:
-        summary["judge"], verdicts = judge_report(config, completions)
+        summary["judge"], verdicts = judge_report(config.judge, config.checkpoints, config.generation,
+                                                  config.scorer, config.seed, completions)
         j = summary["judge"]
         log_numbers(stage_run, "judge", j)
         stage_run.log_artifact(write_jsonl(verdicts, out / "judge_verdicts.jsonl"))
@@ -1052,13 +380,14 @@ def run(config: Config, stage_run: StageRun) -> dict:
               f"picked {j['first_position_rate']:.2f} of the time, consistency {j['consistency']:.2f}"
               + (" -- POSITION-BIASED" if j["position_biased"] else ""), flush=True)
     if config.human_export is not None:
-        summary["human_export"] = human_export(config, completions)
+        summary["human_export"] = human_export(config.human_export, config.checkpoints, config.generation,
+                                               config.seed, out, completions)
         log_numbers(stage_run, "human_export", summary["human_export"])
         stage_run.log_artifact(out / "human_eval", "human_eval")
         print(f"raylm eval: {summary['human_export']['n_pairs']} side-by-side pairs for annotators in "
               f"{summary['human_export']['csv']} (and .html)", flush=True)
     if config.human_import is not None:
-        summary["human_import"] = h = human_import(config)
+        summary["human_import"] = h = human_import(config.human_import, out)
         log_numbers(stage_run, "human_import", h)
         stage_run.log_artifact(h["output"])
         print(f"raylm eval: {h['annotated']}/{h['pairs']} pairs annotated: {h['preferences']} preference pairs in "

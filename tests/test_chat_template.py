@@ -350,7 +350,10 @@ def test_eval_preference_answers_and_judges_in_the_chat_template(tmp_path, raylm
 
     from raylm.models.generate import SamplingParams, generate
     from raylm.models.hf_checkpoint import load_checkpoint
-    from raylm.pipelines.eval import Config, Encoder, GenerationConfig, generate_texts, judge_tokens, preference_chat
+    from raylm.eval.engines import generate_texts, judge_tokens
+    from raylm.eval.pairs import pair_chat
+    from raylm.eval.requests import Encoder
+    from raylm.pipelines.eval import Config, GenerationConfig
     from raylm.data.preferences import encode_response
 
     tokenizer, folder = raylm_checkpoint
@@ -378,7 +381,7 @@ def test_eval_preference_answers_and_judges_in_the_chat_template(tmp_path, raylm
     config = Config(output_dir=str(tmp_path), preference={"model_a": str(folder), "model_b": str(bare),
                                                           "reward_model": str(folder), "prompts": str(prompts_file)})
     with pytest.raises(ConfigError, match="model_a, reward_model have a chat template and model_b not"):
-        preference_chat(config)
-    assert preference_chat(config.model_copy(update={"preference": config.preference.model_copy(update={"chat": False})})) is False
+        pair_chat(config.preference, "preference", config.checkpoints)
+    assert pair_chat(config.preference.model_copy(update={"chat": False}), "preference", config.checkpoints) is False
     config.preference.model_b = str(folder)
-    assert preference_chat(config) is True
+    assert pair_chat(config.preference, "preference", config.checkpoints) is True

@@ -59,7 +59,8 @@ def test_eval_report_flags_items_planted_in_token_shards(tmp_path):
 
     from raylm.config import ConfigError
     from raylm.eval.tasks import load_task
-    from raylm.pipelines.eval import DecontaminationConfig, TaskRef, check_decontamination, decontamination_report
+    from raylm.eval.decontamination import check_decontamination, decontamination_report
+    from raylm.pipelines.eval import DecontaminationConfig, TaskRef
     from test_eval_fixtures import build_tokenizer
 
     tasks_dir = Path(__file__).resolve().parents[1] / "examples" / "tasks"

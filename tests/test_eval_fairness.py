@@ -141,15 +141,17 @@ def test_bias_amplification_against_planted_training_data(tmp_path):
     data-side bias exactly (engineer: 0.8 he; nurse: 0.8 she), names the group the data never
     mentions (ze) as undefined, and scores models constructed to over-state, match, under-state and
     reverse the association: amplification +0.2, 0, -0.3, -0.8."""
+    from raylm.eval.fairness import check_fairness, fairness_task_metrics, prepare_fairness
+    from raylm.eval.tasks import result_key
     from raylm.pipelines import eval as eval_stage
 
     task_path, train = planted_fairness_set(tmp_path)
     config = eval_stage.Config(output_dir=str(tmp_path / "out"), checkpoints={},
                                fairness={"tasks": [{"path": str(task_path)}], "train_files": [str(train)], "resamples": 50})
-    eval_stage.check_fairness(config.fairness, "test")
-    tasks, context = eval_stage.prepare_fairness(config)
+    check_fairness(config.fairness, "test")
+    tasks, context = prepare_fairness(config.fairness, config.seed)
     (ref, task), = tasks
-    key = eval_stage.result_key(ref, task)
+    key = result_key(ref, task)
     assert context["train_counts"][key] == {"engineer": {"male": 8, "female": 2, "nonbinary": 0},
                                             "nurse": {"male": 2, "female": 8, "nonbinary": 0}}
 
@@ -160,7 +162,7 @@ def test_bias_amplification_against_planted_training_data(tmp_path):
             pick = choose[doc.data["group"]][doc.data["template_id"]]
             items.append({"logprobs": [0.0 if k == pick else -2.0 for k in range(2)], "gold": 0,
                           "choices": task.choices(doc)})
-        return eval_stage.fairness_task_metrics(task, items, context, key)
+        return fairness_task_metrics(task, items, context, key)
 
     over = model({"male": [0] * 5, "female": [1] * 5, "nonbinary": [0, 1, 0, 0, 1]})
     assert over["train_bias"] == {"engineer": {"male": 0.8, "female": 0.2}, "nurse": {"male": 0.2, "female": 0.8}}

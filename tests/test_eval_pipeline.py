@@ -176,7 +176,8 @@ def test_one_scorer_pool_serves_the_checkpoints_in_turn(models, ray_local):
     the same actors throughout, and the same results as scorers started for each checkpoint alone,
     also when it goes back to a checkpoint it scored before."""
     from raylm.eval.tasks import load_task
-    from raylm.pipelines.eval import Config, ScorerConfig, TaskRef, evaluate_checkpoint
+    from raylm.eval.evaluate import evaluate_checkpoint
+    from raylm.pipelines.eval import Config, ScorerConfig, TaskRef
 
     refs = [TaskRef(path=str(TASKS / "stdlib_docstring_mc.yaml"), limit=12),
             TaskRef(path=str(TASKS / "stdlib_docs_ppl.yaml"), limit=3)]
@@ -186,12 +187,12 @@ def test_one_scorer_pool_serves_the_checkpoints_in_turn(models, ray_local):
     pool, shared, actors = [], [], []
     try:
         for name in ("base", "trained", "base"):
-            shared.append(evaluate_checkpoint(name, str(models[name]), tasks, config, pool))
+            shared.append(evaluate_checkpoint(name, str(models[name]), tasks, config.scorer, config.generation, config.seed, pool))
             actors.append([actor._actor_id for actor in pool])
     finally:
         for actor in pool:
             ray.kill(actor)
-    alone = {name: evaluate_checkpoint(name, str(models[name]), tasks, config) for name in ("base", "trained")}
+    alone = {name: evaluate_checkpoint(name, str(models[name]), tasks, config.scorer, config.generation, config.seed) for name in ("base", "trained")}
     assert len(actors[0]) == 1 and actors[0] == actors[1] == actors[2]  # started once, then reloaded
     for results, name in zip(shared, ("base", "trained", "base")):
         assert results.keys() == alone[name].keys()

@@ -144,7 +144,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(checkpoint):
-    from raylm.pipelines.eval import Encoder
+    from raylm.eval.requests import Encoder
 
     return Encoder(str(checkpoint))
 
@@ -159,7 +159,7 @@ def test_encoder_runs_a_raylm_tokenizer_as_transformers_does(checkpoint, encoder
     import transformers
 
     from raylm.eval.tasks import load_task
-    from raylm.pipelines.eval import Encoder
+    from raylm.eval.requests import Encoder
 
     reference = transformers.AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
     assert encoder.tokenizer is None  # the direct path

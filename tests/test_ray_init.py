@@ -13,7 +13,8 @@ import pytest
 import ray
 
 from raylm.config import RayConfig
-from raylm.pipelines.eval import WORKER_MODULES, ScorerConfig, start_scorers
+from raylm.eval.engines import start_scorers
+from raylm.pipelines.eval import WORKER_MODULES, ScorerConfig
 from raylm.ray_init import init_ray
 from test_eval_fixtures import build_checkpoint, build_tokenizer
 

@@ -37,6 +37,12 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
+from raylm.config import ConfigError
+from raylm.eval.decontamination import check_training_text, iter_train_texts, shard_tokenizer
+from raylm.eval.tasks import Task, load_task, result_key
+
 
 def log_softmax(values: list[float]) -> list[float]:
     top = max(values)
@@ -188,3 +194,63 @@ def fairness_metrics(items: list[dict], outcomes: Callable[[dict], list[str]] | 
     for g, v in parity["group_positive_rate"].items():
         out[f"group_positive_rate/{g}"] = v
     return out
+
+
+def check_fairness(cfg, config_path) -> None:
+    for i, ref in enumerate(cfg.tasks):
+        task = load_task(ref.path, ref.limit)
+        if task.output_type != "multiple_choice":
+            raise ConfigError(f"{config_path}: fairness.tasks.{i}: {ref.path} is {task.output_type}; a fairness set is a "
+                              "multiple_choice task (its choices are the outcomes)")
+        for doc in task.eval_docs:
+            for key in ("group_field", "template_field", "term_field"):
+                if getattr(cfg, key) not in doc.data:
+                    raise ConfigError(f"{doc.where()}: field {getattr(cfg, key)!r} (fairness.{key}) is missing")
+        if len({doc.data[cfg.group_field] for doc in task.eval_docs}) < 2:
+            raise ConfigError(f"{config_path}: fairness.tasks.{i}: {ref.path} has fewer than two groups to compare")
+    check_training_text(cfg, "fairness", config_path)
+
+
+def prepare_fairness(cfg, seed: int) -> tuple[list[tuple], dict]:
+    """The fairness section's sets as tasks, and what ``evaluate_checkpoint`` needs to score them: their keys and
+    the training data's group/outcome co-occurrences (one pass over the training data for all)."""
+    tasks = [(ref, load_task(ref.path, ref.limit)) for ref in cfg.tasks]
+    context = {"config": cfg, "keys": {result_key(ref, task) for ref, task in tasks}, "train_counts": {},
+               "seed": seed}
+    if cfg.train_files or cfg.shard_dirs:
+        wanted = {}
+        for ref, task in tasks:
+            terms: dict[str, set] = {}
+            for doc in task.eval_docs:
+                terms.setdefault(str(doc.data[cfg.group_field]), set()).add(str(doc.data[cfg.term_field]))
+            outcomes = sorted({c.strip().lower() for doc in task.eval_docs for c in task.choices(doc)})
+            wanted[result_key(ref, task)] = ({g: sorted(t) for g, t in terms.items()}, outcomes)
+        texts = list(iter_fairness_texts(cfg))
+        for key, (terms, outcomes) in wanted.items():
+            context["train_counts"][key] = cooccurrence_counts(texts, terms, outcomes)
+    return tasks, context
+
+
+def iter_fairness_texts(cfg):
+    yield from iter_train_texts(cfg)
+    from tokenizers import Tokenizer
+
+    from raylm.data.token_shards import TokenStream
+
+    for folder in cfg.shard_dirs:  # documents: the stream cut at its EOS tokens
+        tokenizer = Tokenizer.from_file(str(shard_tokenizer(folder)))
+        stream = TokenStream(folder, cfg.shard_split)
+        tokens = stream.read(0, stream.num_tokens)
+        ends = [-1] + np.flatnonzero(tokens == stream.eos_token_id).tolist()
+        for start, end in zip(ends, ends[1:]):
+            yield tokenizer.decode(tokens[start + 1 : end].tolist())
+
+
+def fairness_task_metrics(task: Task, items: list[dict], fairness: dict, key: str) -> dict:
+    cfg = fairness["config"]
+    docs = task.eval_docs
+    fair_items = [{"group": str(doc.data[cfg.group_field]), "template": str(doc.data[cfg.template_field]),
+                   "logprobs": item["logprobs"], "favourable": item["gold"], "choices": item["choices"]}
+                  for doc, item in zip(docs, items)]
+    return fairness_metrics(fair_items, lambda item: item["choices"], fairness["train_counts"].get(key),
+                            cfg.resamples, cfg.confidence, fairness["seed"])

@@ -22,7 +22,9 @@ import html
 import random
 from pathlib import Path
 
+from raylm.config import ConfigError
 from raylm.data.jsonl import records, write_jsonl
+from raylm.eval.pairs import pair_completions
 
 CHOICES = {"left": "left", "a": "left", "1": "left", "right": "right", "b": "right", "2": "right",
            "tie": "tie", "both": "tie", "=": "tie", "skip": "skip", "s": "skip"}
@@ -196,3 +198,22 @@ def to_preferences(pairs: dict[str, dict], choices: list[tuple[str, str, int]], 
     counts.update(win_rate_a=a_score / judged if judged else float("nan"), win_rate_a_low=low, win_rate_a_high=high,
                   n_judged=judged)
     return records, counts
+
+
+def human_export(cfg, checkpoints: dict[str, str], generation, seed: int, output_path: Path, cache: dict) -> dict:
+    records, answers = pair_completions(cfg, "human_export", checkpoints, generation, seed, cache)
+    pairs = make_pairs([r[cfg.prompt_field] for r in records], answers["model_a"], answers["model_b"],
+                       cfg.model_a, cfg.model_b, seed)
+    paths = write_pairs(pairs, output_path / "human_eval")
+    return {"n_pairs": len(pairs), **{k: str(v) for k, v in paths.items()}}
+
+
+def human_import(cfg, output_path: Path) -> dict:
+    try:
+        pairs = read_pairs(cfg.pairs)
+        records, counts = to_preferences(pairs, read_choices(cfg.choices, set(pairs)), cfg.confidence)
+    except AnnotationError as e:
+        raise ConfigError(f"human_import: {e}") from None
+    output = Path(cfg.output) if cfg.output else output_path / "human_preferences.jsonl"
+    write_jsonl(records, output)
+    return {**counts, "output": str(output)}

@@ -20,6 +20,9 @@ import math
 import re
 from statistics import NormalDist
 
+from raylm.eval.engines import generate_texts, reward_scores
+from raylm.eval.pairs import pair_chat, pair_completions, pair_folders
+
 Verdict = str | None  # "A", "B", "tie" or None (unparseable)
 
 DEFAULT_TEMPLATE = (
@@ -184,3 +187,34 @@ def agreement(judge: list[str | None], reference: list[str | None]) -> dict:
 def reward_preferences(scores_a: list[float], scores_b: list[float]) -> list[str]:
     """A reward model's preference per prompt: the higher score's model, "tie" when equal."""
     return ["A" if a > b else "B" if b > a else "tie" for a, b in zip(scores_a, scores_b, strict=True)]
+
+
+def judge_report(cfg, checkpoints: dict[str, str], generation, scorer, seed: int, cache: dict) -> tuple[dict, list[dict]]:
+    """The judge's debiased win rate of model_a over model_b, its position bias and unparseable
+    verdicts, and its agreement with the labels and/or the reward model; plus every verdict."""
+    records, answers = pair_completions(cfg, "judge", checkpoints, generation, seed, cache)
+    prompts = [r[cfg.prompt_field] for r in records]
+    a, b = answers["model_a"], answers["model_b"]
+    judge_inputs = [judge_prompt(p, x, y, cfg.template) for p, x, y in zip(prompts, a, b)]  # A shown first
+    judge_inputs += [judge_prompt(p, y, x, cfg.template) for p, x, y in zip(prompts, a, b)]  # swapped
+    replies = generate_texts(pair_folders(cfg, "judge", checkpoints)["model"], judge_inputs, cfg.judge_max_new_tokens, [],
+                             generation, seed, 0.0, chat=pair_chat(cfg, "judge", checkpoints))
+    n = len(prompts)
+    verdicts = [parse_verdict(r) for r in replies]
+    report = pairwise_report(verdicts[:n], verdicts[n:], cfg.confidence)
+    report.update(model_a=cfg.model_a, model_b=cfg.model_b, judge=cfg.model)
+    preferences = [preference_of(x) for x in debiased_scores(verdicts[:n], verdicts[n:])]
+    if cfg.label_field is not None:
+        labels = [r[cfg.label_field] for r in records]
+        report.update({f"labels/{k}": v for k, v in agreement(preferences, labels).items()})
+    reward = [None] * n
+    if cfg.reward_model is not None:
+        scores_a, scores_b = reward_scores(cfg.reward_model, pair_chat(cfg, "judge", checkpoints), prompts, a, b, scorer)
+        reward = reward_preferences(scores_a, scores_b)
+        report.update({f"reward_model/{k}": v for k, v in agreement(preferences, reward).items()})
+    rows = [{"prompt": p, "response_a": x, "response_b": y, "reply_a_first": replies[i], "verdict_a_first": verdicts[i],
+             "reply_b_first": replies[n + i], "verdict_b_first": verdicts[n + i], "preference": preferences[i],
+             **({"label": records[i][cfg.label_field]} if cfg.label_field else {}),
+             **({"reward_preference": reward[i]} if cfg.reward_model else {})}
+            for i, (p, x, y) in enumerate(zip(prompts, a, b))]
+    return report, rows

@@ -18,8 +18,15 @@ canary's first tokens prompt the model; it *leaks* when the greedy continuation 
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from pathlib import Path
+
+from raylm.config import ConfigError
+from raylm.eval.engines import generate_texts
+from raylm.eval.pairs import read_prompts
+from raylm.eval.requests import Encoder
 
 PLACEHOLDERS = ("<EMAIL>", "<PHONE>", "<IP_ADDRESS>")
 
@@ -106,3 +113,60 @@ def canary_report(canaries: list[str], secrets: list[str], continuations: list[s
             "canary_details": [{"canary": c, "leaked": lk, "continuation": cont}
                                for c, lk, cont in zip(canaries, leaked, continuations)]}
 
+
+def check_memorization(cfg, checkpoints: dict[str, str], config_path) -> None:
+    from raylm.data.token_shards import TokenStream
+
+    for i, folder in enumerate(cfg.shard_dirs):
+        try:
+            stream = TokenStream(folder, cfg.shard_split)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{config_path}: memorization.shard_dirs.{i}: {e}") from None
+        for name, checkpoint in checkpoints.items():
+            hf = json.loads((Path(checkpoint) / "config.json").read_text())
+            if hf.get("vocab_size", stream.vocab_size) < stream.vocab_size:
+                raise ConfigError(f"{config_path}: memorization.shard_dirs.{i}: {folder} holds ids of a vocabulary of "
+                                  f"{stream.vocab_size}, larger than checkpoint {name}'s ({hf['vocab_size']}): "
+                                  "not the tokenizer this model was trained with")
+    if cfg.prompts is not None and not Path(cfg.prompts).is_file():
+        raise ConfigError(f"{config_path}: memorization.prompts: {cfg.prompts} does not exist")
+
+
+def memorization_samples(cfg, seed: int) -> list[dict]:
+    """The training sequences tested, sampled once for every checkpoint."""
+    from raylm.data.token_shards import TokenStream
+
+    samples = []
+    for i, folder in enumerate(cfg.shard_dirs):
+        try:
+            stream = TokenStream(folder, cfg.shard_split)
+            found = sample_sequences(stream, cfg.num_sequences, cfg.prefix_tokens, cfg.suffix_tokens, seed + i)
+        except ValueError as e:
+            raise ConfigError(f"memorization.shard_dirs.{i}: {e}") from None
+        samples += [{**sample, "shard_dir": folder} for sample in found]
+    return samples
+
+
+def memorization_generations(folder: str, samples: list[dict], cfg, generation, seed: int) -> dict:
+    """Generations from canary prompts, sampled training prefixes and the configured prompts, checked
+    for the canaries and scanned for PII-like text."""
+    enc = Encoder(folder)
+    canary_prompts, secrets = [], []
+    for canary in cfg.canaries:
+        try:
+            prompt_ids, secret_ids = split_canary(enc.encode(canary), cfg.canary_prompt_fraction)
+        except ValueError as e:
+            raise ConfigError(f"memorization.canaries: {canary!r}: {e}") from None
+        canary_prompts.append(enc.decode(prompt_ids))
+        secrets.append(enc.decode(secret_ids))
+    prefixes = [enc.decode(s["prefix"]) for s in samples[: cfg.generate_sequences]]
+    extra = [r["prompt"] for r in read_prompts(cfg.prompts)] if cfg.prompts else []
+    prompts = canary_prompts + prefixes + extra
+    if not prompts:
+        return {}
+    continuations = generate_texts(folder, prompts, cfg.max_new_tokens, [], generation, seed)
+    full = [p + c for p, c in zip(prompts, continuations)]
+    report = scan_pii(continuations)  # what the model wrote, not what it was given
+    report.update(canary_report(cfg.canaries, secrets, continuations[: len(cfg.canaries)], full))
+    report["generations"] = [{"prompt": p, "continuation": c} for p, c in zip(prompts, continuations)][:50]
+    return report

@@ -419,3 +419,9 @@ def _metrics(path: Path, output_type: str, metric_list: Any) -> tuple[list[str],
         names.append(name)
         kwargs[name] = {k: v for k, v in entry.items() if k in ("ignore_case", "ignore_punctuation", "regexes_to_ignore")}
     return names, kwargs
+
+
+def result_key(ref, task: Task) -> str:
+    """The task's name, with its shot count when the config's task reference ``ref`` (``num_fewshot``)
+    overrides the YAML's."""
+    return task.name if ref.num_fewshot is None else f"{task.name}_{ref.num_fewshot}shot"
