@@ -17,11 +17,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raylm run examples/laptop.yaml
 
+# Two pytest workers, one test file each at a time (--dist loadfile keeps a module's shared engine
+# or cluster in one process): the tests wait on engine starts, Ray start-ups and subprocesses as much
+# as they compute, so two at a time fill the 2-core machine's idle time.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q -ra --durations=30 tests
+	$(BIN)/python -m pytest -x -q -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -x -q -ra -m "not slow" tests
+	$(BIN)/python -m pytest -x -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) out
