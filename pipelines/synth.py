@@ -158,8 +158,8 @@ def check(config: Config, config_path) -> None:
     if folder is None:
         raise ConfigError(f"{where}: engine.checkpoint: required (a Hugging Face folder, e.g. out/sft/hf)")
     chat_models = [("engine.checkpoint", folder)]
-    if config.mode == "preferences" and config.preferences.scorer == "judge" and config.preferences.judge_checkpoint:
-        chat_models.append(("preferences.judge_checkpoint", config.preferences.judge_checkpoint))
+    if judge_checkpoint(config) is not None:
+        chat_models.append(("preferences.judge_checkpoint", judge_checkpoint(config)))
     for key, model in chat_models:
         if not (Path(model) / "config.json").exists():
             raise ConfigError(f"{where}: {key}: {model} has no config.json (not a Hugging Face folder)"

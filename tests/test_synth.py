@@ -640,6 +640,10 @@ def test_bad_inputs_are_named(assets, tmp_path):
                                        "reward_model": str(assets["hf"])})
     with pytest.raises(ConfigError, match="preferences.reward_model: .* is not a reward model"):
         synth.check(config, "c.yaml")
+    judged = synth.Config(mode="preferences", engine={"checkpoint": str(assets["hf"])},
+                          preferences={"prompts": str(prompts), "scorer": "judge", "judge_checkpoint": str(tmp_path)})
+    with pytest.raises(ConfigError, match="preferences.judge_checkpoint: .* has no config.json"):
+        synth.check(judged, "c.yaml")
 
 
 def test_mix_by_weight_counts_by_source(tmp_path):
