@@ -61,9 +61,10 @@ def pair_completions(section, key: str, checkpoints: dict[str, str], generation,
                            key)
     prompts = [r[section.prompt_field] for r in records]
     chat = pair_chat(section, key, checkpoints)
+    folders = pair_folders(section, key, checkpoints)
     out = {}
     for name in ("model_a", "model_b"):
-        folder = pair_folders(section, key, checkpoints)[name]
+        folder = folders[name]
         cache_key = (folder, tuple(prompts), section.max_new_tokens, section.temperature, chat)
         if cache_key not in cache:
             cache[cache_key] = generate_texts(folder, prompts, section.max_new_tokens, [], generation,
@@ -74,13 +75,14 @@ def pair_completions(section, key: str, checkpoints: dict[str, str], generation,
 
 def preference_win_rate(pref, checkpoints: dict[str, str], generation, scorer, seed: int) -> dict:
     prompts = [record[pref.prompt_field] for record in read_prompts(pref.prompts, pref.prompt_field, pref.limit, key="preference")]
-    folders = {key: checkpoints.get(getattr(pref, key), getattr(pref, key)) for key in ("model_a", "model_b")}
+    folders = pair_folders(pref, "preference", checkpoints)
+    chat = pair_chat(pref, "preference", checkpoints)
     completions = {
-        key: generate_texts(folder, prompts, pref.max_new_tokens, [], generation, seed, pref.temperature,
-                            chat=pair_chat(pref, "preference", checkpoints))
-        for key, folder in folders.items()
+        key: generate_texts(folders[key], prompts, pref.max_new_tokens, [], generation, seed, pref.temperature,
+                            chat=chat)
+        for key in ("model_a", "model_b")
     }
-    scores_a, scores_b = reward_scores(pref.reward_model, pair_chat(pref, "preference", checkpoints), prompts, completions["model_a"],
+    scores_a, scores_b = reward_scores(pref.reward_model, chat, prompts, completions["model_a"],
                                        completions["model_b"], scorer)
     result = win_rate(scores_a, scores_b, pref.confidence)
     result.update(model_a=pref.model_a, model_b=pref.model_b, confidence=pref.confidence)
