@@ -58,8 +58,6 @@ def max_positions(checkpoint) -> int | None:
 class TransformersCausalLM(nn.Module):
     """transformers' causal LM behind raylm's call: ``model(tokens, positions, attn_mask)`` -> logits."""
 
-    is_moe = False
-
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
