@@ -228,6 +228,13 @@ def test_tool_use_episodes_are_played_and_checked_over_several_turns():
         recovered = tool_use.run_episode(p.prompt, tool_policy(p, malformed_first=True))
         assert recovered[2]["content"].startswith("error: tool call is not valid JSON")
         assert tool_use.check_transcript(p, recovered).score == 1.0
+    # the reference looks each item up as the question writes it (a copy: "3 gloves" -> "gloves")
+    for p in tool_use.problems("train", 50, seed=4):
+        words = [json.loads(m["content"].removeprefix("<tool_call>").removesuffix("</tool_call>"))["arguments"]["item"]
+                 for m in p.solution if m["role"] == "assistant" and '"price"' in m["content"]]
+        assert words == [f"{i}s" if c > 1 else i for i, c in zip(p.data["items"], p.data["counts"])]
+        assert all(f"{c} {w}" in p.prompt for c, w in zip(p.data["counts"], words))
+        assert [tool_use.price(w) for w in words] == [tool_use.PRICES[i] for i in p.data["items"]]
     p = next(p for p in problems if len(p.data["items"]) == 2)
     transcript = tool_use.run_episode(p.prompt, tool_policy(p))
     forged = [dict(m) for m in transcript]

@@ -55,9 +55,12 @@ def slip(target: str, problem, rng: random.Random) -> str:
         total = int(target.split(":", 1)[1])
         return f"Answer: {max(0, total + rng.choice((-10, -3, -2, -1, 1, 2, 3, 10))) or total + 1}"
     payload = json.loads(call.group(1))
-    if payload["name"] == "price":  # another item than the one the question names
-        item = payload["arguments"]["item"]
-        others = [i for i in problem.data["items"] if i != item] or [i for i in tool_use.PRICES if i != item]
+    if payload["name"] == "price":  # another item than this turn's, written as the question writes it
+        word = payload["arguments"]["item"]
+        plural = word not in tool_use.PRICES
+        written = [f"{i}s" if c > 1 else i for i, c in zip(problem.data["items"], problem.data["counts"])]
+        others = [w for w in written if w != word] or [f"{i}s" if plural else i for i in tool_use.PRICES
+                                                       if word.removesuffix("s") != i]
         payload["arguments"]["item"] = rng.choice(others)
     else:  # one number of the expression miscopied
         expression = payload["arguments"]["expression"]

@@ -3,9 +3,9 @@
 The conversation, as OpenAI-style messages that any chat template can render::
 
     user:      How much do 3 apples and 2 pears cost? Use the tools.
-    assistant: <tool_call>{"name": "price", "arguments": {"item": "apple"}}</tool_call>   (+ tool_calls)
+    assistant: <tool_call>{"name": "price", "arguments": {"item": "apples"}}</tool_call>   (+ tool_calls)
     tool:      4
-    assistant: <tool_call>{"name": "price", "arguments": {"item": "pear"}}</tool_call>
+    assistant: <tool_call>{"name": "price", "arguments": {"item": "pears"}}</tool_call>
     tool:      7
     assistant: <tool_call>{"name": "calculator", "arguments": {"expression": "3*4+2*7"}}</tool_call>
     tool:      26
@@ -187,15 +187,18 @@ def sample(rng: random.Random) -> Problem:
     n_items = rng.choice((1, 2))
     items = rng.sample(sorted(PRICES), n_items)
     counts = [rng.randint(1, 9) for _ in items]
-    phrase = " and ".join(f"{c} {item}s" if c > 1 else f"1 {item}" for c, item in zip(counts, items))
+    # The item as the question writes it ("gloves", "1 glove"): the look-up copies that word, and the
+    # price tool reads a plural as its item.
+    written = [f"{item}s" if c > 1 else item for c, item in zip(counts, items)]
+    phrase = " and ".join(f"{c} {word}" for c, word in zip(counts, written))
     verb = "cost" if n_items > 1 or counts[0] > 1 else "costs"
     prompt = f"How much do {phrase} {verb}? Use the tools." if verb == "cost" else f"How much does {phrase} cost? Use the tools."
     expression = "+".join(f"{c}*{PRICES[item]}" for c, item in zip(counts, items))
     total = sum(c * PRICES[item] for c, item in zip(counts, items))
     solution, turn = [], 0
-    for item in items:
+    for item, word in zip(items, written):
         turn += 1
-        solution += [call_message("price", {"item": item}, f"call_{turn}"),
+        solution += [call_message("price", {"item": word}, f"call_{turn}"),
                      result_message(str(PRICES[item]), f"call_{turn}", "price")]
     turn += 1
     solution += [call_message("calculator", {"expression": expression}, f"call_{turn}"),
