@@ -50,7 +50,8 @@ def sft_model(work: Path, args) -> Path:
 
     conversations = read_conversations(str(work / "tasks" / "sft" / "arithmetic_train.jsonl"))
     tokenizer_file = work / "tokenizer.json"
-    train_tokenizer((m["content"] for c in conversations for m in c), args.vocab, tokenizer_file)
+    train_tokenizer((m["content"] for c in conversations for m in c), args.vocab, tokenizer_file,
+                    split_digits=not args.no_split_digits)
     template = ChatTemplate(tokenizer_file)
     examples = []
     for conversation in conversations:
@@ -133,6 +134,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--no-split-digits", action="store_true",
+                    help="let BPE merge digits (by default every digit is its own token, as in Llama)")
     ap.add_argument("--no-async", action="store_true", help="only the synchronous runs")
     args = ap.parse_args()
     torch.set_num_threads(2)

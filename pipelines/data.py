@@ -64,6 +64,7 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(default=8192, ge=MIN_VOCAB_SIZE)
     min_frequency: int = Field(default=2, ge=1)  # a BPE merge is learnt only from a pair seen at least this often
     max_documents: int | None = Field(default=None, ge=1)  # train on the first N kept documents
+    split_digits: bool = False  # every digit its own token (Llama, DeepSeek): numbers read digit by digit
     file: InputPath | None = None  # an existing tokenizer.json to use instead of training one
 
 
@@ -398,7 +399,8 @@ def phase_tokenizer(config: Config, out: Path, ds) -> dict:
                 seen += 1
                 yield text
 
-    train_tokenizer(texts(), config.tokenizer.vocab_size, path, min_frequency=config.tokenizer.min_frequency)
+    train_tokenizer(texts(), config.tokenizer.vocab_size, path, min_frequency=config.tokenizer.min_frequency,
+                    split_digits=config.tokenizer.split_digits)
     return {"trained": True, "vocab_size": vocab_size_of(path)}
 
 

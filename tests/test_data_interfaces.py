@@ -63,6 +63,20 @@ def test_tokenizer_special_ids_and_transformers_roundtrip(tokenizer_file):
     assert plain("<|user|>hi<|end|>")["input_ids"][0] == 4
 
 
+def test_split_digits_gives_one_token_per_digit_in_transformers_too(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["What is 347 + 589? Answer: 936", "In 2024, 1234 items cost 5678."] * 200
+    merged = train_tokenizer(texts, 400, tmp_path / "merged.json")
+    assert "Ġ936" in merged.encode("Answer: 936").tokens  # BPE merges digits (Ġ: the space before)
+    split = train_tokenizer(texts, 400, tmp_path / "split.json", split_digits=True)
+    text = "What is 347 + 589? Answer: 936 (12.05)"
+    tokens = split.encode(text).tokens
+    assert [t for t in tokens if any(c.isdigit() for c in t)] == list("347589936") + ["1", "2", "0", "5"]
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "split.json"))  # the saved pre-tokenizer
+    assert hf.tokenize(text) == tokens and hf.decode(hf(text)["input_ids"]) == text
+
+
 def test_tokenizer_rejects_tiny_vocab(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["a b"], vocab_size=100, out_path=tmp_path / "t.json")

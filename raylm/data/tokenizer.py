@@ -39,16 +39,22 @@ RAYLM_CHAT_TEMPLATE = (
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path, min_frequency: int = 2,
-                    batch_size: int = 1000):
+                    batch_size: int = 1000, split_digits: bool = False):
     """Train a byte-level BPE tokenizer on ``texts`` and save it as ``out_path`` (a tokenizer.json).
-    Returns the trained ``tokenizers.Tokenizer``. ``texts`` is consumed once, streaming."""
+    Returns the trained ``tokenizers.Tokenizer``. ``texts`` is consumed once, streaming.
+
+    ``split_digits``: every digit is its own token (as in Llama and DeepSeek), so a number is read and
+    written digit by digit instead of in whatever chunks BPE merged; it helps a small model learn
+    arithmetic. The pre-tokenizer is saved in the tokenizer.json, so transformers and vLLM split alike."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size: must be at least {MIN_VOCAB_SIZE} (7 special tokens + 256 bytes), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     # GPT-2's byte-level scheme: any byte sequence round-trips, no unknown token is needed.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
