@@ -267,8 +267,8 @@ def ppo_step(config: Config, pools: Pools, task: Task, rollouts: RolloutQueue, s
         rewards = kl_penalised_rewards(normalised, kl, mask, penalty)
         advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     else:
-        sequence_rewards = normalised - penalty * kl_per_response
-        advantages = group_advantages(sequence_rewards, ppo.samples_per_prompt, ppo.advantage)[:, None] * mask
+        advantages = group_advantages(normalised, ppo.samples_per_prompt, ppo.advantage,
+                                      kl_penalty=penalty * kl_per_response if penalty else None)[:, None] * mask
         returns = None
     if ppo.whiten_advantages:
         advantages = whiten(advantages, mask)

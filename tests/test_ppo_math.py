@@ -130,6 +130,23 @@ def test_group_baselines():
         group_advantages(scores, 4)
 
 
+def test_group_advantages_never_scale_the_kl_penalty_by_the_scores_spread():
+    """kl.mode: reward with a group baseline: the penalty is centred in its group and subtracted after
+    the scores are normalised. A group scored all alike carries only the (small) penalty's spread."""
+    scores = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    penalty = torch.tensor([0.02, 0.01, 0.03, 0.0, 0.01, 0.01, 0.03, 0.03])
+    got = group_advantages(scores, 4, "grpo", kl_penalty=penalty).view(2, 4)
+    torch.testing.assert_close(got[0], -(penalty[:4] - 0.015), atol=1e-6, rtol=0)  # no unit-size noise
+    plain = group_advantages(scores, 4, "grpo").view(2, 4)[1]
+    torch.testing.assert_close(got[1], plain - (penalty[4:] - 0.02), atol=1e-6, rtol=0)
+    assert got[1, 0] > 0 > got[1, 1]  # the task reward still decides the informative group
+    # RLOO: the penalty against the mean of the group's other samples, as the scores are
+    torch.testing.assert_close(group_advantages(scores, 4, "rloo", kl_penalty=penalty),
+                               group_advantages(scores - penalty, 4, "rloo"))
+    # the old way (the penalty inside the normalised score) turns the KL's noise into +-1 advantages
+    assert group_advantages(scores - penalty, 4, "grpo").view(2, 4)[0].abs().max() > 1.0
+
+
 def test_reward_normalisation_uses_running_moments_and_clips():
     moments = RunningMoments()
     moments.update(torch.tensor([1.0, 2.0, 3.0]))

@@ -156,23 +156,34 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, baseline: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(scores: torch.Tensor, group_size: int, baseline: str = "grpo", eps: float = 1e-6,
+                     kl_penalty: torch.Tensor | None = None) -> torch.Tensor:
     """Critic-free sequence advantages for ``group_size`` samples per prompt, consecutive in ``scores``.
 
     ``grpo``: (score - group mean) / (group std + eps), std with Bessel's correction;
-    ``rloo``: score - mean of the group's other samples."""
+    ``rloo``: score - mean of the group's other samples.
+
+    ``kl_penalty`` (each sample's KL coefficient x summed KL, ``kl.mode: reward``) is subtracted after
+    the scores are normalised, against its group's own baseline and never divided by the scores'
+    spread: in a group whose samples all score alike (std 0), dividing would blow the KL's sampling
+    noise up into unit-size advantages that outweigh every informative group."""
     if scores.numel() % group_size:
         raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
     if group_size < 2:
         raise ValueError("group baselines need at least 2 samples per prompt")
-    groups = scores.view(-1, group_size).double()
-    mean = groups.mean(-1, keepdim=True)
-    if baseline == "grpo":
-        out = (groups - mean) / (groups.std(-1, keepdim=True) + eps)
-    elif baseline == "rloo":
-        out = (groups - mean) * group_size / (group_size - 1)
-    else:
+    if baseline not in ("grpo", "rloo"):
         raise ValueError(f"unknown group baseline {baseline!r}; known: grpo, rloo")
+
+    def centred(values: torch.Tensor) -> torch.Tensor:
+        groups = values.view(-1, group_size).double()
+        out = groups - groups.mean(-1, keepdim=True)
+        return out * group_size / (group_size - 1) if baseline == "rloo" else out
+
+    out = centred(scores)
+    if baseline == "grpo":
+        out = out / (scores.view(-1, group_size).double().std(-1, keepdim=True) + eps)
+    if kl_penalty is not None:
+        out = out - centred(kl_penalty)
     return out.view(-1).to(scores.dtype)
 
 
