@@ -154,4 +154,38 @@ def run(config: Config, stage_run: StageRun) -> dict:
     print(f"raylm dpo: held-out preference accuracy {summary['initial_val_accuracy']} -> {summary['val_accuracy']}, "
           f"chosen-minus-rejected log-prob margin {summary['initial_val_logp_margin']} -> {summary['val_logp_margin']}",
           flush=True)
+    preferences = held_out_preferences(config, pairs["validation"], tokenizer, reference_file)
+    if preferences is not None:
+        stage_run.log_artifact(preferences)
+        summary["held_out_preferences"] = str(preferences)
     return summary
+
+
+def held_out_preferences(config: Config, pairs: list[dict], tokenizer: str, reference_file: Path) -> Path | None:
+    """Each held-out pair's log-probs (chosen, rejected) under the starting checkpoint and the trained
+    model, to <output_dir>/held_out_preferences.jsonl: which pairs DPO turned, and the per-pair
+    outcomes a paired interval of the accuracy gain needs (raylm.eval.gains). The starting
+    checkpoint's are the reference file's when the reference is that checkpoint, unquantized. None
+    when the export is an adapter alone (the model is the base plus it) or there are no pairs."""
+    from safetensors.torch import load_file
+
+    from raylm.train.objectives import reference_logprobs
+
+    trained = config.output_path / "hf"
+    if not pairs or not (trained / "config.json").exists() or (trained / "adapter").exists() \
+            and not any(trained.glob("model*.safetensors")):
+        return None
+    tasks = dict(num_tasks=config.parallel.num_workers, cpus_per_task=config.parallel.cpus_per_worker)
+    args = (pairs, tokenizer, config.train.seq_len, config.train.batch_size)
+    if config.reference is None and reference_quantization(config) is None:
+        before = load_file(str(reference_file))["validation"]
+    else:
+        before = reference_logprobs(str(Path(config.checkpoint).resolve()), *args, **tasks)
+    after = reference_logprobs(str(trained.resolve()), *args, **tasks)
+    path = config.output_path / "held_out_preferences.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for i, pair in enumerate(pairs):
+            f.write(json.dumps({"id": pair.get("id", i), "before": before[i].tolist(), "after": after[i].tolist(),
+                                "before_prefers_chosen": bool(before[i, 0] > before[i, 1]),
+                                "after_prefers_chosen": bool(after[i, 0] > after[i, 1])}) + "\n")
+    return path

@@ -90,6 +90,34 @@ def test_stage_gains_compare_each_stage_with_the_one_before_it():
     assert [x.stage for x in found] == ["sft", "reward", "rlhf", "rlhf", "dpo", "dpo"]
 
 
+def test_paired_outcomes_give_a_paired_interval_narrower_than_newcombes(tmp_path):
+    """The same 200 items answered by both checkpoints: 20 turned right, 6 turned wrong, the rest
+    alike (0.40 -> 0.47). Newcombe's independent-samples interval reaches 0; the paired one does not."""
+    before = [1.0] * 74 + [0.0] * 20 + [1.0] * 6 + [0.0] * 100
+    after = [1.0] * 74 + [1.0] * 20 + [0.0] * 6 + [0.0] * 100
+    results = {"sft": {"t": {"exact_match": 0.4, "n_items": 200, "exact_match_per_item": before}},
+               "dpo": {"t": {"exact_match": 0.47, "n_items": 200, "exact_match_per_item": after}}}
+    (paired,) = g.task_gains(results)
+    assert (paired.stage, paired.before, paired.after, paired.n) == ("dpo", 0.4, 0.47, 200)
+    assert paired.method == "paired bootstrap over items"
+    _, low, high = g.paired_bootstrap(after, before)
+    assert (paired.low, paired.high) == (low, high) and paired.shown
+    newcombe = g.newcombe_difference(0.47, 200, 0.4, 200)
+    assert newcombe[0] < 0 < low and high - low < newcombe[1] - newcombe[0]
+    # outcomes missing on one side: Newcombe's interval, as before
+    del results["sft"]["t"]["exact_match_per_item"]
+    (unpaired,) = g.task_gains(results)
+    assert unpaired.method == "Newcombe" and (unpaired.low, unpaired.high) == pytest.approx(newcombe)
+    # DPO's preference accuracy from the stage's per-pair file (held_out_preferences.jsonl)
+    rows = [{"id": i, "before_prefers_chosen": b == 1.0, "after_prefers_chosen": a == 1.0}
+            for i, (b, a) in enumerate(zip(before, after))]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dpo = g.preference_gain(0.4, 0.47, 200, str(tmp_path / "prefs.jsonl"))
+    assert (dpo.metric, dpo.method, dpo.low, dpo.high) == ("held-out preference accuracy",
+                                                           "paired bootstrap over items", low, high)
+    assert g.preference_gain(0.4, 0.47, 200, str(tmp_path / "missing.jsonl")).method == "Newcombe"
+
+
 def test_a_stage_without_its_measurement_is_named_with_the_reason():
     found = g.stage_gains({"sft": {}, "reward": {"val_accuracy": None}, "dpo": {"val_accuracy": 0.6}},
                           eval_results=None, pair_counts={})

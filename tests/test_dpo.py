@@ -138,6 +138,14 @@ def test_raylm_dpo_raises_held_out_margin_and_accuracy(tmp_path, tmp_path_factor
     after_accuracy, after_margin = policy_preferences(out / "hf", held_out, tokenizer)
     assert after_margin > before_margin + 1.0, (before_margin, after_margin)
     assert after_accuracy > before_accuracy + 0.03, (before_accuracy, after_accuracy)
+    # each held-out pair before and after, for the paired interval of the gain (raylm.eval.gains)
+    rows = [json.loads(line) for line in (out / "held_out_preferences.jsonl").read_text().splitlines()]
+    assert len(rows) == len(held_out)
+    torch.testing.assert_close(torch.tensor([r["before"] for r in rows]), ref["validation"])
+    tolerance = 1.5 / len(rows)  # a near-tie may fall either way between two processes' float sums
+    assert sum(r["before_prefers_chosen"] for r in rows) / len(rows) == pytest.approx(before_accuracy, abs=tolerance)
+    assert sum(r["after_prefers_chosen"] for r in rows) / len(rows) == pytest.approx(after_accuracy, abs=tolerance)
+    assert any(r["after_prefers_chosen"] and not r["before_prefers_chosen"] for r in rows)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("raylm").experiment_id])

@@ -5,13 +5,16 @@
 - pretrain vs a unigram model: cross-entropy (nats/token) on the data stage's validation split, the
   unigram counted on its train split; a paired bootstrap over the validation's fixed-length windows.
 - sft vs pretrain, rlhf vs sft (and dpo vs sft): accuracy on the headline eval task (held-out
-  problems); Newcombe's interval of a difference of two proportions. The two models answer the same
-  items, so this independent-samples interval is wider than a paired one would be (conservative).
+  problems). The two models answer the same items, so the interval is a paired bootstrap over the
+  items (each item's two outcomes resampled together); where the results lack the per-item outcomes
+  (``exact_match_per_item``), Newcombe's interval of a difference of two independent proportions,
+  which is wider (conservative).
 - reward vs chance: held-out pairwise accuracy of the trained reward model against its accuracy
   before training (0.5: a fresh scalar head scores every answer alike), Wilson's interval on the
   trained accuracy, and the issue's bar (>= 0.85).
 - dpo vs sft: held-out preference accuracy (log p(chosen) > log p(rejected)) after DPO against the
-  SFT model's on the same pairs, Newcombe's interval.
+  SFT model's on the same pairs: a paired bootstrap over the pairs from the DPO stage's
+  held_out_preferences.jsonl, else Newcombe's interval.
 
 A gain is *shown* when its whole interval lies above zero; each line says so, or says why a stage
 has no measurement.
@@ -136,6 +139,14 @@ def accuracy_gain(stage: str, versus: str, metric: str, after: float, before: fl
     return Gain(stage, versus, metric, before, after, low, high, n, "Newcombe", note)
 
 
+def paired_accuracy_gain(stage: str, versus: str, metric: str, after: list[float], before: list[float],
+                         note: str = "") -> Gain:
+    """Two models' 0/1 outcomes on the same items, in the same order: the paired bootstrap's interval."""
+    _, low, high = paired_bootstrap(after, before)
+    return Gain(stage, versus, metric, sum(before) / len(before), sum(after) / len(after), low, high, len(after),
+                "paired bootstrap over items", note)
+
+
 def reward_gain(initial_accuracy: float, accuracy: float, n: int, bar: float = REWARD_BAR) -> Gain:
     """The trained reward model's held-out pairwise accuracy against its accuracy before training;
     the interval is Wilson's on the trained accuracy, shifted by the (fixed) starting point."""
@@ -219,13 +230,29 @@ def task_gains(results: dict, metric: str = "exact_match") -> list[Gain | NotSho
     for stage, versus in (("sft", "pretrain"), ("rlhf", "sft"), ("dpo", "sft")):
         if stage in results and versus in results:
             after, before = results[stage][task], results[versus][task]
+            name = f"{task} {metric} (held-out)"
+            items_after, items_before = after.get(f"{metric}_per_item"), before.get(f"{metric}_per_item")
+            if items_after and items_before and len(items_after) == len(items_before):
+                gains.append(paired_accuracy_gain(stage, versus, name, items_after, items_before))
+                continue
             n = int(min(after["n_items"], before["n_items"]))
-            gains.append(accuracy_gain(stage, versus, f"{task} {metric} (held-out)", after[metric], before[metric], n))
+            gains.append(accuracy_gain(stage, versus, name, after[metric], before[metric], n))
     return gains
 
 
-def preference_gain(initial_accuracy: float, accuracy: float, n: int) -> Gain:
-    return accuracy_gain("dpo", "sft", "held-out preference accuracy", accuracy, initial_accuracy, n)
+def preference_gain(initial_accuracy: float, accuracy: float, n: int, per_pair_file: str | None = None) -> Gain:
+    """DPO's held-out preference accuracy against the starting model's: paired over the pairs when the
+    stage wrote each pair's outcomes (``held_out_preferences.jsonl``), else Newcombe's interval."""
+    import json
+    from pathlib import Path
+
+    metric = "held-out preference accuracy"
+    if per_pair_file and Path(per_pair_file).exists():
+        rows = [json.loads(line) for line in Path(per_pair_file).read_text().splitlines() if line.strip()]
+        if rows:
+            return paired_accuracy_gain("dpo", "sft", metric, [float(r["after_prefers_chosen"]) for r in rows],
+                                        [float(r["before_prefers_chosen"]) for r in rows])
+    return accuracy_gain("dpo", "sft", metric, accuracy, initial_accuracy, n)
 
 
 def rule_gain(before: dict, after: dict, gain: dict) -> Gain:
@@ -274,7 +301,8 @@ def stage_gains(stages: dict, eval_results: dict | None = None, data_dir: str | 
         if r.get("val_accuracy") is None or r.get("initial_val_accuracy") is None or not pair_counts.get("dpo"):
             gains.append(NotShown("dpo", "no held-out preference accuracy (train.eval_every: 0?)"))
         else:
-            gains.append(preference_gain(r["initial_val_accuracy"], r["val_accuracy"], pair_counts["dpo"]))
+            gains.append(preference_gain(r["initial_val_accuracy"], r["val_accuracy"], pair_counts["dpo"],
+                                         r.get("held_out_preferences")))
         if "dpo" in by_task:
             gains.append(by_task["dpo"])
     return gains

@@ -185,6 +185,7 @@ def generation_metrics(predictions: list[str], references: list[str], **exact_ma
     return {
         "exact_match": mean(em), "exact_match_stderr": stderr(em),
         "f1": mean(f1), "bleu": corpus_bleu(predictions, references), "rouge_l": mean(rl),
+        "exact_match_per_item": em,  # in the task's document order: two checkpoints' answers pair up item by item
     }
 
 
