@@ -3,7 +3,7 @@ RL with the family's own rule (numeric match of the final answer) raise held-out
 SFT model, and how does asynchronous RL (rollout.max_staleness: 1, truncated IS) compare with
 synchronous RL in wall time to the same training accuracy?
 
-    .venv/bin/python benchmarks/rl_grpo.py --seeds 3 --sft-steps 3000 --grpo-steps 30 --prompts-per-step 16 --lr 1e-4 --n-eval 200
+    .venv/bin/python benchmarks/rl_grpo.py --seeds 3 --sft-steps 3000 --grpo-steps 30 --prompts-per-step 16 --lr 1e-4 --n-eval 200 --no-split-digits
 
 (the figures of 2026-12-07 are in benchmarks/README.md)
 
