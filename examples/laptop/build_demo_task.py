@@ -57,10 +57,10 @@ def slip(target: str, problem, rng: random.Random) -> str:
     payload = json.loads(call.group(1))
     if payload["name"] == "price":  # another item than this turn's, written as the question writes it
         word = payload["arguments"]["item"]
-        plural = word not in tool_use.PRICES
-        written = [f"{i}s" if c > 1 else i for i, c in zip(problem.data["items"], problem.data["counts"])]
-        others = [w for w in written if w != word] or [f"{i}s" if plural else i for i in tool_use.PRICES
-                                                       if word.removesuffix("s") != i]
+        count = 1 if word in tool_use.PRICES else 2  # the number the question writes this item in
+        words = [tool_use.written(i, c) for i, c in zip(problem.data["items"], problem.data["counts"])]
+        others = [w for w in words if w != word] or [tool_use.written(i, count) for i in tool_use.PRICES
+                                                     if i != tool_use.item_named(word)]
         payload["arguments"]["item"] = rng.choice(others)
     else:  # one number of the expression miscopied
         expression = payload["arguments"]["expression"]

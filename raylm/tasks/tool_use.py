@@ -106,10 +106,20 @@ def format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
+def item_named(word: str) -> str:
+    """The item a word names: ``"Gloves"`` -> ``glove`` (the price tool's reading of its argument)."""
+    return word.strip().lower().removesuffix("s")
+
+
+def written(item: str, count: int) -> str:
+    """An item as a question writes it after its count: ``gloves`` for several, ``glove`` for one."""
+    return f"{item}s" if count > 1 else item
+
+
 def price(item: str) -> int:
-    if not isinstance(item, str) or item.strip().lower().removesuffix("s") not in PRICES:
+    if not isinstance(item, str) or item_named(item) not in PRICES:
         raise ToolError(f"unknown item {item!r}")
-    return PRICES[item.strip().lower().removesuffix("s")]
+    return PRICES[item_named(item)]
 
 
 TOOL_FUNCTIONS: dict[str, Callable[..., object]] = {
@@ -189,14 +199,14 @@ def sample(rng: random.Random) -> Problem:
     counts = [rng.randint(1, 9) for _ in items]
     # The item as the question writes it ("gloves", "1 glove"): the look-up copies that word, and the
     # price tool reads a plural as its item.
-    written = [f"{item}s" if c > 1 else item for c, item in zip(counts, items)]
-    phrase = " and ".join(f"{c} {word}" for c, word in zip(counts, written))
+    words = [written(item, c) for c, item in zip(counts, items)]
+    phrase = " and ".join(f"{c} {word}" for c, word in zip(counts, words))
     verb = "cost" if n_items > 1 or counts[0] > 1 else "costs"
     prompt = f"How much do {phrase} {verb}? Use the tools." if verb == "cost" else f"How much does {phrase} cost? Use the tools."
     expression = "+".join(f"{c}*{PRICES[item]}" for c, item in zip(counts, items))
     total = sum(c * PRICES[item] for c, item in zip(counts, items))
     solution, turn = [], 0
-    for item, word in zip(items, written):
+    for item, word in zip(items, words):
         turn += 1
         solution += [call_message("price", {"item": word}, f"call_{turn}"),
                      result_message(str(PRICES[item]), f"call_{turn}", "price")]
@@ -315,7 +325,7 @@ def check_transcript(problem: Problem | dict, messages: list[dict] | str, max_tu
                                             f"the tool returns ({call.result!r})")
             used_tools = used_tools or not call.result.startswith("error")
             if call.name == "price" and not call.result.startswith("error"):
-                looked_up.add(str(call.arguments.get("item", "")).strip().lower().removesuffix("s"))
+                looked_up.add(item_named(str(call.arguments.get("item", ""))))
         i += 1 + len(calls)
     return RewardResult(0.0, True, "the conversation ends without a final answer")
 
